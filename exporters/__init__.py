@@ -1,0 +1,1 @@
+"""What leaves the collector process: InfluxDB history, Prometheus rules, Alertmanager, Grafana."""
