@@ -1,0 +1,251 @@
+"""Real Prometheus and InfluxDB 1.x for the dashboard tests: free loopback ports, readiness polling, stopped by PID.
+
+A missing binary fails the test (never skips): these tests are the proof that every dashboard panel works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+__all__ = [
+    "Influx",
+    "Proc",
+    "Prometheus",
+    "free_port",
+    "http_get",
+    "require_binary",
+    "start_influxd",
+    "start_prometheus",
+    "wait_until",
+]
+
+
+def require_binary(name: str) -> str:
+    """Absolute path of `name`, or fail the test (a missing service is a broken environment, not a skip)."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None)
+    if path is None:
+        pytest.fail(f"{name} is not installed: the dashboard tests need it (see docs/deploy.md)")
+    return path
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """(status, body); connection errors raise OSError."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def http_post(url: str, body: bytes, content_type: str = "application/x-www-form-urlencoded") -> tuple[int, bytes]:
+    """(status, body) of a POST."""
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 30.0, every: float = 0.1) -> None:
+    """Poll `check` until it is true; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            if check():
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+@dataclass
+class Proc:
+    """A started service process and its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """Last lines of the log, for failure messages."""
+        text = self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM by PID, SIGKILL after `timeout`."""
+        if not self.alive():
+            return
+        os.kill(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+
+def _spawn(name: str, argv: list[str], workdir: Path) -> Proc:
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    return Proc(name, popen, log)
+
+
+def _wait_ready(proc: Proc, url: str, ok: Callable[[int], bool], timeout: float = 30.0) -> None:
+    def ready() -> bool:
+        if not proc.alive():
+            pytest.fail(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+        return ok(http_get(url, timeout=2)[0])
+
+    wait_until(f"{proc.name} at {url}", ready, timeout)
+
+
+@dataclass
+class Prometheus:
+    """A running Prometheus and its HTTP API."""
+
+    proc: Proc
+    url: str
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET /api/v1/<path> and return `data`, failing the test on an API error."""
+        status, body = http_get(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}", timeout=10)
+        doc = json.loads(body)
+        if status != 200 or doc.get("status") != "success":
+            pytest.fail(f"Prometheus {path} {params}: HTTP {status}: {doc.get('error', body[:300])}")
+        return doc["data"]
+
+
+@contextlib.contextmanager
+def start_prometheus(
+    workdir: Path, scrape_targets: dict[str, str], scrape_interval: str = "1s"
+) -> Iterator[Prometheus]:
+    """Prometheus scraping each `job -> host:port` every `scrape_interval`."""
+    binary = require_binary("prometheus")
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    jobs = "\n".join(
+        f"  - job_name: {job}\n    static_configs:\n      - targets: ['{target}']"
+        for job, target in scrape_targets.items()
+    )
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
+        f"scrape_configs:\n{jobs}\n",
+        encoding="utf-8",
+    )
+    proc = _spawn(
+        "prometheus",
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        workdir,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(proc, f"{url}/-/ready", lambda s: s == 200)
+        yield Prometheus(proc, url)
+    finally:
+        proc.stop()
+
+
+@dataclass
+class Influx:
+    """A running InfluxDB 1.x with one database."""
+
+    proc: Proc
+    url: str
+    database: str
+
+    def write(self, lines: str, precision: str = "ns") -> None:
+        """Write line protocol through the 1.x /write endpoint."""
+        status, body = http_post(
+            f"{self.url}/write?db={self.database}&precision={precision}", lines.encode(), "text/plain"
+        )
+        if status != 204:
+            pytest.fail(f"InfluxDB write: HTTP {status}: {body[:300]!r}")
+
+    def query(self, q: str) -> list[dict[str, Any]]:
+        """Run InfluxQL; the list of series of the (single) statement. Fails the test on a query error."""
+        status, body = http_post(f"{self.url}/query", urllib.parse.urlencode({"db": self.database, "q": q}).encode())
+        doc = json.loads(body)
+        results = doc.get("results", [])
+        if status != 200 or not results or "error" in results[0] or "error" in doc:
+            pytest.fail(f"InfluxQL failed: {q}\nHTTP {status}: {body[:500]!r}")
+        series: list[dict[str, Any]] = results[0].get("series", [])
+        return series
+
+
+@contextlib.contextmanager
+def start_influxd(workdir: Path, database: str = "posfleet") -> Iterator[Influx]:
+    """InfluxDB 1.x (the Debian package's influxd) with `database` created."""
+    binary = require_binary("influxd")
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, rpc_port = free_port(), free_port()
+    config = workdir / "influxdb.conf"
+    config.write_text(
+        f"""reporting-disabled = true
+bind-address = "127.0.0.1:{rpc_port}"
+[meta]
+  dir = "{workdir / "meta"}"
+[data]
+  dir = "{workdir / "data"}"
+  wal-dir = "{workdir / "wal"}"
+  query-log-enabled = false
+[http]
+  bind-address = "127.0.0.1:{port}"
+  log-enabled = false
+[monitor]
+  store-enabled = false
+[subscriber]
+  enabled = false
+[continuous_queries]
+  enabled = false
+""",
+        encoding="utf-8",
+    )
+    proc = _spawn("influxd", [binary, "run", "-config", str(config)], workdir)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(proc, f"{url}/ping", lambda s: s == 204)
+        influx = Influx(proc, url, database)
+        status, body = http_post(
+            f"{url}/query", urllib.parse.urlencode({"q": f'CREATE DATABASE "{database}"'}).encode()
+        )
+        if status != 200:
+            pytest.fail(f"CREATE DATABASE: HTTP {status}: {body[:300]!r}")
+        yield influx
+    finally:
+        proc.stop()
