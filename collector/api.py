@@ -1,0 +1,192 @@
+"""HTTP API (aiohttp): health, readiness, /metrics, terminals and the upstream feed endpoint."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .auth import OPEN, Principal
+from .detect import CONDITIONS, probable_cause
+from .protocol import DecodeError, decode_upstream
+from .state import Terminal
+
+if TYPE_CHECKING:
+    from .app import Collector
+
+__all__ = ["build_app", "terminal_view"]
+
+COLLECTOR: web.AppKey[Collector] = web.AppKey("collector")
+
+
+def terminal_view(t: Terminal, now: float) -> dict[str, Any]:
+    """The API's JSON for one terminal: identity, last report, status and conditions with causes."""
+    conds = t.conds or {}
+    return {
+        "terminal_id": t.tid,
+        "merchant_id": t.merchant,
+        "heartbeat_mid": t.mid,
+        "acquirer": t.acquirer,
+        "site": t.site,
+        "model": t.model,
+        "app_version": t.app_version,
+        "os_version": t.os_version,
+        "status": t.status or ("unknown" if t.last_rx is None else "online"),
+        "last_heartbeat_received": t.last_rx,
+        "last_heartbeat_age_s": None if t.last_rx is None else round(now - t.last_rx, 3),
+        "terminal_clock": t.last_ts or None,
+        "seq": t.seq if t.seq >= 0 else None,
+        "interval_s": t.interval_s or None,
+        "txn_count": t.txn_count,
+        "uploaded_count": t.uploaded_count,
+        "queue_depth": t.queue_depth,
+        "oldest_queued_ts": t.oldest_queued_ts,
+        "upstream_last_recorded": t.upstream_rx or None,
+        "upstream_recorded_txns": t.upstream_txns,
+        "net": {"type": t.net_type, "rssi_dbm": t.rssi_dbm},
+        "power": {"source": t.power_source, "battery_pct": t.battery_pct},
+        "hw": {"printer": t.printer, "display": t.display, "card_reader": t.card_reader},
+        "conditions": [
+            {
+                "condition": c,
+                "severity": a.severity,
+                "detail": a.detail,
+                "since": a.since,
+                "probable_cause": probable_cause(c, a.detail),
+            }
+            for c, a in sorted(conds.items())
+        ],
+    }
+
+
+def _principal(request: web.Request) -> Principal:
+    p: Principal = request["principal"]
+    return p
+
+
+@web.middleware
+async def auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Reads need a token when tokens are configured; the upstream POST always needs write:upstream."""
+    collector = request.app[COLLECTOR]
+    path = request.path
+    if not path.startswith("/api/") and not path.startswith("/support"):
+        return await handler(request)
+    header = request.headers.get("Authorization")
+    principal = collector.tokens.lookup(header)
+    if principal is None:
+        if header or collector.tokens.required or request.method == "POST":
+            raise web.HTTPUnauthorized(
+                text='{"error": "a valid bearer token is required"}',
+                content_type="application/json",
+                headers={"WWW-Authenticate": 'Bearer realm="posfleet"'},
+            )
+        principal = OPEN
+    request["principal"] = principal
+    return await handler(request)
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    """Liveness: the event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: subscribed to the broker and paho's thread alive."""
+    problems = request.app[COLLECTOR].readiness_problems()
+    return web.json_response(
+        {"status": "ready" if not problems else "not ready", "problems": problems}, status=503 if problems else 200
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition."""
+    body = generate_latest(request.app[COLLECTOR].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def list_terminals(request: web.Request) -> web.Response:
+    """Terminals filtered by condition, acquirer, site, merchant; problem terminals only unless all=1."""
+    collector = request.app[COLLECTOR]
+    fleet, now, principal = collector.fleet, time.time(), _principal(request)
+    q = request.query
+    condition = q.get("condition")
+    if condition is not None and condition not in CONDITIONS:
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "unknown condition", "known": {list(CONDITIONS)!r}}}'.replace("'", '"'),
+            content_type="application/json",
+        )
+    try:
+        limit = min(max(int(q.get("limit", "100")), 1), 1000)
+        offset = max(int(q.get("offset", "0")), 0)
+    except ValueError:
+        raise web.HTTPBadRequest(text='{"error": "limit and offset must be integers"}',
+                                 content_type="application/json") from None
+    pool = fleet.terminals.keys() if q.get("all") == "1" else fleet.problem
+    acquirer, site, merchant = q.get("acquirer"), q.get("site"), q.get("merchant_id")
+    matched = []
+    for tid in sorted(pool):
+        t = fleet.terminals[tid]
+        if not principal.can_read(t.acquirer):
+            continue
+        if condition is not None and (t.conds is None or condition not in t.conds):
+            continue
+        if (acquirer and t.acquirer != acquirer) or (site and t.site != site) or (merchant and t.merchant != merchant):
+            continue
+        matched.append(t)
+    page = matched[offset : offset + limit]
+    return web.json_response(
+        {"total": len(matched), "offset": offset, "limit": limit, "terminals": [terminal_view(t, now) for t in page]}
+    )
+
+
+def visible_terminal(request: web.Request) -> Terminal:
+    """The terminal named in the path, or 404 (also when the token may not see it: no existence leak)."""
+    fleet = request.app[COLLECTOR].fleet
+    t = fleet.terminals.get(request.match_info["terminal_id"])
+    if t is None or not _principal(request).can_read(t.acquirer):
+        raise web.HTTPNotFound(text='{"error": "no such terminal"}', content_type="application/json")
+    return t
+
+
+async def get_terminal(request: web.Request) -> web.Response:
+    """One terminal's state and conditions."""
+    return web.json_response(terminal_view(visible_terminal(request), time.time()))
+
+
+async def post_upstream(request: web.Request) -> web.Response:
+    """The acquirer feed over HTTP: same body as the MQTT topic."""
+    if not _principal(request).write_upstream:
+        raise web.HTTPForbidden(text='{"error": "token lacks write:upstream"}', content_type="application/json")
+    collector = request.app[COLLECTOR]
+    body = await request.read()
+    acquirer = request.match_info["acquirer_id"]
+    try:
+        batch = decode_upstream(acquirer, body)
+    except DecodeError as err:
+        collector.count_reject("upstream", err)
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "rejected", "reason": "{err.reason}", "detail": "{err.detail}"}}',
+            content_type="application/json",
+        ) from None
+    matched = collector.apply_upstream(batch, time.time())
+    return web.json_response({"accepted": len(batch.txns), "matched_terminals": matched}, status=202)
+
+
+def build_app(collector: Collector) -> web.Application:
+    """The aiohttp application; routes only, the logic lives in the pipeline stages."""
+    app = web.Application(middlewares=[auth_middleware], client_max_size=2 * 1024 * 1024)
+    app[COLLECTOR] = collector
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/terminals", list_terminals)
+    app.router.add_get("/api/v1/terminals/{terminal_id}", get_terminal)
+    app.router.add_post("/api/v1/upstream/{acquirer_id}/transactions", post_upstream)
+    for extra in collector.route_hooks:
+        extra(app)
+    return app

@@ -1,0 +1,304 @@
+"""The collector's lifecycle: one owner for the MQTT client, background tasks, writer and HTTP runner.
+
+    mqtt (paho thread) -> protocol.decode -> state.Fleet (+ detect) -> exporters (metrics, history)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from .api import build_app
+from .auth import Tokens, load_tokens
+from .config import Config
+from .metrics import FleetCollector, SelfMetrics
+from .mqtt import Inbound, MqttIngest
+from .protocol import DecodeError, Heartbeat, Status, TxnReceipt, UpstreamBatch, decode
+from .registry import Registry, RegistryError, load_registry
+from .snapshot import SnapshotError, restore, save_snapshot
+from .state import Fleet, HeartbeatResult, Transition
+
+__all__ = ["Collector", "RateLimitedLog", "run_collector"]
+
+log = logging.getLogger(__name__)
+
+
+class RateLimitedLog:
+    """At most one log line per reason per period, with the number suppressed since. Never the payload."""
+
+    def __init__(self, logger: logging.Logger, period_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.logger, self.period, self.clock = logger, period_s, clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, reason: str, msg: str, *args: object) -> bool:
+        """Log unless this reason logged within the period; returns whether it logged."""
+        now = self.clock()
+        last = self._last.get(reason)
+        if last is not None and now - last < self.period:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return False
+        self._last[reason] = now
+        n = self._suppressed.pop(reason, 0)
+        self.logger.warning(msg + (f" (+{n} more like it suppressed)" if n else ""), *args)
+        return True
+
+
+_KIND = {Heartbeat: "heartbeat", Status: "status", UpstreamBatch: "upstream", TxnReceipt: "txn"}
+
+
+def _kind_of_topic(topic: str) -> str:
+    tail = topic.rsplit("/", 1)[-1]
+    return {"heartbeat": "heartbeat", "status": "status", "txn": "txn", "transactions": "upstream"}.get(tail, "other")
+
+
+class Collector:
+    """The running collector. Use `async with Collector(cfg) as c:`; `await c.wait_stopped()`."""
+
+    def __init__(self, cfg: Config, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.metrics = SelfMetrics(self.registry)
+        self.registry_file = self._load_registry()
+        self.fleet = Fleet(cfg, started_at=clock(), registry=self.registry_file)
+        self.fleet_collector = FleetCollector(self.fleet, self.metrics, cfg.metrics.max_problem_series, clock)
+        self.registry.register(self.fleet_collector)
+        self.tokens: Tokens = load_tokens(cfg.http.tokens_file)
+        self.route_hooks: list[Callable[[web.Application], None]] = []
+        self.transition_hooks: list[Callable[[list[Transition]], None]] = []
+        self.message_hooks: list[Callable[[Any, float, Any], None]] = []
+        self.ingest: MqttIngest | None = None
+        self.http_port: int | None = None
+        self._stack = AsyncExitStack()
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reject_log = RateLimitedLog(log)
+
+    # ---- setup -----------------------------------------------------------------------------------------
+    def _load_registry(self) -> Registry:
+        return load_registry(self.cfg.registry.path) if self.cfg.registry.path else Registry({})
+
+    def _restore(self) -> None:
+        path = self.cfg.state.snapshot_path
+        if not path:
+            return
+        n = restore(self.fleet, path)
+        if n:
+            log.info("restored state of %d terminals from %s", n, path)
+
+    async def __aenter__(self) -> Collector:
+        try:
+            self._restore()
+            loop = asyncio.get_running_loop()
+            self.ingest = await self._stack.enter_async_context(MqttIngest(self.cfg.mqtt, self.metrics, loop))
+            self._stack.push_async_callback(self._final_snapshot)
+            runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+            await runner.setup()
+            self._stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, self.cfg.http.host, self.cfg.http.port)
+            await site.start()
+            server = getattr(site, "_server", None)
+            sockets = getattr(server, "sockets", None) or []
+            self.http_port = sockets[0].getsockname()[1] if sockets else self.cfg.http.port
+            log.info("HTTP API and /metrics on http://%s:%s", self.cfg.http.host, self.http_port)
+            for coro in (self._consume(), self._ticker(), self._snapshotter(), self._registry_watcher()):
+                self._tasks.append(asyncio.create_task(coro))
+            self._stack.push_async_callback(self._cancel_tasks)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def _cancel_tasks(self) -> None:
+        # Drain what paho already handed over before stopping the consumer, so nothing acked is lost.
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _final_snapshot(self) -> None:
+        self.snapshot_now()
+
+    def stop(self) -> None:
+        """Ask the collector to stop (signal handlers call this)."""
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Block until stop() is called."""
+        await self._stopped.wait()
+
+    # ---- pipeline ----------------------------------------------------------------------------------------
+    def count_reject(self, kind: str, err: DecodeError) -> None:
+        """Count and (rate-limited) log a rejected message; the payload is never logged."""
+        self.metrics.messages.labels(kind, "rejected").inc()
+        self.metrics.rejected.labels(err.reason).inc()
+        self._reject_log.warning(err.reason, "rejected %s message: %s", kind, err)
+
+    def apply_upstream(self, batch: UpstreamBatch, rx: float) -> int:
+        """Apply an acquirer batch (from MQTT or HTTP)."""
+        out: list[Transition] = []
+        matched = self.fleet.on_upstream(batch, rx, out)
+        self.metrics.messages.labels("upstream", "accepted").inc()
+        for hook in self.message_hooks:
+            hook(batch, rx, None)
+        self._emit(out)
+        return matched
+
+    def _emit(self, out: list[Transition]) -> None:
+        if not out:
+            return
+        for tr in out:
+            log.info(
+                "%s %s on %s%s", "raised" if tr.raised else "cleared", tr.condition, tr.tid,
+                f" ({tr.detail})" if tr.detail else "",
+            )
+        for hook in self.transition_hooks:
+            hook(out)
+
+    def process(self, item: Inbound) -> None:
+        """Decode and apply one message; never raises for bad input."""
+        m = self.metrics
+        cfg = self.cfg.mqtt
+        try:
+            msg = decode(item.topic, item.payload, cfg.topic_prefix, cfg.upstream_prefix)
+        except DecodeError as err:
+            self.count_reject(_kind_of_topic(item.topic), err)
+            return
+        out: list[Transition] = []
+        if isinstance(msg, Heartbeat):
+            result = self.fleet.on_heartbeat(msg, item.rx, out)
+            if result is None:
+                self.count_reject("heartbeat", DecodeError("unknown_terminal_overflow"))
+                return
+            if result is HeartbeatResult.BACKWARDS:
+                self.count_reject("heartbeat", DecodeError("counter_backwards"))
+                return
+            if result in (HeartbeatResult.DUPLICATE, HeartbeatResult.STALE):
+                m.messages.labels("heartbeat", result.value).inc()
+                return
+            m.messages.labels("heartbeat", "accepted").inc()
+        elif isinstance(msg, Status):
+            applied = self.fleet.on_status(msg, item.rx, item.retain, out)
+            m.messages.labels("status", "accepted" if applied else "stale").inc()
+            if not applied:
+                return
+        elif isinstance(msg, UpstreamBatch):
+            self.apply_upstream(msg, item.rx)
+            return
+        else:
+            m.messages.labels("txn", "accepted").inc()
+        terminal = self.fleet.terminals.get(msg.tid)
+        for hook in self.message_hooks:
+            hook(msg, item.rx, terminal)
+        self._emit(out)
+
+    async def _consume(self) -> None:
+        assert self.ingest is not None
+        ingest = self.ingest
+        while True:
+            batch = await ingest.batches()
+            for item in batch:
+                try:
+                    self.process(item)
+                except Exception:  # a bug must not make the collector deaf; it is logged with its traceback
+                    log.exception("internal error processing a message on %s", item.topic)
+                    self.metrics.rejected.labels("internal_error").inc()
+                ingest.ack(item)
+            if batch:
+                self.metrics.mqtt_last_message.set(batch[-1].rx)
+            await asyncio.sleep(0)
+
+    async def _ticker(self) -> None:
+        interval = self.cfg.state.eval_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            self._emit(self.fleet.tick(self.clock()))
+
+    def snapshot_now(self) -> bool:
+        """Write a snapshot now; failures are counted and logged, never fatal."""
+        path = self.cfg.state.snapshot_path
+        if not path:
+            return False
+        try:
+            save_snapshot(self.fleet, path)
+        except SnapshotError as err:
+            self.metrics.snapshot_failures.inc()
+            log.error("%s", err)
+            return False
+        self.metrics.snapshot_time = self.clock()
+        return True
+
+    async def _snapshotter(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.state.snapshot_interval_s)
+            self.snapshot_now()
+
+    def reload_registry(self) -> bool:
+        """Re-read the registry file; a bad file keeps the old registry."""
+        try:
+            registry = self._load_registry()
+        except (OSError, RegistryError) as err:
+            self.metrics.registry_reloads.labels("error").inc()
+            log.error("registry reload failed, keeping the previous one: %s", err)
+            return False
+        self.registry_file = registry
+        self.fleet.set_registry(registry)
+        self.metrics.registry_reloads.labels("ok").inc()
+        log.info("registry loaded: %d terminals", len(registry.entries))
+        return True
+
+    async def _registry_watcher(self) -> None:
+        path = self.cfg.registry.path
+        if not path:
+            return
+        import os
+
+        while True:
+            await asyncio.sleep(self.cfg.registry.reload_interval_s)
+            try:
+                mtime = os.stat(path).st_mtime
+            except OSError:
+                continue
+            if mtime != self.registry_file.mtime:
+                self.reload_registry()
+
+    def readiness_problems(self) -> list[str]:
+        """Why the collector is not ready (empty when ready)."""
+        problems = []
+        if self.ingest is None or not self.ingest.subscribed:
+            problems.append("not connected/subscribed to the MQTT broker")
+        elif not self.ingest.thread_alive():
+            problems.append("MQTT network thread died")
+        return problems
+
+
+async def run_collector(cfg: Config, on_ready: Callable[[Collector], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; clean shutdown with a final snapshot."""
+    loop = asyncio.get_running_loop()
+    async with Collector(cfg) as collector:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, collector.stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, collector.reload_registry)
+        if on_ready is not None:
+            on_ready(collector)
+        await collector.wait_stopped()
+        log.info("stopping: draining, final snapshot")
+    return 0
+
+
+__all__ += ["SnapshotError"]

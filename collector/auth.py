@@ -1,0 +1,91 @@
+"""API tokens and their scopes: `read:<acquirer>`, `read:*`, `write:upstream`.
+
+Tokens come from a file (`http.tokens_file`, one `token scope[,scope...]` per line, `#` comments) and/or the
+environment variable POSFLEET_API_TOKENS (same format, entries separated by `;`). Tokens are compared in
+constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Principal", "Tokens", "load_tokens"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """What a token may do."""
+
+    name: str
+    read_all: bool
+    read: frozenset[str]
+    write_upstream: bool
+
+    def can_read(self, acquirer: str) -> bool:
+        """May this token see terminals of `acquirer`?"""
+        return self.read_all or acquirer in self.read
+
+
+OPEN = Principal("anonymous", True, frozenset(), False)
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """All configured tokens; `required` is False only when none are configured (demo mode)."""
+
+    by_token: dict[str, Principal]
+
+    @property
+    def required(self) -> bool:
+        """True when the API demands a token for reads."""
+        return bool(self.by_token)
+
+    def lookup(self, header: str | None) -> Principal | None:
+        """The principal for an `Authorization: Bearer …` header, or None."""
+        if not header or not header.startswith("Bearer "):
+            return None
+        given = header[7:].strip().encode()
+        found = None
+        for token, principal in self.by_token.items():
+            if hmac.compare_digest(token.encode(), given):
+                found = principal
+        return found
+
+
+def _parse(lines: list[str], source: str) -> dict[str, Principal]:
+    out: dict[str, Principal] = {}
+    for n, line in enumerate(lines, start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2:
+            raise ValueError(f"{source} entry {n}: expected 'TOKEN SCOPE[,SCOPE...]'")
+        token, scopes = parts[0], [s.strip() for s in parts[1].split(",") if s.strip()]
+        if len(token) < 16:
+            raise ValueError(f"{source} entry {n}: token shorter than 16 characters")
+        bad = [s for s in scopes if not (s.startswith("read:") or s == "write:upstream")]
+        if bad:
+            raise ValueError(f"{source} entry {n}: unknown scope(s) {', '.join(bad)}")
+        reads = {s[5:] for s in scopes if s.startswith("read:")}
+        out[token] = Principal(
+            name=f"{source}#{n}",
+            read_all="*" in reads,
+            read=frozenset(reads - {"*"}),
+            write_upstream="write:upstream" in scopes,
+        )
+    return out
+
+
+def load_tokens(path: str | None) -> Tokens:
+    """Tokens from the file and the environment."""
+    tokens: dict[str, Principal] = {}
+    if path:
+        tokens.update(_parse(Path(path).read_text(encoding="utf-8").splitlines(), path))
+    env = os.environ.get("POSFLEET_API_TOKENS")
+    if env:
+        tokens.update(_parse(env.split(";"), "POSFLEET_API_TOKENS"))
+    return Tokens(tokens)

@@ -1,0 +1,71 @@
+"""Subcommands of the collector side: run, check-config, simulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .config import ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .app import run_collector
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"posfleet: invalid configuration: {err}", file=sys.stderr)
+        return 2
+    return asyncio.run(run_collector(cfg))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.config)
+    except ConfigError as err:
+        print(f"posfleet: invalid configuration: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: OK")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulator import run_cli
+
+    return run_cli(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add run, check-config, simulate and demo."""
+    p = sub.add_parser("run", help="run the collector")
+    p.add_argument("--config", "-c", help="YAML configuration (defaults apply when omitted)")
+    p.set_defaults(handler=_run)
+
+    p = sub.add_parser("check-config", help="validate a configuration file and exit")
+    p.add_argument("config")
+    p.set_defaults(handler=_check_config)
+
+    from .simulator import add_arguments
+
+    p = sub.add_parser("simulate", help="run a simulated fleet of terminals (and acquirer feeds) against a broker")
+    add_arguments(p)
+    p.set_defaults(handler=_simulate)
+
+    p = sub.add_parser("demo", help="broker + collector + a simulated faulty fleet, with a live summary")
+    p.add_argument("--mqtt-url", help="use this broker (e.g. Mosquitto) instead of the embedded one")
+    p.add_argument("--terminals", type=int, default=40, help="fleet size (default 40)")
+    p.add_argument("--interval", type=float, default=2.0, help="heartbeat interval in seconds (default 2)")
+    p.add_argument("--http-port", type=int, default=9108, help="API and /metrics port (default 9108, 0 = any)")
+    p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0 = until Ctrl-C)")
+    p.add_argument("--once", action="store_true", help="print plain summaries instead of refreshing the screen")
+    p.set_defaults(handler=_demo)

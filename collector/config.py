@@ -1,0 +1,175 @@
+"""One typed configuration tree, loaded once in `main` and passed down frozen.
+
+Every threshold carries the reason for its default. Unknown keys are errors; `load_config` reports every
+problem it finds at once, not just the first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import yaml
+from exporters.influx import InfluxConfig
+from msgspec import Meta, Struct
+
+__all__ = ["Config", "ConfigError", "Hysteresis", "Thresholds", "load_config"]
+
+Positive = Annotated[float, Meta(gt=0)]
+Count = Annotated[int, Meta(ge=1)]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem."""
+
+
+class Hysteresis(Struct, frozen=True, forbid_unknown_fields=True):
+    """Consecutive observations needed to raise and to clear a heartbeat-driven condition."""
+
+    # Two heartbeats in a row: one corrupt or odd message never raises or clears a condition on its own,
+    # while a real fault is named within two heartbeat intervals.
+    raise_after: Count = 2
+    clear_after: Count = 2
+
+
+class Thresholds(Struct, frozen=True, forbid_unknown_fields=True):
+    """Every threshold of every condition."""
+
+    # offline: silent for this many of its own heartbeat intervals. Three tolerates one lost heartbeat and one
+    # late one on a congested cellular link; fewer pages for normal jitter.
+    offline_factor: Positive = 3.0
+    # After a last will (connection lost), offline as soon as one interval (+ slack) passes without a heartbeat:
+    # the will says the link broke, the missed heartbeat confirms it was not a stale will from an old session.
+    will_confirm_factor: Positive = 1.0
+    will_confirm_slack_s: Annotated[float, Meta(ge=0)] = 2.0
+    # Interval assumed for a terminal that has never sent a heartbeat (firmware default).
+    default_interval_s: Positive = 30.0
+    # upload_backlog: a handful of queued transactions is normal between uploads; 20 is a busy shop's hour
+    # that could not reach the host.
+    backlog_queue_depth: Count = 20
+    # ... or the oldest queued transaction waited this long (terminal clock): acquirers expect uploads within
+    # minutes; ten minutes without an ack is what merchants notice as "payment missing".
+    backlog_oldest_age_s: Positive = 600.0
+    # upstream_missing: the host acknowledged uploads to the terminal, but its feed recorded none of this
+    # terminal's transactions for this long. Feeds batch every few minutes; 15 minutes avoids paging on batching.
+    upstream_grace_s: Positive = 900.0
+    # upstream_feed_stale: an acquirer feed silent for this long is stale (maintenance or an outage); while
+    # stale, upstream_missing is not evaluated for its terminals.
+    feed_stale_s: Positive = 300.0
+    # weak_signal: below -95 dBm (cellular/wifi) uploads start timing out; raise only when sustained.
+    weak_signal_rssi_dbm: float = -95.0
+    weak_signal: Hysteresis = Hysteresis(raise_after=3, clear_after=3)
+    # clock_skew: TLS and host-side duplicate checks break beyond a few minutes; 300 s matches common
+    # acquirer tolerance.
+    clock_skew_s: Positive = 300.0
+    # flapping: this many reboots or offline->online cycles within the window is a power or network fault, not
+    # chance.
+    flapping_events: Count = 3
+    flapping_window_s: Positive = 3600.0
+    # Everything else heartbeat-driven (hardware, backlog, registry, software, skew).
+    default: Hysteresis = Hysteresis()
+
+
+class MqttConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """Broker connection and topics."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    # A fixed client id + clean_session=False makes the broker queue QoS 1 messages while we restart.
+    client_id: str = "posfleet-collector"
+    topic_prefix: str = "pos/v1"
+    upstream_prefix: str = "acquirer/v1"
+    username: str | None = None
+    password_file: str | None = None  # never on the command line; POSFLEET_MQTT_PASSWORD also works
+    keepalive_s: Annotated[int, Meta(ge=5)] = 30
+    reconnect_min_s: Positive = 0.5
+    reconnect_max_s: Positive = 30.0
+    # Queue between paho's network thread and the asyncio loop. When full, paho stops acknowledging and the
+    # broker holds the rest (backpressure instead of unbounded memory).
+    queue_size: Count = 50_000
+
+
+class HttpConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """HTTP API and /metrics."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 9108
+    # File with one `token scope[,scope...]` per line; scopes: `read:<acquirer>`, `read:*`, `write:upstream`.
+    tokens_file: str | None = None
+
+
+class RegistryConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """Registry of known terminals."""
+
+    path: str | None = None  # CSV: terminal_id,merchant_id,acquirer,model,site,region
+    reload_interval_s: Positive = 30.0  # the file's mtime is checked this often; SIGHUP reloads at once
+
+
+class StateConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """Persistence of per-terminal state."""
+
+    snapshot_path: str | None = "var/state.snapshot"
+    # A crash loses at most this much state change; at 100k terminals a snapshot takes well under a second.
+    snapshot_interval_s: Positive = 60.0
+    # Time-driven conditions (offline, upstream_missing) are evaluated this often.
+    eval_interval_s: Positive = 2.0
+
+
+class MetricsConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """Prometheus exposition."""
+
+    # 5,000 problem series render in ~50 ms; a whole-fleet outage is told by the aggregates, not 100k series.
+    max_problem_series: Count = 5000
+
+
+class Config(Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole configuration."""
+
+    mqtt: MqttConfig = MqttConfig()
+    http: HttpConfig = HttpConfig()
+    registry: RegistryConfig = RegistryConfig()
+    state: StateConfig = StateConfig()
+    thresholds: Thresholds = Thresholds()
+    metrics: MetricsConfig = MetricsConfig()
+    # Minimum app version per terminal model, e.g. {"A920": "3.2.0"}; "*" applies to models not listed.
+    software_policy: dict[str, str] = {}
+    influx: dict[str, object] | None = None  # exporters.influx.InfluxConfig, validated when loaded
+
+
+def _semantic_problems(cfg: Config) -> list[str]:
+    problems = []
+    if not cfg.mqtt.url.startswith(("mqtt://", "mqtts://")):
+        problems.append(f"mqtt.url: must start with mqtt:// or mqtts://, got {cfg.mqtt.url!r}")
+    if cfg.mqtt.reconnect_min_s > cfg.mqtt.reconnect_max_s:
+        problems.append("mqtt.reconnect_min_s: must not exceed mqtt.reconnect_max_s")
+    if cfg.thresholds.will_confirm_factor > cfg.thresholds.offline_factor:
+        problems.append("thresholds.will_confirm_factor: must not exceed offline_factor")
+    if cfg.registry.path and not Path(cfg.registry.path).is_file():
+        problems.append(f"registry.path: no such file {cfg.registry.path!r}")
+    from .detect import parse_version
+
+    for model, version in cfg.software_policy.items():
+        if parse_version(version) is None:
+            problems.append(f"software_policy.{model}: {version!r} is not a dotted version like 3.2.0")
+    return problems
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load and validate the YAML file (or defaults when path is None)."""
+    raw: object = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        cfg = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    problems = _semantic_problems(cfg)
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    return cfg

@@ -1,0 +1,195 @@
+"""Problem detection: pure functions of a terminal's state, the registry, the thresholds and a clock.
+
+Two kinds of conditions:
+- heartbeat-driven (hardware, backlog, registry, software, signal, skew) are observed once per accepted
+  heartbeat and pass through count-based hysteresis (`Thresholds.default`, `Thresholds.weak_signal`);
+- time-driven (offline, upstream_missing, flapping) are evaluated on every tick from receive times.
+Nothing here reads the wall clock: `now` is always passed in.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from .config import Thresholds
+    from .registry import RegistryEntry
+    from .state import FeedState, Terminal
+
+__all__ = [
+    "CONDITIONS",
+    "HEARTBEAT_CONDITIONS",
+    "SEVERITY",
+    "TIME_CONDITIONS",
+    "Raw",
+    "heartbeat_conditions",
+    "parse_version",
+    "probable_cause",
+    "time_conditions",
+]
+
+HEARTBEAT_CONDITIONS: Final = (
+    "upload_backlog",
+    "unregistered",
+    "merchant_mismatch",
+    "outdated_software",
+    "hardware_fault",
+    "weak_signal",
+    "clock_skew",
+)
+TIME_CONDITIONS: Final = ("offline", "upstream_missing", "flapping")
+CONDITIONS: Final = TIME_CONDITIONS[:2] + HEARTBEAT_CONDITIONS + TIME_CONDITIONS[2:]
+
+# Severity when a condition is active; hardware_fault is downgraded to warning for paper_out alone.
+SEVERITY: Final = {
+    "offline": "critical",
+    "upload_backlog": "critical",
+    "upstream_missing": "critical",
+    "unregistered": "warning",
+    "merchant_mismatch": "critical",
+    "outdated_software": "warning",
+    "hardware_fault": "critical",
+    "weak_signal": "warning",
+    "clock_skew": "warning",
+    "flapping": "warning",
+}
+
+# condition -> (severity, detail)
+Raw = dict[str, tuple[str, str]]
+
+_VERSION_RE: Final = re.compile(r"^v?(\d+(?:\.\d+){0,3})")
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    """'3.2.10-rc1' -> (3, 2, 10); None when there is no leading dotted number."""
+    if not text:
+        return None
+    m = _VERSION_RE.match(text.strip())
+    return tuple(int(p) for p in m.group(1).split(".")) if m else None
+
+
+def _outdated(app_version: str | None, model: str, policy: dict[str, tuple[int, ...]]) -> bool:
+    minimum = policy.get(model) or policy.get("*")
+    if minimum is None:
+        return False
+    have = parse_version(app_version)
+    return have is None or have < minimum
+
+
+def heartbeat_conditions(
+    t: Terminal,
+    reg: RegistryEntry | None,
+    th: Thresholds,
+    policy: dict[str, tuple[int, ...]],
+    registry_loaded: bool,
+    rx: float,
+) -> Raw:
+    """Heartbeat-driven conditions that hold for the terminal's latest heartbeat."""
+    raw: Raw = {}
+    if t.queue_depth >= th.backlog_queue_depth:
+        raw["upload_backlog"] = ("critical", "queue_depth")
+    elif t.oldest_queued_ts is not None and t.last_ts - t.oldest_queued_ts >= th.backlog_oldest_age_s:
+        raw["upload_backlog"] = ("critical", "queue_age")
+    if registry_loaded and reg is None:
+        raw["unregistered"] = ("warning", "")
+    if reg is not None and t.mid is not None and t.mid != reg.merchant_id:
+        raw["merchant_mismatch"] = ("critical", "")
+    model = t.model or (reg.model if reg else "")
+    if _outdated(t.app_version, model, policy):
+        raw["outdated_software"] = ("warning", "")
+    faults = [
+        name
+        for name, value in (("printer", t.printer), ("display", t.display), ("card_reader", t.card_reader))
+        if value == "fault"
+    ]
+    if faults:
+        raw["hardware_fault"] = ("critical", "+".join(faults) + "_fault")
+    elif t.printer == "paper_out":
+        raw["hardware_fault"] = ("warning", "printer_paper_out")
+    if t.rssi_dbm is not None and t.rssi_dbm < th.weak_signal_rssi_dbm:
+        raw["weak_signal"] = ("warning", t.net_type or "")
+    skew = t.last_ts - rx
+    if abs(skew) > th.clock_skew_s:
+        raw["clock_skew"] = ("warning", "ahead" if skew > 0 else "behind")
+    return raw
+
+
+def time_conditions(
+    t: Terminal,
+    feed: FeedState | None,
+    th: Thresholds,
+    now: float,
+    started_at: float,
+    offline_active: bool,
+) -> Raw:
+    """Time-driven conditions, evaluated from receive times only."""
+    raw: Raw = {}
+    interval = t.interval_s or th.default_interval_s
+    if offline_active:
+        # Once offline, only a heartbeat or a clean shutdown (handled on those messages) brings it back.
+        pass
+    elif t.status != "shutdown":
+        # Silence is measured from the collector's start at the earliest: after a restart every terminal
+        # gets a full offline period to be heard again before it is called offline (no false storm).
+        ref = max(t.last_rx if t.last_rx is not None else started_at, started_at)
+        silent = now - ref
+        limit = th.offline_factor * interval
+        if t.status == "offline":  # the last will arrived: confirmed by one missed heartbeat, not three
+            limit = min(limit, th.will_confirm_factor * interval + th.will_confirm_slack_s)
+        if silent > limit:
+            detail = "last_will" if t.status == "offline" else ("silent" if t.last_rx is not None else "never_seen")
+            raw["offline"] = ("critical", detail)
+    if (
+        t.pending_upload_since is not None
+        and feed is not None
+        and not feed.stale(now, th.feed_stale_s)
+        and now - max(t.pending_upload_since, feed.alive_since) > th.upstream_grace_s
+    ):
+        raw["upstream_missing"] = ("critical", "")
+    if t.events:
+        recent = sum(1 for e in t.events if now - e <= th.flapping_window_s)
+        if recent >= th.flapping_events:
+            raw["flapping"] = ("warning", "")
+    return raw
+
+
+_CAUSES: Final = {
+    ("offline", "last_will"): "The terminal's connection broke (its last will was published) and no heartbeat "
+    "followed: network outage at the shop (router, Wi-Fi, SIM/cellular coverage) or a crash.",
+    ("offline", "silent"): "No heartbeat and no goodbye: the terminal most likely lost power (unplugged, battery "
+    "empty) or its network dropped silently.",
+    ("offline", "never_seen"): "Registered but never heard from since the collector started: not installed, "
+    "powered off, or configured with the wrong broker address or terminal id.",
+    ("upload_backlog", "queue_depth"): "Transactions are piling up in the terminal's local queue: it cannot reach "
+    "the acquirer's host (network path, host certificate, or host refusing the terminal).",
+    ("upload_backlog", "queue_age"): "A completed transaction has waited too long in the terminal's upload queue: "
+    "uploads are stuck, so the acquirer cannot see these payments yet.",
+    ("upstream_missing", ""): "The terminal reports uploads acknowledged by the host, but the acquirer's records "
+    "contain none of them: the host is dropping or mis-filing this terminal's transactions (registration, "
+    "permissions or routing on the acquirer's side).",
+    ("unregistered", ""): "Heartbeats from a terminal id the registry does not know: a new or swapped device not "
+    "registered with the acquirer, whose transactions cannot be attributed to a merchant.",
+    ("merchant_mismatch", ""): "The terminal is configured with a different merchant id than the acquirer has "
+    "on record: its transactions are booked to the wrong merchant or refused.",
+    ("outdated_software", ""): "The payment application is older than the acquirer's minimum version: the host may "
+    "refuse or mishandle its uploads.",
+    ("hardware_fault", "printer_paper_out"): "The printer is out of paper: payments still go through but receipts "
+    "do not print, and staff may void or repeat transactions.",
+    ("weak_signal", ""): "The network signal has stayed weak: uploads time out and transactions queue up.",
+    ("clock_skew", ""): "The terminal's clock is far from real time: host-side checks can reject its uploads and "
+    "its records appear at the wrong time.",
+    ("flapping", ""): "The terminal keeps rebooting or reconnecting: unstable power supply, failing battery or "
+    "intermittent network.",
+}
+
+
+def probable_cause(condition: str, detail: str) -> str:
+    """A sentence naming the probable cause, for humans."""
+    if condition == "hardware_fault" and detail != "printer_paper_out":
+        parts = detail.removesuffix("_fault").replace("_", " ").split("+")
+        return (
+            f"Hardware fault reported by the terminal ({', '.join(parts)}): the device cannot complete or "
+            "record payments reliably and needs repair or replacement."
+        )
+    return _CAUSES.get((condition, detail)) or _CAUSES.get((condition, ""), condition)

@@ -1,0 +1,195 @@
+"""Prometheus exposition: a custom collector over the fleet state plus self-metrics, on an injected registry.
+
+The fleet side is rendered fresh on every scrape from incrementally kept counts and the set of problem
+terminals (capped), so its cost does not grow with the fleet. See docs/metrics.md for the interface.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .protocol import REJECT_REASONS
+from .state import Fleet
+
+__all__ = ["FleetCollector", "SelfMetrics"]
+
+KINDS = ("heartbeat", "status", "upstream", "txn", "other")
+RESULTS = ("accepted", "rejected", "duplicate", "stale")
+EXTRA_REASONS = ("unknown_terminal_overflow", "stale", "duplicate")
+PROBLEM_LABELS = ["terminal_id", "merchant_id", "acquirer", "site", "model", "condition", "severity", "detail"]
+
+
+class SelfMetrics:
+    """The collector's own health, every label value pre-initialised to 0."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.mqtt_connected = Gauge(
+            "posfleet_mqtt_connected", "1 when connected to the broker and subscribed", registry=registry
+        )
+        self.mqtt_connects = Counter(
+            "posfleet_mqtt_connects", "Successful (re)connections to the broker", registry=registry
+        )
+        self.mqtt_last_message = Gauge(
+            "posfleet_mqtt_last_message_seconds", "Unix time of the last message from the broker", registry=registry
+        )
+        self.messages = Counter(
+            "posfleet_messages", "Messages by kind and result", ["kind", "result"], registry=registry
+        )
+        self.rejected = Counter(
+            "posfleet_messages_rejected", "Rejected messages by reason", ["reason"], registry=registry
+        )
+        self.queue_depth = Gauge(
+            "posfleet_ingest_queue_depth", "Messages waiting between the MQTT thread and the loop", registry=registry
+        )
+        self.queue_capacity = Gauge(
+            "posfleet_ingest_queue_capacity", "Capacity of the ingest queue", registry=registry
+        )
+        self.snapshot_time = 0.0
+        self.snapshot_failures = Counter(
+            "posfleet_snapshot_failures", "Failed state snapshot writes", registry=registry
+        )
+        self.registry_reloads = Counter(
+            "posfleet_registry_reloads", "Registry reloads by result", ["result"], registry=registry
+        )
+        for kind in KINDS:
+            for result in RESULTS:
+                self.messages.labels(kind, result)
+        for reason in (*REJECT_REASONS, *EXTRA_REASONS):
+            self.rejected.labels(reason)
+        for result in ("ok", "error"):
+            self.registry_reloads.labels(result)
+
+
+class FleetCollector(Collector):
+    """Yields fleet aggregates and problem series fresh on every scrape."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        self_metrics: SelfMetrics,
+        max_problem_series: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.fleet = fleet
+        self.self_metrics = self_metrics
+        self.max_problem_series = max_problem_series
+        self.clock = clock
+        self.dropped_total = 0
+
+    def describe(self) -> Iterator[Metric]:
+        """No static description: the registry must not call collect() at registration."""
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        """Render the fleet view."""
+        fleet, now = self.fleet, self.clock()
+        yield GaugeMetricFamily("posfleet_up", "1 while the collector serves metrics", value=1)
+        info = GaugeMetricFamily("posfleet_build_info", "Build information", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+        problem = GaugeMetricFamily(
+            "posfleet_terminal_problem", "1 per terminal and active problem condition", labels=PROBLEM_LABELS
+        )
+        since = GaugeMetricFamily(
+            "posfleet_terminal_problem_since_seconds",
+            "Unix time the condition became active",
+            labels=PROBLEM_LABELS,
+        )
+        emitted = dropped = 0
+        cap = self.max_problem_series
+        terminals = fleet.terminals
+        for tid in fleet.problem:
+            t = terminals[tid]
+            if t.conds is None:
+                continue
+            for cond, active in t.conds.items():
+                if emitted >= cap:
+                    dropped += 1
+                    continue
+                labels = [tid, t.merchant, t.acquirer, t.site, t.model or "", cond, active.severity, active.detail]
+                problem.add_metric(labels, 1)
+                since.add_metric(labels, active.since)
+                emitted += 1
+        yield problem
+        yield since
+        yield GaugeMetricFamily(
+            "posfleet_terminal_problem_series_dropped",
+            "Problem series left out of this scrape because of metrics.max_problem_series",
+            value=dropped,
+        )
+
+        known = GaugeMetricFamily("posfleet_fleet_terminals", "Terminals known", labels=["acquirer", "site"])
+        online = GaugeMetricFamily(
+            "posfleet_fleet_online_terminals", "Terminals heard from within their offline threshold",
+            labels=["acquirer", "site"],
+        )
+        shutdown = GaugeMetricFamily(
+            "posfleet_fleet_shutdown_terminals", "Terminals shut down cleanly", labels=["acquirer", "site"]
+        )
+        by_cond = GaugeMetricFamily(
+            "posfleet_fleet_condition_terminals", "Terminals in each condition",
+            labels=["acquirer", "site", "condition"],
+        )
+        pseudo = {"_known": known, "_online": online, "_shutdown": shutdown}
+        sites: set[tuple[str, str]] = set()
+        for (acq, site, cond), n in fleet.counts.items():
+            family = pseudo.get(cond)
+            if family is not None:
+                family.add_metric([acq, site], n)
+            else:
+                by_cond.add_metric([acq, site, cond], n)
+            sites.add((acq, site))
+        for acq, site in sites:
+            for cond, family in pseudo.items():
+                if (acq, site, cond) not in fleet.counts:
+                    family.add_metric([acq, site], 0)
+        yield known
+        yield online
+        yield shutdown
+        yield by_cond
+
+        versions = GaugeMetricFamily(
+            "posfleet_fleet_app_version_terminals", "Terminals by model and software version",
+            labels=["acquirer", "model", "app_version"],
+        )
+        for (acq, model, version), n in fleet.versions.items():
+            if n:
+                versions.add_metric([acq, model, version], n)
+        yield versions
+
+        feed_last = GaugeMetricFamily(
+            "posfleet_acquirer_feed_last_message_seconds", "Unix receive time of the feed's last message",
+            labels=["acquirer"],
+        )
+        feed_stale = GaugeMetricFamily(
+            "posfleet_acquirer_feed_stale", "1 when the acquirer's feed is silent too long", labels=["acquirer"]
+        )
+        recorded = CounterMetricFamily(
+            "posfleet_acquirer_txns_recorded", "Transactions the acquirer reported recorded", labels=["acquirer"]
+        )
+        for acq in sorted(fleet.acquirers()):
+            feed = fleet.feeds.get(acq)
+            feed_last.add_metric([acq], feed.last_rx if feed else 0.0)
+            feed_stale.add_metric([acq], 1.0 if fleet.feed_stale(acq, now) else 0.0)
+            recorded.add_metric([acq], feed.txns if feed else 0)
+        yield feed_last
+        yield feed_stale
+        yield recorded
+
+        yield GaugeMetricFamily(
+            "posfleet_registry_terminals", "Terminals in the registry", value=len(fleet.registry.entries)
+        )
+        sm = self.self_metrics
+        yield GaugeMetricFamily(
+            "posfleet_snapshot_age_seconds",
+            "Seconds since the last successful state snapshot (since start when none yet)",
+            value=now - (sm.snapshot_time or fleet.started_at),
+        )
+        self.dropped_total += dropped

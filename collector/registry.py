@@ -1,0 +1,92 @@
+"""Registry of known terminals, loaded from CSV and reloadable without restart."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .protocol import _ID_RE
+
+__all__ = ["Registry", "RegistryEntry", "RegistryError", "load_registry"]
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("terminal_id", "merchant_id", "acquirer", "model", "site", "region")
+
+
+class RegistryError(ValueError):
+    """The registry file is invalid; lists every bad line."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryEntry:
+    """What the acquirer's records say about one terminal."""
+
+    terminal_id: str
+    merchant_id: str
+    acquirer: str
+    model: str
+    site: str
+    region: str
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """An immutable snapshot of the registry; reload builds a new one."""
+
+    entries: dict[str, RegistryEntry]
+    mtime: float = 0.0
+
+    def get(self, tid: str) -> RegistryEntry | None:
+        """The entry for a terminal id, or None when unregistered."""
+        return self.entries.get(tid)
+
+    def acquirers(self) -> set[str]:
+        """All acquirers named in the registry."""
+        return {e.acquirer for e in self.entries.values()}
+
+    def sites(self) -> set[tuple[str, str]]:
+        """All (acquirer, site) pairs named in the registry."""
+        return {(e.acquirer, e.site) for e in self.entries.values()}
+
+
+EMPTY = Registry({})
+
+
+def load_registry(path: str | os.PathLike[str] | None) -> Registry:
+    """Read the CSV; every bad line is reported at once."""
+    if path is None:
+        return EMPTY
+    p = Path(path)
+    problems: list[str] = []
+    entries: dict[str, RegistryEntry] = {}
+    intern: dict[str, str] = {}  # merchant/acquirer/site strings repeat: share one object per value
+    with p.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in COLUMNS[:3] if c not in (reader.fieldnames or [])]
+        if missing:
+            raise RegistryError(f"{p}: missing columns {', '.join(missing)} (need {', '.join(COLUMNS)})")
+        for lineno, row in enumerate(reader, start=2):
+            values = {c: (row.get(c) or "").strip() for c in COLUMNS}
+            for col in ("terminal_id", "merchant_id", "acquirer"):
+                if not _ID_RE.match(values[col]):
+                    problems.append(f"line {lineno}: {col} must match [A-Za-z0-9_-]{{1,64}}")
+            if values["terminal_id"] in entries:
+                problems.append(f"line {lineno}: duplicate terminal_id {values['terminal_id']}")
+            if len(problems) > 20:
+                break
+            shared = {c: intern.setdefault(v, v) for c, v in values.items()}
+            entries[values["terminal_id"]] = RegistryEntry(
+                terminal_id=values["terminal_id"],
+                merchant_id=shared["merchant_id"],
+                acquirer=shared["acquirer"],
+                model=shared["model"],
+                site=shared["site"] or "unknown",
+                region=shared["region"],
+            )
+    if problems:
+        raise RegistryError(f"{p}: " + "; ".join(problems))
+    return Registry(entries, p.stat().st_mtime)

@@ -1,0 +1,73 @@
+"""Per-terminal state persisted across restarts: written atomically, read back on start."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import msgspec
+
+from .state import FeedState, Fleet, Terminal
+
+__all__ = ["SnapshotError", "load_snapshot", "save_snapshot"]
+
+log = logging.getLogger(__name__)
+FORMAT = 1
+
+
+class SnapshotError(RuntimeError):
+    """The snapshot could not be written or read."""
+
+
+def save_snapshot(fleet: Fleet, path: str | os.PathLike[str]) -> int:
+    """Write the fleet's state to `path` atomically (tmp + fsync + rename); returns bytes written."""
+    body = {
+        "format": FORMAT,
+        "terminals": [t.to_dict() for t in fleet.terminals.values()],
+        "feeds": [[f.acquirer, f.last_rx, f.alive_since, f.txns] for f in fleet.feeds.values()],
+    }
+    data = msgspec.msgpack.encode(body)
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except OSError as err:
+        raise SnapshotError(f"cannot write state snapshot {target}: {err.strerror}") from err
+    return len(data)
+
+
+def load_snapshot(path: str | os.PathLike[str]) -> tuple[list[Terminal], list[FeedState]]:
+    """Read a snapshot; a missing file is an empty state, a corrupt one is an error."""
+    target = Path(path)
+    if not target.exists():
+        return [], []
+    try:
+        body = msgspec.msgpack.decode(target.read_bytes())
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise SnapshotError(f"{target}: unknown snapshot format")
+        terminals = [Terminal.from_dict(d) for d in body["terminals"]]
+        feeds = []
+        for acquirer, last_rx, alive_since, txns in body["feeds"]:
+            feed = FeedState(acquirer)
+            feed.last_rx, feed.alive_since, feed.txns = last_rx, alive_since, txns
+            feeds.append(feed)
+    except (OSError, msgspec.DecodeError, KeyError, TypeError, ValueError) as err:
+        raise SnapshotError(f"{target}: unreadable snapshot ({err}); move it away to start empty") from err
+    return terminals, feeds
+
+
+def restore(fleet: Fleet, path: str | os.PathLike[str]) -> int:
+    """Load a snapshot into a fresh fleet; returns how many terminals were restored."""
+    terminals, feeds = load_snapshot(path)
+    for t in terminals:
+        fleet.terminals[t.tid] = t
+    for f in feeds:
+        fleet.feeds[f.acquirer] = f
+    fleet.set_registry(fleet.registry)  # relabel and rebuild counts from the restored terminals
+    return len(terminals)
