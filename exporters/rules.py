@@ -1,0 +1,748 @@
+"""Prometheus alert rules over the collector's metrics, generated from alert_rules/config.yaml.
+
+Pure functions: `load_alert_config` parses and validates the source, `render_rules` turns it and a profile into
+the text of a rule file. Nothing here touches the network; `posfleet rules` (exporters.alerting_cli) wires it.
+
+Every alert expression tolerates missed scrapes: per-terminal alerts compare the timestamp of a problem series'
+last sample with that of `posfleet_up` from the same target (`_held_problem`), so a failed scrape neither resets
+a pending `for` nor resolves a firing alert, while a condition that clears at a successful scrape resolves at
+once. Gauges are read with `last_over_time(...[hold])` for the same reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import yaml
+
+__all__ = [
+    "ALERT_NAMES",
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_RULES_PATH",
+    "AlertConfig",
+    "AlertConfigError",
+    "Profile",
+    "Thresholds",
+    "format_duration",
+    "latency_budget",
+    "load_alert_config",
+    "parse_alert_config",
+    "parse_duration",
+    "render_rules",
+    "rule_file_name",
+]
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH: Final = ROOT / "alert_rules" / "config.yaml"
+DEFAULT_RULES_PATH: Final = ROOT / "alert_rules" / "posfleet.rules.yml"
+
+Severity = Literal["critical", "warning", "none"]
+
+
+class AlertConfigError(ValueError):
+    """The alert configuration is invalid; the message lists every problem."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Durations
+
+
+_DURATION_RE: Final = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str) -> int:
+    """'1h2m3s' -> 3723 (whole seconds, as Prometheus writes them)."""
+    m = _DURATION_RE.match(text.strip())
+    if not m or not text.strip() or not any(m.groups()):
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m or 1h30m")
+    h, mi, s = (int(g) if g else 0 for g in m.groups())
+    return h * 3600 + mi * 60 + s
+
+
+def format_duration(seconds: int) -> str:
+    """3723 -> '1h2m3s'; 0 -> '0s'."""
+    if seconds <= 0:
+        return "0s"
+    h, rest = divmod(seconds, 3600)
+    mi, s = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (mi, "m"), (s, "s")) if v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """How fast one rendering of the rules runs: intervals and the divisor applied to every duration."""
+
+    name: str
+    scrape_interval: int
+    evaluation_interval: int
+    time_scale: int
+
+    def scale(self, seconds: int) -> int:
+        """A duration of the config in this profile: divided by time_scale, never below 1s (0 stays 0)."""
+        if seconds == 0:
+            return 0
+        return max(1, round(seconds / self.time_scale))
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """Non-`for` thresholds; durations in seconds of the default profile."""
+
+    mass_offline_share: float
+    mass_offline_min_terminals: int
+    reject_ratio: float
+    reject_min_per_second: float
+    ingest_silence: int
+    ingest_queue_fill: float
+    snapshot_max_age: int
+
+
+@dataclass(frozen=True, slots=True)
+class AlertConfig:
+    """alert_rules/config.yaml, validated."""
+
+    collector_selector: str
+    target_labels: tuple[str, ...]
+    mass_offline_exclude_acquirers: tuple[str, ...]
+    runbook_url: str
+    profiles: Mapping[str, Profile]
+    hold: int
+    rate_window: int
+    thresholds: Thresholds
+    for_: Mapping[str, int]
+
+    def profile(self, name: str) -> Profile:
+        """The named profile, or AlertConfigError."""
+        try:
+            return self.profiles[name]
+        except KeyError:
+            raise AlertConfigError(f"no profile {name!r}; have {', '.join(sorted(self.profiles))}") from None
+
+
+_MATCHER: Final = r'\s*\w+\s*(?:=|!=|=~|!~)\s*"[^"]*"\s*'
+_SELECTOR_RE: Final = re.compile(rf"{_MATCHER}(?:,{_MATCHER})*")
+_TOP_KEYS: Final = {"selectors", "runbook_url", "profiles", "hold", "rate_window", "thresholds", "for"}
+_SELECTOR_KEYS: Final = {"collector", "target_labels", "mass_offline_exclude_acquirers"}
+_PROFILE_KEYS: Final = {"scrape_interval", "evaluation_interval", "time_scale"}
+_THRESHOLD_DURATIONS: Final = {"ingest_silence", "snapshot_max_age"}
+_THRESHOLD_KEYS: Final = {
+    "mass_offline_share",
+    "mass_offline_min_terminals",
+    "reject_ratio",
+    "reject_min_per_second",
+    "ingest_queue_fill",
+    *_THRESHOLD_DURATIONS,
+}
+
+
+class _Problems:
+    """Collects every problem instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, what: str) -> None:
+        self.items.append(f"{where}: {what}")
+
+    def mapping(self, raw: object, where: str, allowed: set[str] | None) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            self.add(where, "must be a mapping")
+            return {}
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            if allowed is not None and key not in allowed:
+                self.add(f"{where}.{key}", "unknown key")
+            else:
+                out[str(key)] = value
+        if allowed is not None:
+            for key in sorted(allowed - set(out)):
+                self.add(f"{where}.{key}", "missing")
+        return out
+
+    def duration(self, raw: object, where: str) -> int:
+        try:
+            return parse_duration(str(raw))
+        except ValueError as err:
+            self.add(where, str(err))
+            return 0
+
+    def number(self, raw: object, where: str, lo: float, hi: float) -> float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or not lo <= raw <= hi:
+            self.add(where, f"must be a number in [{lo}, {hi}], got {raw!r}")
+            return lo
+        return float(raw)
+
+    def strings(self, raw: object, where: str) -> tuple[str, ...]:
+        if not isinstance(raw, list) or not all(isinstance(v, str) and v for v in raw):
+            self.add(where, "must be a list of non-empty strings")
+            return ()
+        return tuple(raw)
+
+
+def parse_alert_config(raw: object) -> AlertConfig:
+    """Validate the parsed YAML; AlertConfigError lists every problem."""
+    p = _Problems()
+    top = p.mapping(raw, "config", _TOP_KEYS)
+    sel = p.mapping(top.get("selectors", {}), "selectors", _SELECTOR_KEYS)
+    collector = sel.get("collector", "")
+    if not isinstance(collector, str) or not _SELECTOR_RE.fullmatch(collector):
+        p.add("selectors.collector", f'must be label matchers like job="posfleet", got {collector!r}')
+    profiles: dict[str, Profile] = {}
+    for name, body in p.mapping(top.get("profiles", {}), "profiles", None).items():
+        prof = p.mapping(body, f"profiles.{name}", _PROFILE_KEYS)
+        scale = prof.get("time_scale", 1)
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+            p.add(f"profiles.{name}.time_scale", f"must be an integer >= 1, got {scale!r}")
+            scale = 1
+        profiles[name] = Profile(
+            name,
+            p.duration(prof.get("scrape_interval", "1s"), f"profiles.{name}.scrape_interval") or 1,
+            p.duration(prof.get("evaluation_interval", "1s"), f"profiles.{name}.evaluation_interval") or 1,
+            scale,
+        )
+    if "default" not in profiles:
+        p.add("profiles.default", "missing")
+    th = p.mapping(top.get("thresholds", {}), "thresholds", _THRESHOLD_KEYS)
+    thresholds = Thresholds(
+        mass_offline_share=p.number(th.get("mass_offline_share", 0.5), "thresholds.mass_offline_share", 0.01, 1),
+        mass_offline_min_terminals=int(
+            p.number(th.get("mass_offline_min_terminals", 1), "thresholds.mass_offline_min_terminals", 1, 1e6)
+        ),
+        reject_ratio=p.number(th.get("reject_ratio", 0.01), "thresholds.reject_ratio", 0, 1),
+        reject_min_per_second=p.number(
+            th.get("reject_min_per_second", 0), "thresholds.reject_min_per_second", 0, 1e6
+        ),
+        ingest_silence=p.duration(th.get("ingest_silence", "5m"), "thresholds.ingest_silence"),
+        ingest_queue_fill=p.number(th.get("ingest_queue_fill", 0.8), "thresholds.ingest_queue_fill", 0.01, 1),
+        snapshot_max_age=p.duration(th.get("snapshot_max_age", "5m"), "thresholds.snapshot_max_age"),
+    )
+    for_raw = p.mapping(top.get("for", {}), "for", set(ALERT_NAMES))
+    runbook = top.get("runbook_url", "")
+    if not isinstance(runbook, str) or "{alertname}" not in runbook:
+        p.add("runbook_url", "must be a string containing {alertname}")
+    cfg = AlertConfig(
+        collector_selector=str(collector).strip(),
+        target_labels=p.strings(sel.get("target_labels", []), "selectors.target_labels"),
+        mass_offline_exclude_acquirers=p.strings(
+            sel.get("mass_offline_exclude_acquirers", []), "selectors.mass_offline_exclude_acquirers"
+        ),
+        runbook_url=str(runbook),
+        profiles=profiles,
+        hold=p.duration(top.get("hold", "5m"), "hold"),
+        rate_window=p.duration(top.get("rate_window", "5m"), "rate_window"),
+        thresholds=thresholds,
+        for_={name: p.duration(v, f"for.{name}") for name, v in for_raw.items()},
+    )
+    if not p.items:
+        for profile in profiles.values():
+            for problem in _timing_problems(cfg, profile):
+                p.add(f"profile {profile.name}", problem)
+    if p.items:
+        raise AlertConfigError("; ".join(p.items))
+    return cfg
+
+
+def _timing_problems(cfg: AlertConfig, prof: Profile) -> list[str]:
+    """Relations between durations that the alert model depends on."""
+    s = prof.scale
+    problems = []
+    if s(cfg.for_["PosFleetMassOffline"]) >= s(cfg.for_["PosTerminalOffline"]):
+        problems.append(
+            "for.PosFleetMassOffline must be shorter than for.PosTerminalOffline, or per-terminal offline "
+            "alerts notify before the mass-offline alert can inhibit them"
+        )
+    if s(cfg.for_["PosCollectorDown"]) + prof.evaluation_interval >= s(cfg.hold):
+        problems.append(
+            "for.PosCollectorDown plus one evaluation must be shorter than hold, or per-terminal alerts "
+            "resolve for lack of data before the collector-down alert inhibits them"
+        )
+    if s(cfg.hold) < 2 * prof.scrape_interval:
+        problems.append("hold must cover at least two scrape intervals to ride out one missed scrape")
+    if s(cfg.rate_window) < 4 * prof.scrape_interval:
+        problems.append("rate_window must cover at least four scrape intervals")
+    return problems
+
+
+def load_alert_config(path: str | Path = DEFAULT_CONFIG_PATH) -> AlertConfig:
+    """Read and validate alert_rules/config.yaml."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise AlertConfigError(f"{path}: cannot read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise AlertConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return parse_alert_config(raw)
+    except AlertConfigError as err:
+        raise AlertConfigError(f"{path}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The catalog
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalAlert:
+    """One alert over `posfleet_terminal_problem{condition=...}`."""
+
+    name: str
+    condition: str
+    severity: Severity
+    summary: str
+    what: str  # completes "Terminal X (merchant, acquirer, site, model) ..."
+    cause: str  # probable cause when the detail says nothing more specific
+    causes: tuple[tuple[str, str], ...] = ()  # (detail, probable cause)
+    severity_matcher: str = ""  # extra matcher on the series' own severity label
+
+
+_NETWORK_POWER = (
+    "Check power (plugged in, battery) and the network at the shop (router, Wi-Fi, SIM/cellular coverage)."
+)
+
+TERMINAL_ALERTS: Final = (
+    TerminalAlert(
+        "PosTerminalOffline",
+        "offline",
+        "critical",
+        "POS terminal is offline.",
+        "has sent no heartbeat for longer than its offline threshold and did not shut down cleanly{{ with $detail }}"
+        " ({{ . }}){{ end }}. It cannot take card payments, or its payments are not reaching the acquirer.",
+        "The terminal lost power or its network. " + _NETWORK_POWER,
+        (
+            ("last_will", "The terminal's connection broke (its last will was published) and no heartbeat "
+             "followed: a network outage at the shop or a crash. " + _NETWORK_POWER),
+            ("silent", "No heartbeat and no goodbye: the terminal most likely lost power or its network dropped "
+             "silently. " + _NETWORK_POWER),
+            ("never_seen", "Registered but never heard from since the collector started: not installed, powered "
+             "off, or configured with the wrong broker address or terminal id."),
+        ),
+    ),
+    TerminalAlert(
+        "PosTerminalUploadBacklog",
+        "upload_backlog",
+        "critical",
+        "POS terminal cannot upload its transactions.",
+        "has completed transactions waiting in its local upload queue{{ with $detail }} ({{ . }}){{ end }}. "
+        "The acquirer cannot see these payments yet and the merchant will find them missing.",
+        "The terminal cannot reach the acquirer's host: network path, host certificate, or the host refusing "
+        "the terminal.",
+        (
+            ("queue_depth", "Transactions are piling up in the local queue: the terminal cannot reach the "
+             "acquirer's host (network path, host certificate, or the host refusing the terminal)."),
+            ("queue_age", "A completed transaction has waited too long in the upload queue: uploads are stuck "
+             "(network path to the host, or the host rejecting uploads)."),
+        ),
+    ),
+    TerminalAlert(
+        "PosTerminalUpstreamMissing",
+        "upstream_missing",
+        "critical",
+        "Acquirer has no record of transactions the POS terminal says were acknowledged.",
+        "reports transactions acknowledged by the host, but the feed of acquirer {{ $labels.acquirer }} recorded "
+        "none of them within the grace period. The merchant's payments cannot be found on the acquirer's side.",
+        "The host is dropping or mis-filing this terminal's transactions: merchant or terminal registration, "
+        "permissions or routing on the acquirer's side, or the acquirer's processing is delayed by maintenance.",
+    ),
+    TerminalAlert(
+        "PosTerminalUnregistered",
+        "unregistered",
+        "warning",
+        "Unregistered POS terminal is sending heartbeats.",
+        "sends heartbeats but is not in the terminal registry. Its transactions cannot be attributed to a "
+        "registered merchant.",
+        "A new or swapped device that was never registered with the acquirer, or a typo in its terminal id.",
+    ),
+    TerminalAlert(
+        "PosTerminalMerchantMismatch",
+        "merchant_mismatch",
+        "critical",
+        "POS terminal is configured for a different merchant than registered.",
+        "reports a merchant id that differs from the registry's merchant {{ $labels.merchant_id }}. Its "
+        "payments are booked to the wrong merchant or refused by the host.",
+        "The terminal was moved between merchants or re-parameterised without updating the registration; "
+        "or the registry is out of date.",
+    ),
+    TerminalAlert(
+        "PosTerminalOutdatedSoftware",
+        "outdated_software",
+        "warning",
+        "POS terminal runs outdated payment software.",
+        "runs a payment application older than the minimum version required for model {{ $labels.model }}.",
+        "The terminal missed a software update (offline during the rollout, update failed, or updates "
+        "disabled); the host may refuse or mishandle its uploads.",
+    ),
+    TerminalAlert(
+        "PosTerminalHardwareFault",
+        "hardware_fault",
+        "critical",
+        "POS terminal reports a hardware fault.",
+        "reports a hardware fault{{ with $detail }} ({{ . }}){{ end }}. It cannot complete or record payments "
+        "reliably.",
+        "A printer, display or card reader fault reported by the terminal: the device needs repair or replacement.",
+        severity_matcher='severity="critical"',
+    ),
+    TerminalAlert(
+        "PosTerminalHardwareFault",
+        "hardware_fault",
+        "warning",
+        "POS terminal reports a hardware fault.",
+        "reports a hardware fault{{ with $detail }} ({{ . }}){{ end }}. Payments still go through but receipts "
+        "do not print.",
+        "The printer is out of paper or its cover is open: staff may void or repeat payments without a receipt.",
+        severity_matcher='severity!="critical"',
+    ),
+    TerminalAlert(
+        "PosTerminalWeakSignal",
+        "weak_signal",
+        "warning",
+        "POS terminal has a weak network signal.",
+        "has reported a weak network signal for a sustained period{{ with $detail }} ({{ . }}){{ end }}. Uploads "
+        "time out and transactions start to queue.",
+        "The terminal sits in a coverage dead spot, its antenna or SIM is failing, or the shop's Wi-Fi is "
+        "congested or too far away.",
+    ),
+    TerminalAlert(
+        "PosTerminalClockSkew",
+        "clock_skew",
+        "warning",
+        "POS terminal clock is wrong.",
+        "has a clock that differs from real time by more than the collector allows{{ with $detail }} (terminal "
+        "is {{ . }}){{ end }}. Host-side checks can reject its uploads and its records appear at the wrong time.",
+        "The terminal's time sync failed (no NTP or host time sync after a reboot, a drained clock battery).",
+    ),
+    TerminalAlert(
+        "PosTerminalFlapping",
+        "flapping",
+        "warning",
+        "POS terminal keeps rebooting or reconnecting.",
+        "has rebooted or gone offline and back several times within the collector's flapping window. Payments "
+        "fail intermittently.",
+        "An unstable power supply or failing battery, or an intermittent network link.",
+    ),
+)
+
+_OTHER_ALERTS: Final = (
+    "PosUpstreamFeedStale",
+    "PosFleetMassOffline",
+    "PosCollectorDown",
+    "PosCollectorMqttDisconnected",
+    "PosCollectorIngestStalled",
+    "PosCollectorRejectingMessages",
+    "PosCollectorCardDataRejected",
+    "PosCollectorIngestQueueSaturated",
+    "PosCollectorSnapshotFailing",
+    "PosCollectorProblemSeriesCapped",
+    "PosCollectorRegistryReloadFailing",
+    "PosWatchdog",
+)
+
+ALERT_NAMES: Final = tuple(dict.fromkeys([a.name for a in TERMINAL_ALERTS] + list(_OTHER_ALERTS)))
+TERMINAL_LABELS: Final = ("terminal_id", "merchant_id", "acquirer", "site", "model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+@dataclass(frozen=True, slots=True)
+class _Ctx:
+    cfg: AlertConfig
+    prof: Profile
+
+    def d(self, seconds: int) -> str:
+        return format_duration(self.prof.scale(seconds))
+
+    @property
+    def sel(self) -> str:
+        return self.cfg.collector_selector
+
+    @property
+    def on(self) -> str:
+        return ", ".join(self.cfg.target_labels)
+
+    def held(self, metric: str, matchers: str = "") -> str:
+        """Last value seen within hold: survives a failed scrape (stale markers are not in range vectors)."""
+        extra = f", {matchers}" if matchers else ""
+        return f"last_over_time({metric}{{{self.sel}{extra}}}[{self.d(self.cfg.hold)}])"
+
+
+def _rule(
+    ctx: _Ctx, name: str, expr: str, severity: Severity, summary: str, description: str, cause: str,
+    extra_labels: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    labels: dict[str, str] = {"severity": severity}
+    labels.update(extra_labels or {})
+    return {
+        "alert": name,
+        "expr": expr.strip() + "\n" if "\n" in expr.strip() else expr.strip(),
+        "for": ctx.d(ctx.cfg.for_[name]),
+        "labels": labels,
+        "annotations": {
+            "summary": summary,
+            "description": description,
+            "probable_cause": cause,
+            "runbook_url": ctx.cfg.runbook_url.replace("{alertname}", name),
+        },
+    }
+
+
+def _held_problem(ctx: _Ctx, matchers: str) -> str:
+    """Problem series present at the target's last successful scrape (within hold), by terminal."""
+    window = f"[{ctx.d(ctx.cfg.hold)}:{format_duration(ctx.prof.scrape_interval)}]"
+    by = ", ".join(TERMINAL_LABELS)
+    return (
+        f"max by ({by}) (\n"
+        f"  last_over_time(timestamp(posfleet_terminal_problem{{{ctx.sel}, {matchers}}}){window})\n"
+        f"  == on ({ctx.on}) group_left ()\n"
+        f"  last_over_time(timestamp(posfleet_up{{{ctx.sel}}}){window})\n"
+        f")"
+    )
+
+
+def _terminal_rule(ctx: _Ctx, a: TerminalAlert) -> dict[str, Any]:
+    matchers = f'condition="{a.condition}"' + (f", {a.severity_matcher}" if a.severity_matcher else "")
+    lookup = (
+        '{{ $detail := "" }}{{ with printf `posfleet_terminal_problem{'
+        + ctx.sel
+        + f', condition="{a.condition}", terminal_id=%q}}` $labels.terminal_id | query }}}}'
+        '{{ $detail = (. | first | label "detail") }}{{ end }}'
+    )
+    who = (
+        "Terminal {{ $labels.terminal_id }} (merchant {{ $labels.merchant_id }}, acquirer {{ $labels.acquirer }}, "
+        "site {{ $labels.site }}, model {{ $labels.model }}) "
+    )
+    if a.causes:
+        branches = "".join(
+            f'{{{{ {"if" if i == 0 else "else if"} eq $detail "{detail}" }}}}{text}'
+            for i, (detail, text) in enumerate(a.causes)
+        )
+        cause = f"{lookup}{branches}{{{{ else }}}}{a.cause}{{{{ end }}}}"
+    else:
+        cause = a.cause
+    description = (lookup if "$detail" in a.what else "") + who + a.what
+    return _rule(ctx, a.name, _held_problem(ctx, matchers), a.severity, a.summary, description, cause)
+
+
+def _fleet_rules(ctx: _Ctx) -> list[dict[str, Any]]:
+    cfg, th = ctx.cfg, ctx.cfg.thresholds
+    excl = "|".join(re.escape(a) for a in cfg.mass_offline_exclude_acquirers)
+    not_excluded = f'acquirer!~"{excl}"' if excl else ""
+    rules = [
+        _rule(
+            ctx, "PosUpstreamFeedStale",
+            f"max by (acquirer) ({ctx.held('posfleet_acquirer_feed_stale')}) == 1",
+            "critical",
+            "Acquirer transaction feed is silent.",
+            "The collector has received nothing from the transaction feed of acquirer {{ $labels.acquirer }} for "
+            "longer than its feed_stale_s threshold. Whether this acquirer records its terminals' payments cannot "
+            "be checked meanwhile (upstream-missing alerts are suspended for it).",
+            "Announced host maintenance or an outage at the acquirer, or the feed connection between the "
+            "acquirer and the broker is broken (credentials, certificate, network).",
+        )
+    ]
+    for scope, by in (("site", "acquirer, site"), ("acquirer", "acquirer")):
+        def total(metric: str, matchers: str = "", by: str = by) -> str:
+            m = ", ".join(x for x in (matchers, not_excluded) if x)
+            return f"sum by ({by}) ({ctx.held(metric, m)})"
+
+        offline = total("posfleet_fleet_condition_terminals", 'condition="offline"')
+        expected = f"({total('posfleet_fleet_terminals')} - {total('posfleet_fleet_shutdown_terminals')})"
+        where = "site {{ $labels.site }} of acquirer {{ $labels.acquirer }}" if scope == "site" else (
+            "acquirer {{ $labels.acquirer }}"
+        )
+        rules.append(_rule(
+            ctx, "PosFleetMassOffline",
+            f"(\n  {offline}\n  / {expected}\n) >= {th.mass_offline_share:g}\n"
+            f"and\n{offline} >= {th.mass_offline_min_terminals}",
+            "critical",
+            f"Many POS terminals of one {scope} are offline together.",
+            f"{{{{ $value | humanizePercentage }}}} of the terminals of {where} that should be online are "
+            "offline at once. One shared cause (power, network, broker or acquirer) rather than many terminal "
+            "faults; the per-terminal offline alerts it covers are inhibited.",
+            "A power cut or network outage at the site, the shop's internet uplink or mobile operator down, or "
+            "the terminals cannot reach the MQTT broker (DNS, firewall, broker certificate).",
+            {"scope": scope},
+        ))
+    return rules
+
+
+def _collector_rules(ctx: _Ctx) -> list[dict[str, Any]]:
+    cfg, th, sel, on = ctx.cfg, ctx.cfg.thresholds, ctx.sel, ctx.on
+    w = ctx.d(cfg.rate_window)
+    ignore = 'reason!~"duplicate|stale|card_data"'
+    rejected = f"sum by ({on}, reason) (rate(posfleet_messages_rejected_total{{{sel}, {ignore}}}[{w}]))"
+    expected_online = (
+        f"(sum by ({on}) ({ctx.held('posfleet_fleet_terminals')})"
+        f" - sum by ({on}) ({ctx.held('posfleet_fleet_shutdown_terminals')})) > 0"
+    )
+    return [
+        _rule(
+            ctx, "PosCollectorDown",
+            f'up{{{sel}}} == 0 or absent(up{{{sel}}})',
+            "critical",
+            "posfleet collector cannot be scraped.",
+            "Prometheus cannot scrape the posfleet collector {{ $labels.instance }} (or has no such target). "
+            "Nothing about the terminals is known meanwhile; per-terminal alerts are inhibited.",
+            "The collector process is down or restarting (crash, OOM, failed deploy), its host is down, or the "
+            "scrape is blocked (network, firewall, wrong address in the scrape config).",
+        ),
+        _rule(
+            ctx, "PosCollectorMqttDisconnected",
+            f"{ctx.held('posfleet_mqtt_connected')} == 0",
+            "critical",
+            "posfleet collector is not connected to the MQTT broker.",
+            "The collector {{ $labels.instance }} is not connected and subscribed to the MQTT broker. No "
+            "heartbeat is received, so terminal states are frozen; per-terminal alerts are inhibited.",
+            "The broker is down or restarting, the network between collector and broker is broken, or the broker "
+            "refuses the collector (credentials, certificate, client id taken by another process).",
+        ),
+        _rule(
+            ctx, "PosCollectorIngestStalled",
+            f"(time() - {ctx.held('posfleet_mqtt_last_message_seconds')}) > {ctx.prof.scale(th.ingest_silence)}\n"
+            f"and on ({on}) {ctx.held('posfleet_mqtt_connected')} == 1\n"
+            f"and on ({on}) {expected_online}",
+            "critical",
+            "posfleet collector is connected but receives no messages.",
+            "The collector {{ $labels.instance }} reports an MQTT connection but has received no message for "
+            "{{ $value | humanizeDuration }} while terminals should be online. It is deaf: every terminal will "
+            "look offline; per-terminal alerts are inhibited.",
+            "The MQTT client's network thread died or its subscription was lost after a reconnect, or terminals "
+            "publish to a different broker or topic prefix than the collector subscribes to.",
+        ),
+        _rule(
+            ctx, "PosCollectorRejectingMessages",
+            f"(\n  {rejected}\n  / on ({on}) group_left ()\n"
+            f"  sum by ({on}) (rate(posfleet_messages_total{{{sel}}}[{w}]))\n) > {th.reject_ratio:g}\n"
+            f"and\n{rejected} > {th.reject_min_per_second:g}",
+            "warning",
+            "posfleet collector rejects many messages.",
+            "{{ $value | humanizePercentage }} of the messages reaching collector {{ $labels.instance }} are "
+            "rejected as {{ $labels.reason }}. The terminals sending them look silent and will turn offline.",
+            "A firmware or payment-app update changed the message format, a misconfigured batch of terminals "
+            "uses wrong ids or topics, or something other than a terminal publishes on the terminal topics.",
+        ),
+        _rule(
+            ctx, "PosCollectorCardDataRejected",
+            f'sum by ({on}) (increase(posfleet_messages_rejected_total{{{sel}, reason="card_data"}}[{w}])) > 0',
+            "critical",
+            "A terminal message carried what looks like card data.",
+            "The collector {{ $labels.instance }} rejected messages containing what looks like a card number "
+            "(PAN) in the last {w}. The payload was dropped and never logged, but card data left a terminal in "
+            "telemetry: this is a PCI DSS incident to investigate.".replace("{w}", w),
+            "A payment-app or firmware bug, or a debug build, writes card data into status messages.",
+        ),
+        _rule(
+            ctx, "PosCollectorIngestQueueSaturated",
+            f"{ctx.held('posfleet_ingest_queue_depth')}\n/ {ctx.held('posfleet_ingest_queue_capacity')}\n"
+            f"> {th.ingest_queue_fill:g}",
+            "warning",
+            "posfleet collector cannot keep up with incoming messages.",
+            "The ingest queue of collector {{ $labels.instance }} is {{ $value | humanizePercentage }} full. "
+            "When it fills, the broker holds and then drops messages and terminals look offline.",
+            "A message burst (mass reconnect after an outage), a fleet larger than one collector handles, or the "
+            "collector starved of CPU.",
+        ),
+        _rule(
+            ctx, "PosCollectorSnapshotFailing",
+            f"{ctx.held('posfleet_snapshot_age_seconds')} > {ctx.prof.scale(th.snapshot_max_age)}",
+            "warning",
+            "posfleet collector cannot save its state.",
+            "The collector {{ $labels.instance }} has not written a state snapshot for "
+            "{{ $value | humanizeDuration }}. A restart now loses terminal state since then.",
+            "The snapshot directory is full, read-only or missing permissions, or snapshots are disabled "
+            "(state.snapshot_path unset).",
+        ),
+        _rule(
+            ctx, "PosCollectorProblemSeriesCapped",
+            f"{ctx.held('posfleet_terminal_problem_series_dropped')} > 0",
+            "warning",
+            "Some per-terminal problems are not exported (series cap reached).",
+            "The collector {{ $labels.instance }} left {{ $value }} problem series out of its metrics because of "
+            "metrics.max_problem_series. Per-terminal alerts for those terminals are missing.",
+            "A fleet-wide incident put more terminals into problem conditions than the cap, or the cap is too low "
+            "for this fleet.",
+        ),
+        _rule(
+            ctx, "PosCollectorRegistryReloadFailing",
+            f'sum by ({on}) (increase(posfleet_registry_reloads_total{{{sel}, result="error"}}[{w}])) > 0',
+            "warning",
+            "posfleet collector cannot reload the terminal registry.",
+            "The collector {{ $labels.instance }} failed to reload the terminal registry. It keeps using the last "
+            "good registry: terminals added since are reported as unregistered.",
+            "The registry file has a syntax error, a duplicate terminal id or bad encoding, or is unreadable.",
+        ),
+    ]
+
+
+def _watchdog(ctx: _Ctx) -> dict[str, Any]:
+    return _rule(
+        ctx, "PosWatchdog", "vector(1)", "none",
+        "Alerting pipeline is alive (dead man's switch).",
+        "Always firing. It proves Prometheus evaluates posfleet's rules and Alertmanager delivers them; the "
+        "external dead man's switch pages when this alert stops arriving.",
+        "If this stops arriving: Prometheus or Alertmanager is down, or the route to the dead man's switch is "
+        "broken.",
+    )
+
+
+def build_groups(cfg: AlertConfig, profile: str = "default") -> list[dict[str, Any]]:
+    """The rule groups of a profile as plain data."""
+    ctx = _Ctx(cfg, cfg.profile(profile))
+    interval = format_duration(ctx.prof.evaluation_interval)
+    return [
+        {"name": "posfleet-terminals", "interval": interval,
+         "rules": [_terminal_rule(ctx, a) for a in TERMINAL_ALERTS]},
+        {"name": "posfleet-fleet", "interval": interval, "rules": _fleet_rules(ctx)},
+        {"name": "posfleet-collector", "interval": interval, "rules": _collector_rules(ctx)},
+        {"name": "posfleet-meta", "interval": interval, "rules": [_watchdog(ctx)]},
+    ]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings, so expressions stay readable in the committed file."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+def rule_file_name(profile: str) -> str:
+    """posfleet.rules.yml for the default profile, posfleet-<profile>.rules.yml otherwise."""
+    return "posfleet.rules.yml" if profile == "default" else f"posfleet-{profile}.rules.yml"
+
+
+def render_rules(cfg: AlertConfig, profile: str = "default") -> str:
+    """The text of the rule file for a profile."""
+    header = (
+        f"# GENERATED by `posfleet rules render --profile {profile}` from alert_rules/config.yaml. Do not edit:\n"
+        "# change the config (or exporters/rules.py) and re-render; CI fails when this file drifts.\n"
+    )
+    body = yaml.dump(
+        {"groups": build_groups(cfg, profile)}, Dumper=_Dumper, sort_keys=False, width=1_000_000, allow_unicode=True
+    )
+    return header + str(body)
+
+
+def latency_budget(cfg: AlertConfig, profile: str = "default") -> dict[str, int]:
+    """Worst case seconds from a condition showing in /metrics to the alert firing in Alertmanager, per alert."""
+    prof = cfg.profile(profile)
+    # A condition appears in /metrics, waits up to one scrape, then up to one evaluation to go pending, then
+    # `for` rounded up to whole evaluations; Prometheus sends firing alerts right after the evaluation.
+    out: dict[str, int] = {}
+    for name in ALERT_NAMES:
+        f = prof.scale(cfg.for_[name])
+        evals = -(-f // prof.evaluation_interval) * prof.evaluation_interval
+        out[name] = prof.scrape_interval + prof.evaluation_interval + evals
+    return out
