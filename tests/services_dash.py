@@ -12,18 +12,21 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 __all__ = [
+    "FakeGrafana",
     "Influx",
     "Proc",
     "Prometheus",
@@ -249,3 +252,68 @@ bind-address = "127.0.0.1:{rpc_port}"
         yield influx
     finally:
         proc.stop()
+
+
+class FakeGrafana:
+    """Just enough of Grafana's HTTP API for `posfleet grafana push`: folders by uid, dashboard upserts.
+
+    There is no Grafana binary on this machine; this records what the command sends so a test can check it.
+    """
+
+    def __init__(self) -> None:
+        self.folders: dict[str, str] = {}
+        self.folder_creations = 0
+        self.dashboards: list[dict[str, Any]] = []
+        self.auth: set[str] = set()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the running server."""
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> FakeGrafana:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, doc: dict[str, Any]) -> None:
+                body = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                fake.auth.add(self.headers.get("Authorization", ""))
+                uid = self.path.rsplit("/", 1)[-1]
+                if self.path.startswith("/api/folders/") and uid in fake.folders:
+                    self._reply(200, {"uid": uid, "title": fake.folders[uid]})
+                else:
+                    self._reply(404, {"message": "not found"})
+
+            def do_POST(self) -> None:
+                fake.auth.add(self.headers.get("Authorization", ""))
+                doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/api/folders":
+                    fake.folders[doc["uid"]] = doc["title"]
+                    fake.folder_creations += 1
+                    self._reply(200, {"uid": doc["uid"], "title": doc["title"]})
+                elif self.path == "/api/dashboards/db":
+                    fake.dashboards.append(doc)
+                    self._reply(200, {"status": "success", "uid": doc["dashboard"]["uid"]})
+                else:
+                    self._reply(404, {"message": "not found"})
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
