@@ -308,7 +308,10 @@ start_process() {
     echo "$svc: already running"
     return 0
   fi
-  listening "$(port_of "$svc")" && die "$svc: port $(port_of "$svc") is already in use"
+  if listening "$(port_of "$svc")"; then
+    echo "single-host: $svc: port $(port_of "$svc") is already in use" >&2
+    return 1
+  fi
   mapfile -t argv < <(command_of "$svc")
   # Detached from our stdio and session: `up` returns while the service keeps running.
   (cd "$DATA/$svc" && exec setsid "${argv[@]}" >>"$LOG/$svc.log" 2>&1 </dev/null) &
@@ -405,10 +408,10 @@ do_up() {
   write_secrets
   write_configs
   check_configs
-  local svc
+  local svc failed=0
   for svc in "${SERVICES_UP[@]}"; do
-    if ((SYSTEMD)); then start_unit "$svc"; else start_process "$svc"; fi
-    if ! wait_ready "$svc"; then
+    if ((SYSTEMD)); then start_unit "$svc"; else start_process "$svc" || failed=1; fi
+    if ((failed)) || ! wait_ready "$svc"; then
       echo "single-host: $svc failed to start; stopping what was started" >&2
       do_down >&2
       exit 1
