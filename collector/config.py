@@ -83,8 +83,8 @@ class MqttConfig(Struct, frozen=True, forbid_unknown_fields=True):
     username: str | None = None
     password_file: str | None = None  # never on the command line; POSFLEET_MQTT_PASSWORD also works
     keepalive_s: Annotated[int, Meta(ge=5)] = 30
-    reconnect_min_s: Positive = 0.5
-    reconnect_max_s: Positive = 30.0
+    reconnect_min_s: Annotated[int, Meta(ge=1)] = 1  # paho takes whole seconds
+    reconnect_max_s: Annotated[int, Meta(ge=1)] = 30
     # Queue between paho's network thread and the asyncio loop. When full, paho stops acknowledging and the
     # broker holds the rest (backpressure instead of unbounded memory).
     queue_size: Count = 50_000
@@ -134,7 +134,7 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True):
     metrics: MetricsConfig = MetricsConfig()
     # Minimum app version per terminal model, e.g. {"A920": "3.2.0"}; "*" applies to models not listed.
     software_policy: dict[str, str] = {}
-    influx: dict[str, object] | None = None  # exporters.influx.InfluxConfig, validated when loaded
+    influx: InfluxConfig = InfluxConfig()  # history writer; off unless influx.enabled
 
 
 def _semantic_problems(cfg: Config) -> list[str]:

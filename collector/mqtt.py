@@ -78,7 +78,7 @@ class MqttIngest:
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
+        client.on_subscribe = self._on_subscribe  # type: ignore[assignment]
         client.on_message = self._on_message
         self.client = client
         self.topics = [
@@ -124,7 +124,7 @@ class MqttIngest:
             if len(queue) >= self.capacity:
                 self.over_capacity += 1
         was_empty = not queue
-        queue.append(Inbound(msg.topic, msg.payload, bool(msg.retain), msg.mid, msg.qos, rx))
+        queue.append(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos, rx))
         if was_empty:
             self.loop.call_soon_threadsafe(self._ready.set)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -147,7 +147,7 @@ class TxnReceipt(Struct, frozen=True):
 
 Message = Heartbeat | Status | UpstreamBatch | TxnReceipt
 
-_DECODERS: Final = {
+_DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
     "heartbeat": msgspec.json.Decoder(Heartbeat),
     "status": msgspec.json.Decoder(Status),
     "txn": msgspec.json.Decoder(TxnReceipt),
@@ -265,7 +265,7 @@ def decode(topic: str, payload: bytes, prefix: str = "pos/v1", upstream_prefix: 
         raise DecodeError("bad_id", "topic")
     _check_payload(payload)
     try:
-        msg = _DECODERS[kind].decode(payload)
+        msg: Heartbeat | Status | TxnReceipt = _DECODERS[kind].decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as err:
         raise _classify(err) from None
     if isinstance(msg, Heartbeat):

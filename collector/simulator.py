@@ -236,7 +236,7 @@ class Simulator:
             try:
                 import socket as _s
 
-                sock.shutdown(_s.SHUT_RDWR)
+                sock.shutdown(_s.SHUT_RDWR)  # type: ignore[union-attr]
             except OSError:
                 pass
             sock.close()
