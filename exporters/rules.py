@@ -509,11 +509,13 @@ def _held_problem(ctx: _Ctx, matchers: str) -> str:
 
 def _terminal_rule(ctx: _Ctx, a: TerminalAlert) -> dict[str, Any]:
     matchers = f'condition="{a.condition}"' + (f", {a.severity_matcher}" if a.severity_matcher else "")
+    # The detail is not part of the alert's identity (it may change while the condition stays active); it is
+    # looked up for the text, from the last known sample so a failed scrape does not blank it.
+    series = f'posfleet_terminal_problem{{{ctx.sel}, condition="{a.condition}", terminal_id=%[1]q}}'
     lookup = (
-        '{{ $detail := "" }}{{ with printf `posfleet_terminal_problem{'
-        + ctx.sel
-        + f', condition="{a.condition}", terminal_id=%q}}` $labels.terminal_id | query }}}}'
-        '{{ $detail = (. | first | label "detail") }}{{ end }}'
+        '{{ $detail := "" }}{{ with printf `'
+        + f"{series} or last_over_time({series}[{ctx.d(ctx.cfg.hold)}])"
+        + '` $labels.terminal_id | query }}{{ $detail = (. | first | label "detail") }}{{ end }}'
     )
     who = (
         "Terminal {{ $labels.terminal_id }} (merchant {{ $labels.merchant_id }}, acquirer {{ $labels.acquirer }}, "
