@@ -537,7 +537,7 @@ def upstream() -> Board:
         "posfleet / Upstream",
         "Freshness of each acquirer's transaction feed and the terminals whose acknowledged uploads the feed "
         "never recorded.",
-        [PROM_VAR, ACQUIRER_VAR, SITE_VAR],
+        [PROM_VAR, INFLUX_VAR, ACQUIRER_VAR, SITE_VAR],
     )
     acq = 'acquirer=~"$acquirer"'
     b.row("Feeds")
@@ -613,7 +613,51 @@ def upstream() -> Board:
         ),
         (12, 9),
     )
+    b.add(_acknowledged_vs_recorded(), (24, 8))
     return b
+
+
+def _acknowledged_vs_recorded() -> Json:
+    """History table: per acquirer, transactions its host acknowledged to terminals vs those its feed recorded."""
+    acq = '"acquirer" =~ /^$acquirer$/ AND $timeFilter'
+    uploaded = influxql(
+        'SELECT sum("uploaded") AS "acknowledged" FROM (SELECT non_negative_difference(last("uploaded_count")) '
+        f'AS "uploaded" FROM "{HB}" WHERE {acq} GROUP BY time($__interval), "terminal_id", "acquirer") '
+        'WHERE $timeFilter GROUP BY "acquirer"'
+    )
+    recorded = influxql(
+        f'SELECT count("txn_id") AS "recorded" FROM "upstream_txn" WHERE {acq} GROUP BY "acquirer"', ref="B"
+    )
+    for target in (uploaded, recorded):
+        target["resultFormat"] = "table"
+    panel = _panel(
+        "table",
+        "Acknowledged vs recorded per acquirer (history)",
+        "Over the selected range, how many transactions did each acquirer's host acknowledge to terminals, "
+        "how many did its feed record, and how many are missing (includes those still in the feed's batch)?",
+        [uploaded, recorded],
+        "short",
+        options={"showHeader": True, "cellHeight": "sm", "footer": {"show": False}},
+    )
+    panel["transformations"] = [
+        {"id": "joinByField", "options": {"byField": "acquirer", "mode": "outer"}},
+        {
+            "id": "calculateField",
+            "options": {
+                "mode": "binary",
+                "alias": "not recorded",
+                "binary": {"left": "acknowledged", "operator": "-", "right": "recorded"},
+            },
+        },
+        {
+            "id": "organize",
+            "options": {
+                "excludeByName": {"Time": True, "Time 1": True, "Time 2": True},
+                "indexByName": {"acquirer": 0, "acknowledged": 1, "recorded": 2, "not recorded": 3},
+            },
+        },
+    ]
+    return panel
 
 
 def collector_health() -> Board:
@@ -743,7 +787,9 @@ def collector_health() -> Board:
         (12, 8),
     )
 
-    b.row("State, history and scrape")
+    _history_writes(b, job, up_map)
+
+    b.row("State and scrape")
     b.add(
         timeseries(
             "State snapshot age",
@@ -828,21 +874,207 @@ def terminal() -> Board:
 
 
 def _terminal_history(b: Board) -> None:
-    """InfluxQL panels over the heartbeat history (schema: docs/storage.md)."""
+    """InfluxQL panels over the terminal's history (measurements and fields: docs/storage.md)."""
     where = "\"terminal_id\" = '$terminal_id' AND $timeFilter"
+    per_interval = "GROUP BY time($__interval)"
     b.row("History (InfluxDB)")
     b.add(
         timeseries(
             "Heartbeats",
             "Is the terminal sending heartbeats at its interval (gaps = offline)?",
-            [
-                influxql(
-                    f'SELECT count("seq") FROM "{HB}" WHERE {where} GROUP BY time($__interval) fill(0)', "heartbeats"
-                )
-            ],
+            [influxql(f'SELECT count("seq") FROM "{HB}" WHERE {where} {per_interval} fill(0)', "heartbeats")],
             custom={"drawStyle": "bars", "fillOpacity": 60},
         ),
         (12, 8),
+    )
+    b.add(
+        timeseries(
+            "Queue depth and oldest queued age",
+            "Are transactions queueing on the terminal, and how long has the oldest waited (terminal clock)?",
+            [
+                influxql(
+                    f'SELECT max("queue_depth") FROM "{HB}" WHERE {where} {per_interval} fill(null)', "queue depth"
+                ),
+                influxql(
+                    f'SELECT last("terminal_ts") - last("oldest_queued_ts") FROM "{HB}" WHERE {where} '
+                    f"{per_interval} fill(null)",
+                    "oldest queued age",
+                    ref="B",
+                ),
+            ],
+            overrides=[
+                {
+                    "matcher": {"id": "byName", "options": "oldest queued age"},
+                    "properties": [{"id": "unit", "value": "s"}, {"id": "custom.axisPlacement", "value": "right"}],
+                }
+            ],
+        ),
+        (12, 8),
+    )
+    b.add(
+        timeseries(
+            "Completed, uploaded and recorded upstream",
+            "Where do this terminal's transactions stop: completed but not uploaded (queue), uploaded "
+            "but not recorded by the acquirer (upstream missing)?",
+            [
+                influxql(
+                    f'SELECT non_negative_difference(last("txn_count")) FROM "{HB}" WHERE {where} {per_interval}',
+                    "completed",
+                ),
+                influxql(
+                    f'SELECT non_negative_difference(last("uploaded_count")) FROM "{HB}" WHERE {where} {per_interval}',
+                    "uploaded (host acknowledged)",
+                    ref="B",
+                ),
+                influxql(
+                    f'SELECT count("txn_id") FROM "upstream_txn" WHERE {where} {per_interval} fill(0)',
+                    "recorded by the acquirer",
+                    ref="C",
+                ),
+            ],
+        ),
+        (24, 8),
+    )
+    b.add(
+        timeseries(
+            "Signal",
+            "Is the network link weak (RSSI below -95 dBm makes uploads time out)?",
+            [influxql(f'SELECT mean("rssi_dbm") FROM "{HB}" WHERE {where} {per_interval} fill(null)', "RSSI")],
+            "dBm",
+            thresholds=[(-95, "red")],
+            custom={"thresholdsStyle": {"mode": "line"}},
+        ),
+        (12, 8),
+    )
+    b.add(
+        timeseries(
+            "Battery",
+            "Is the terminal on battery, and is it running flat?",
+            [influxql(f'SELECT min("battery_pct") FROM "{HB}" WHERE {where} {per_interval} fill(null)', "battery")],
+            "percent",
+        ),
+        (12, 8),
+    )
+    b.add(
+        state_timeline(
+            "Power source and peripherals",
+            "When did the terminal run on battery, and when were printer, display or card reader faulty?",
+            [
+                influxql(f'SELECT last("power_source") FROM "{HB}" WHERE {where} {per_interval}', "power"),
+                influxql(f'SELECT last("printer") FROM "{HB}" WHERE {where} {per_interval}', "printer", ref="B"),
+                influxql(f'SELECT last("display") FROM "{HB}" WHERE {where} {per_interval}', "display", ref="C"),
+                influxql(
+                    f'SELECT last("card_reader") FROM "{HB}" WHERE {where} {per_interval}', "card reader", ref="D"
+                ),
+            ],
+            mappings=[
+                {
+                    "type": "value",
+                    "options": {
+                        "mains": {"color": "green"},
+                        "battery": {"color": "orange"},
+                        "ok": {"color": "green"},
+                        "paper_out": {"color": "orange"},
+                        "fault": {"color": "red"},
+                    },
+                }
+            ],
+        ),
+        (24, 7),
+    )
+    b.add(
+        state_timeline(
+            "Conditions (history)",
+            "Which conditions did the collector raise and clear for this terminal, beyond Prometheus' retention?",
+            [
+                influxql(
+                    f'SELECT last("active") FROM "condition" WHERE {where} {per_interval}, "condition" fill(previous)',
+                    "$tag_condition",
+                )
+            ],
+            mappings=[
+                {
+                    "type": "value",
+                    "options": {
+                        "true": {"text": "active", "color": "red"},
+                        "false": {"text": "clear", "color": "green"},
+                    },
+                }
+            ],
+        ),
+        (24, 7),
+    )
+
+
+def _history_writes(b: Board, job: str, up_map: list[Json]) -> None:
+    """The InfluxDB writer's self-metrics (docs/storage.md): is history complete, and is the spool filling?"""
+    b.row("History writes (InfluxDB)")
+    b.add(
+        stat(
+            "History writer up",
+            "Are history writes succeeding (DOWN = retrying with backoff, spooling)?",
+            prom(f"posfleet_influx_up{{{job}}}", "{{instance}}", instant=True),
+            mappings=up_map,
+        ),
+        (4, 8),
+    )
+    b.add(
+        timeseries(
+            "History points by outcome",
+            "How many points per second are written, spooled, replayed or dropped?",
+            [prom(f"sum by (result) (rate(posfleet_influx_points_total{{{job}}}[$__rate_interval]))", "{{result}}")],
+            "ops",
+        ),
+        (10, 8),
+    )
+    b.add(
+        timeseries(
+            "Points lost by reason",
+            "Is history losing data, and why (spool full, rejected, ...)?",
+            [
+                prom(
+                    f"sum by (reason) (increase(posfleet_influx_dropped_total{{{job}}}[$__rate_interval]))",
+                    "{{reason}}",
+                )
+            ],
+            thresholds=[(1, "red")],
+        ),
+        (10, 8),
+    )
+    b.add(
+        timeseries(
+            "Write spool",
+            "How much history waits on disk for the server to come back?",
+            [prom(f"posfleet_influx_spool_bytes{{{job}}}", "spool {{instance}}")],
+            "bytes",
+        ),
+        (8, 8),
+    )
+    b.add(
+        timeseries(
+            "Points waiting",
+            "How many points wait in memory and in the spool?",
+            [
+                prom(f"posfleet_influx_buffer_points{{{job}}}", "memory {{instance}}"),
+                prom(f"posfleet_influx_spool_points{{{job}}}", "spool {{instance}}", ref="B"),
+            ],
+        ),
+        (8, 8),
+    )
+    b.add(
+        timeseries(
+            "Write latency p99",
+            "How long does one write request to InfluxDB take?",
+            [
+                prom(
+                    "histogram_quantile(0.99, sum by (le) "
+                    f"(rate(posfleet_influx_write_seconds_bucket{{{job}}}[$__rate_interval])))",
+                    "p99",
+                )
+            ],
+            "s",
+        ),
+        (8, 8),
     )
 
 
