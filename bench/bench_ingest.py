@@ -1,0 +1,210 @@
+"""Ingest benchmark through a real Mosquitto: heartbeats/s end to end, RSS per terminal, /metrics render time,
+with `mosquitto_sub` draining the same backlog as the floor.
+
+Method: the broker holds a backlog of N heartbeats (QoS 1) for a persistent session while the consumer is away;
+then the consumer (the collector, or mosquitto_sub) connects and the time to drain the backlog is measured.
+This isolates the consumer from the publishers' CPU on a 2-core machine.
+
+    .venv/bin/python bench/bench_ingest.py --terminals 100000 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from collector.simulator import make_fleet  # noqa: E402
+from tests.services import (  # noqa: E402
+    free_port,
+    http_get,
+    start_collector,
+    start_mosquitto,
+    wait_until,
+    write_collector_config,
+)
+
+T0 = time.time()
+
+
+def publish_worker(port: int, tids: list[str], rounds: int, fault_every: int) -> None:
+    """Publish `rounds` heartbeats per terminal at QoS 1 and wait for every PUBACK."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}", protocol=paho.MQTTv311)
+    client.max_inflight_messages_set(2000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    last = None
+    window: list[paho.MQTTMessageInfo] = []
+    for r in range(rounds):
+        for i, tid in enumerate(tids):
+            faulty = fault_every and i % fault_every == 0
+            body = {
+                "tid": tid, "ts": round(T0 + r * 30, 3), "seq": r, "interval_s": 30, "txn_count": r, "uploaded_count": r,
+                "queue_depth": 0, "oldest_queued_ts": None, "mid": f"M{int(tid[1:]) // 4:05d}", "model": "A920",
+                "app_version": "3.4.1", "net": {"type": "wifi", "rssi_dbm": -60},
+                "hw": {"printer": "paper_out" if faulty else "ok", "display": "ok", "card_reader": "ok"},
+            }
+            last = client.publish(f"pos/v1/{tid}/heartbeat", json.dumps(body, separators=(",", ":")), qos=1)
+            window.append(last)
+            if len(window) >= 20_000:  # paho's message ids wrap at 65535: keep fewer than that in flight
+                window[10_000].wait_for_publish(120)
+                window = window[10_001:]
+    if last is not None:
+        last.wait_for_publish(120)
+    client.disconnect()
+    client.loop_stop()
+
+
+def preload(port: int, tids: list[str], rounds: int, fault_every: int, procs: int = 2) -> float:
+    """Fill the broker's queue for the (absent) consumer; returns seconds taken."""
+    start = time.monotonic()
+    chunks = [tids[i::procs] for i in range(procs)]
+    ps = [multiprocessing.Process(target=publish_worker, args=(port, c, rounds, fault_every)) for c in chunks]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join()
+    return time.monotonic() - start
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    m = re.search(r"VmRSS:\s+(\d+)", text)
+    return int(m.group(1)) if m else 0
+
+
+def metric(port: int, name: str) -> float:
+    """Sum of a metric's samples."""
+    _, body = http_get(f"http://127.0.0.1:{port}/metrics", timeout=30)
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def bench_floor(workdir: Path, n_terms: int, rounds: int) -> float:
+    """mosquitto_sub draining the same backlog: messages/s."""
+    broker = start_mosquitto(workdir / "floor-broker")
+    try:
+        sub_id = "bench-floor-sub"
+        # Register a persistent QoS 1 session, then leave so the broker queues for it.
+        subprocess.run(["mosquitto_sub", "-p", str(broker.port), "-i", sub_id, "-c", "-q", "1", "-t",
+                        "pos/v1/+/heartbeat", "-W", "1"], capture_output=True)
+        tids = [s.tid for s in make_fleet(n_terms)]
+        preload(broker.port, tids, rounds, 0)
+        total = n_terms * rounds
+        start = time.monotonic()
+        subprocess.run(["mosquitto_sub", "-p", str(broker.port), "-i", sub_id, "-c", "-q", "1", "-t",
+                        "pos/v1/+/heartbeat", "-C", str(total)], stdout=subprocess.DEVNULL, check=True)
+        return total / (time.monotonic() - start)
+    finally:
+        broker.stop()
+
+
+def bench_collector(workdir: Path, n_terms: int, rounds: int, fault_every: int) -> dict[str, float]:
+    """The collector draining the backlog, plus memory and /metrics timings."""
+    broker = start_mosquitto(workdir / "broker")
+    specs = make_fleet(n_terms)
+    with open(workdir / "terminals.csv", "w") as fh:
+        fh.write("terminal_id,merchant_id,acquirer,model,site,region\n")
+        for s in specs:
+            fh.write(f"{s.tid},{s.mid},{s.acquirer},{s.model},{s.site},{s.region}\n")
+    http_port = free_port()
+    config = write_collector_config(
+        workdir, broker.port, http_port,
+        state={"snapshot_path": str(workdir / "state.snapshot"), "snapshot_interval_s": 3600, "eval_interval_s": 5},
+        mqtt={"url": f"mqtt://127.0.0.1:{broker.port}", "client_id": "posfleet-bench", "queue_size": 50000},
+        thresholds={"default_interval_s": 30},
+    )
+    out: dict[str, float] = {}
+    try:
+        collector = start_collector(workdir, config, http_port)
+        pid = collector.proc.pid
+        rss_registry = rss_kib(pid)
+        collector.stop()  # the persistent session stays; the broker now queues for it
+        tids = [s.tid for s in specs]
+        out["preload_s"] = preload(broker.port, tids, rounds, fault_every)
+        total = n_terms * rounds
+        collector = start_collector(workdir, config, http_port)
+        start = time.monotonic()
+        wait_until(lambda: metric(http_port, "posfleet_messages_total") >= total, 600, "backlog drained", 0.2)
+        elapsed = time.monotonic() - start
+        out["heartbeats"] = total
+        out["drain_s"] = elapsed
+        out["heartbeats_per_s"] = total / elapsed
+        out["rss_kib_after_load"] = rss_kib(collector.proc.pid)
+        out["rss_kib_registry_only"] = rss_registry
+        out["accepted"] = metric(http_port, 'posfleet_messages_total{kind="heartbeat",result="accepted"}')
+        times = []
+        for _ in range(20):
+            t = time.monotonic()
+            status, body = http_get(f"http://127.0.0.1:{http_port}/metrics", timeout=30)
+            times.append(time.monotonic() - t)
+            assert status == 200
+        out["metrics_ms_median"] = statistics.median(times) * 1000
+        out["metrics_ms_max"] = max(times) * 1000
+        out["metrics_bytes"] = len(body)
+        out["problem_series"] = metric(http_port, "posfleet_fleet_condition_terminals")
+        collector.stop()
+    finally:
+        broker.stop()
+    return out
+
+
+def rss_empty(workdir: Path) -> int:
+    """RSS of a collector with no terminals, to subtract."""
+    broker = start_mosquitto(workdir / "broker-empty")
+    try:
+        (workdir / "empty").mkdir(exist_ok=True)
+        (workdir / "empty" / "terminals.csv").write_text("terminal_id,merchant_id,acquirer,model,site,region\n")
+        port = free_port()
+        cfg = write_collector_config(workdir / "empty", broker.port, port)
+        c = start_collector(workdir / "empty", cfg, port)
+        rss = rss_kib(c.proc.pid)
+        c.stop()
+        return rss
+    finally:
+        broker.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--terminals", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=3, help="heartbeats per terminal in the backlog")
+    ap.add_argument("--fault-every", type=int, default=25, help="every Nth terminal reports paper_out (problems)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="posfleet-bench-") as tmp:
+        workdir = Path(tmp)
+        floor = bench_floor(workdir, args.terminals, args.rounds)
+        base = rss_empty(workdir)
+        res = bench_collector(workdir, args.terminals, args.rounds, args.fault_every)
+    per_terminal = (res["rss_kib_after_load"] - base) * 1024 / args.terminals
+    print(f"terminals                 {args.terminals}")
+    print(f"heartbeats in backlog     {int(res['heartbeats'])}")
+    print(f"mosquitto_sub floor       {floor:,.0f} msg/s")
+    print(f"collector end to end      {res['heartbeats_per_s']:,.0f} heartbeats/s  ({res['heartbeats_per_s'] / floor:.2f} x floor)")
+    print(f"RSS empty / loaded        {base / 1024:.1f} MiB / {res['rss_kib_after_load'] / 1024:.1f} MiB")
+    print(f"RSS per terminal          {per_terminal:,.0f} bytes")
+    print(f"/metrics median / max     {res['metrics_ms_median']:.1f} ms / {res['metrics_ms_max']:.1f} ms "
+          f"({res['metrics_bytes'] / 1024:.0f} KiB, {int(res['problem_series'])} terminals in a condition)")
+
+
+if __name__ == "__main__":
+    main()
