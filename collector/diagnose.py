@@ -1,0 +1,579 @@
+"""Per-terminal diagnosis of "why can't this terminal's transactions be found?": a pure function of facts.
+
+It walks the field checklist in its order — network and power, printer/display/card reader, software, merchant
+registration, the terminal's own records, the acquirer's records, the acquirer's host — and returns, with the
+evidence (values and times) of every step: one primary cause, the other findings, ordered next steps for
+operations and a short message for the merchant in English and Simplified Chinese.
+
+The primary cause is the finding that best explains transactions not reaching the acquirer (`RANK`): a
+terminal that cannot send anything explains more than an old app version that might be refused. Nothing here
+reads the clock or the collector: `facts_from` copies what is needed, `diagnose(facts, now)` decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+from .detect import probable_cause
+
+if TYPE_CHECKING:
+    from .config import Thresholds
+    from .registry import RegistryEntry
+    from .state import FeedState, Terminal
+
+__all__ = ["RANK", "STEPS", "Diagnosis", "Facts", "Finding", "LedgerFacts", "diagnose", "facts_from"]
+
+# The checklist, in the order a support agent walks it.
+STEPS: Final = (
+    ("network_power", "Network and power"),
+    ("hardware", "Printer, display and card reader"),
+    ("software", "Software version and clock"),
+    ("registration", "Merchant registration"),
+    ("local_records", "Terminal's own records (upload queue)"),
+    ("acquirer_records", "Reconciliation with the acquirer's records"),
+    ("acquirer_host", "Acquirer's host (maintenance)"),
+)
+
+# Most explanatory first. Offline: nothing leaves the terminal. Maintenance: the acquirer publishes no records
+# for anyone, so every other acquirer-side finding is unverifiable. Backlog: the terminal holds the payments.
+# Then the acquirer holding or misfiling what it received, then reasons the host may refuse or misplace
+# uploads, then faults that contribute (signal, flapping) or only hide receipts (paper).
+RANK: Final = (
+    "offline",
+    "acquirer_maintenance",
+    "upload_backlog",
+    "upstream_missing",
+    "unrecorded_transactions",
+    "merchant_mismatch",
+    "unregistered",
+    "outdated_software",
+    "clock_skew",
+    "hardware_fault",
+    "weak_signal",
+    "flapping",
+    "paper_out",
+    "acquirer_feed_unknown",
+)
+
+STEP_OF: Final = {
+    "offline": "network_power", "weak_signal": "network_power", "flapping": "network_power",
+    "shutdown": "network_power", "hardware_fault": "hardware", "outdated_software": "software",
+    "clock_skew": "software", "unregistered": "registration", "merchant_mismatch": "registration",
+    "upload_backlog": "local_records", "upstream_missing": "acquirer_records",
+    "unrecorded_transactions": "acquirer_records", "acquirer_maintenance": "acquirer_host",
+    "acquirer_feed_unknown": "acquirer_host",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerFacts:
+    """What the transaction ledger says about the terminal (receipts against the acquirer's records)."""
+
+    receipts: int = 0
+    recorded: int = 0
+    unrecorded: int = 0  # expected in the acquirer's records, past the grace period, not there
+    pending: int = 0  # completed within the grace period, not recorded yet
+    oldest_unrecorded_at: float | None = None
+    unrecorded_sample: tuple[str, ...] = ()
+    last_recorded_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """Everything the diagnosis looks at, copied out of the collector's state."""
+
+    terminal_id: str
+    merchant_id: str = ""
+    acquirer: str = "unknown"
+    site: str = "unknown"
+    model: str | None = None
+    registry_loaded: bool = True
+    registry_merchant_id: str | None = None  # None: not in the registry
+    heartbeat_mid: str | None = None
+    status: str = ""  # "", online, offline (last will), shutdown
+    status_at: float | None = None
+    last_heartbeat_at: float | None = None
+    terminal_clock: float | None = None
+    interval_s: float | None = None
+    uptime_s: float | None = None
+    app_version: str | None = None
+    min_app_version: str | None = None
+    net_type: str | None = None
+    rssi_dbm: float | None = None
+    power_source: str | None = None
+    battery_pct: float | None = None
+    printer: str | None = None
+    display: str | None = None
+    card_reader: str | None = None
+    txn_count: int = 0
+    uploaded_count: int = 0
+    queue_depth: int = 0
+    oldest_queued_ts: float | None = None
+    last_recorded_at: float | None = None
+    recorded_txns: int = 0
+    restarts: tuple[float, ...] = ()
+    conditions: Mapping[str, tuple[float, str, str]] = field(default_factory=dict)  # cond -> since, sev, detail
+    feed_last_at: float | None = None
+    feed_stale: bool = False
+    ledger: LedgerFacts | None = None
+    # Thresholds, copied so the evidence can say what a value was compared with.
+    offline_factor: float = 3.0
+    backlog_queue_depth: int = 20
+    backlog_oldest_age_s: float = 600.0
+    upstream_grace_s: float = 900.0
+    feed_stale_s: float = 300.0
+    weak_signal_rssi_dbm: float = -95.0
+    clock_skew_s: float = 300.0
+    flapping_events: int = 3
+    flapping_window_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing found wrong (or worth noting) on one checklist step."""
+
+    code: str
+    step: str
+    severity: str  # critical, warning, info
+    since: float | None
+    detail: str
+    cause: str
+    evidence: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able view."""
+        return {"code": self.code, "step": self.step, "severity": self.severity, "since": iso(self.since),
+                "detail": self.detail, "cause": self.cause, "evidence": self.evidence}
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    """The answer."""
+
+    terminal_id: str
+    merchant_id: str
+    acquirer: str
+    site: str
+    at: float
+    healthy: bool
+    summary: str
+    primary: Finding | None
+    others: tuple[Finding, ...]
+    steps: tuple[dict[str, Any], ...]
+    next_steps: tuple[str, ...]
+    merchant_message: dict[str, str]
+    reaching_acquirer_until: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able view (the API's body)."""
+        return {
+            "terminal_id": self.terminal_id, "merchant_id": self.merchant_id, "acquirer": self.acquirer,
+            "site": self.site, "at": iso(self.at), "healthy": self.healthy, "summary": self.summary,
+            "primary_cause": None if self.primary is None else self.primary.to_dict(),
+            "other_findings": [f.to_dict() for f in self.others],
+            "checklist": list(self.steps),
+            "next_steps": list(self.next_steps),
+            "merchant_message": self.merchant_message,
+            "transactions_reaching_acquirer_until": iso(self.reaching_acquirer_until),
+        }
+
+
+def iso(t: float | None) -> str | None:
+    """Unix seconds -> ISO 8601 UTC."""
+    return None if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def human(t: float | None) -> str:
+    """Unix seconds -> '2026-11-30 14:03 UTC' for sentences."""
+    return "never" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _age(now: float, t: float | None) -> float | None:
+    return None if t is None else round(now - t, 1)
+
+
+def facts_from(
+    t: Terminal,
+    reg: RegistryEntry | None,
+    registry_loaded: bool,
+    feed: FeedState | None,
+    th: Thresholds,
+    policy: Mapping[str, str],
+    now: float,
+    ledger: LedgerFacts | None = None,
+) -> Facts:
+    """Copy the facts out of the collector's state objects."""
+    model = t.model or (reg.model if reg else None)
+    return Facts(
+        terminal_id=t.tid, merchant_id=t.merchant, acquirer=t.acquirer, site=t.site, model=model,
+        registry_loaded=registry_loaded, registry_merchant_id=reg.merchant_id if reg else None,
+        heartbeat_mid=t.mid, status=t.status, status_at=t.status_rx or None, last_heartbeat_at=t.last_rx,
+        terminal_clock=t.last_ts or None, interval_s=t.interval_s or None, uptime_s=t.uptime_s,
+        app_version=t.app_version, min_app_version=policy.get(model or "") or policy.get("*"),
+        net_type=t.net_type, rssi_dbm=t.rssi_dbm, power_source=t.power_source, battery_pct=t.battery_pct,
+        printer=t.printer, display=t.display, card_reader=t.card_reader,
+        txn_count=t.txn_count, uploaded_count=t.uploaded_count, queue_depth=t.queue_depth,
+        oldest_queued_ts=t.oldest_queued_ts, last_recorded_at=t.upstream_rx or None, recorded_txns=t.upstream_txns,
+        restarts=tuple(t.events or ()),
+        conditions={c: (a.since, a.severity, a.detail) for c, a in (t.conds or {}).items()},
+        feed_last_at=(feed.last_rx or None) if feed else None,
+        feed_stale=feed is None or feed.stale(now, th.feed_stale_s),
+        ledger=ledger,
+        offline_factor=th.offline_factor, backlog_queue_depth=th.backlog_queue_depth,
+        backlog_oldest_age_s=th.backlog_oldest_age_s, upstream_grace_s=th.upstream_grace_s,
+        feed_stale_s=th.feed_stale_s, weak_signal_rssi_dbm=th.weak_signal_rssi_dbm, clock_skew_s=th.clock_skew_s,
+        flapping_events=th.flapping_events, flapping_window_s=th.flapping_window_s,
+    )
+
+
+# ---- findings ------------------------------------------------------------------------------------------------
+def _evidence(code: str, f: Facts, now: float) -> dict[str, Any]:
+    """The values and times that support a finding."""
+    if code == "offline":
+        return {
+            "status": f.status or "unknown", "last_heartbeat_at": iso(f.last_heartbeat_at),
+            "last_heartbeat_age_s": _age(now, f.last_heartbeat_at), "interval_s": f.interval_s,
+            "offline_after_s": None if f.interval_s is None else f.offline_factor * f.interval_s,
+            "last_will_at": iso(f.status_at) if f.status == "offline" else None,
+            "power_source": f.power_source, "battery_pct": f.battery_pct, "net_type": f.net_type,
+            "rssi_dbm": f.rssi_dbm, "queue_depth_at_last_heartbeat": f.queue_depth,
+        }
+    if code == "acquirer_maintenance":
+        waiting = (f.ledger.pending + f.ledger.unrecorded) if f.ledger else None
+        return {
+            "acquirer": f.acquirer, "feed_last_message_at": iso(f.feed_last_at),
+            "feed_silent_s": _age(now, f.feed_last_at), "feed_stale_after_s": f.feed_stale_s,
+            "transactions_waiting_for_records": waiting,
+        }
+    if code == "upload_backlog":
+        return {
+            "queue_depth": f.queue_depth, "queue_depth_threshold": f.backlog_queue_depth,
+            "oldest_queued_at": iso(f.oldest_queued_ts),
+            "oldest_queued_age_s": None if f.oldest_queued_ts is None or f.terminal_clock is None
+            else round(f.terminal_clock - f.oldest_queued_ts, 1),
+            "oldest_age_threshold_s": f.backlog_oldest_age_s,
+            "txn_count": f.txn_count, "uploaded_count": f.uploaded_count,
+        }
+    if code in ("upstream_missing", "unrecorded_transactions"):
+        led = f.ledger
+        return {
+            "uploaded_count": f.uploaded_count, "last_recorded_at": iso(f.last_recorded_at),
+            "recorded_txns": f.recorded_txns, "grace_s": f.upstream_grace_s,
+            "unrecorded_transactions": led.unrecorded if led else None,
+            "oldest_unrecorded_at": iso(led.oldest_unrecorded_at) if led else None,
+            "unrecorded_txn_ids": list(led.unrecorded_sample) if led else [],
+        }
+    if code == "merchant_mismatch":
+        return {"heartbeat_merchant_id": f.heartbeat_mid, "registered_merchant_id": f.registry_merchant_id}
+    if code == "unregistered":
+        return {"terminal_id": f.terminal_id, "heartbeat_merchant_id": f.heartbeat_mid,
+                "registry_loaded": f.registry_loaded}
+    if code == "outdated_software":
+        return {"app_version": f.app_version, "minimum_app_version": f.min_app_version, "model": f.model}
+    if code == "clock_skew":
+        skew = None if f.terminal_clock is None or f.last_heartbeat_at is None else \
+            round(f.terminal_clock - f.last_heartbeat_at, 1)
+        return {"terminal_clock": iso(f.terminal_clock), "received_at": iso(f.last_heartbeat_at),
+                "skew_s": skew, "threshold_s": f.clock_skew_s}
+    if code in ("hardware_fault", "paper_out"):
+        return {"printer": f.printer, "display": f.display, "card_reader": f.card_reader,
+                "reported_at": iso(f.last_heartbeat_at)}
+    if code == "weak_signal":
+        return {"net_type": f.net_type, "rssi_dbm": f.rssi_dbm, "threshold_dbm": f.weak_signal_rssi_dbm}
+    if code == "flapping":
+        recent = [t for t in f.restarts if now - t <= f.flapping_window_s]
+        return {"restarts_or_reconnects": [iso(t) for t in recent], "window_s": f.flapping_window_s,
+                "threshold": f.flapping_events, "uptime_s": f.uptime_s}
+    if code == "acquirer_feed_unknown":
+        return {"acquirer": f.acquirer, "feed_last_message_at": None}
+    if code == "shutdown":
+        return {"status": "shutdown", "shutdown_at": iso(f.status_at), "last_heartbeat_at": iso(f.last_heartbeat_at)}
+    return {}
+
+
+_EXTRA_CAUSES: Final = {
+    "acquirer_maintenance": "The acquirer's host publishes no records (maintenance or outage): transactions "
+    "are held on the acquirer's side and appear when its feed resumes.",
+    "unrecorded_transactions": "Some transactions the terminal completed are not in the acquirer's records "
+    "after the grace period: the host dropped or mis-filed them.",
+    "acquirer_feed_unknown": "Nothing has been received from the acquirer's feed yet: whether transactions reach "
+    "the acquirer cannot be verified.",
+    "shutdown": "The terminal was switched off cleanly (not a fault): it takes no payments until switched on.",
+}
+
+
+def _findings(f: Facts, now: float) -> list[Finding]:
+    out: list[Finding] = []
+
+    def add(code: str, severity: str, since: float | None, detail: str, cause: str) -> None:
+        out.append(Finding(code, STEP_OF[code], severity, since, detail, cause, _evidence(code, f, now)))
+
+    for cond, (since, severity, detail) in f.conditions.items():
+        if cond == "upstream_missing" and f.feed_stale:
+            continue  # cannot be judged while the acquirer publishes nothing
+        add(cond, severity, since, detail, probable_cause(cond, detail))
+    if f.status == "shutdown" and "offline" not in f.conditions:
+        add("shutdown", "info", f.status_at, "", _EXTRA_CAUSES["shutdown"])
+    if f.feed_last_at is None:
+        add("acquirer_feed_unknown", "warning", None, "", _EXTRA_CAUSES["acquirer_feed_unknown"])
+    elif f.feed_stale:
+        add("acquirer_maintenance", "critical", f.feed_last_at, "feed_stale", _EXTRA_CAUSES["acquirer_maintenance"])
+    elif f.ledger is not None and f.ledger.unrecorded and "upstream_missing" not in f.conditions:
+        add("unrecorded_transactions", "critical", f.ledger.oldest_unrecorded_at, "",
+            _EXTRA_CAUSES["unrecorded_transactions"])
+    return out
+
+
+def _rank(finding: Finding) -> tuple[int, int]:
+    code = "paper_out" if finding.detail == "printer_paper_out" else finding.code
+    severity = {"critical": 0, "warning": 1}.get(finding.severity, 2)
+    return (RANK.index(code) if code in RANK else len(RANK), severity)
+
+
+# ---- next steps and the merchant's message ---------------------------------------------------------------------
+def _next_steps(code: str, f: Facts, day: str) -> list[str]:
+    tid = f.terminal_id
+    reconcile = f"Reconcile the day: `posfleet reconcile --terminal {tid} --day {day}`."
+    if code == "offline":
+        silent = f.conditions.get("offline", (0.0, "", ""))[2] != "last_will"
+        first = ("Call the merchant: is the terminal switched on and charged (screen lit, charger, socket)? "
+                 "Then check the shop's network (router, cable, Wi-Fi, SIM coverage) and restart both."
+                 if silent else
+                 "Call the merchant: the connection broke — check the shop's network (router, cable, Wi-Fi, SIM "
+                 "coverage), restart the router and the terminal.")
+        return [first,
+                "If it does not come back after a restart, file a fault report with the payment institution "
+                "(repair or replacement).",
+                "Once it is online, check that its upload queue drains. " + reconcile]
+    if code == "acquirer_maintenance":
+        return [f"Check acquirer {f.acquirer}'s maintenance notice: its feed is silent since "
+                f"{human(f.feed_last_at)}.",
+                "Wait for the maintenance to end: the transactions appear when the feed resumes. Tell merchants "
+                "not to repeat payments.",
+                f"If the feed stays silent past the announced window, contact {f.acquirer}'s operations desk; "
+                "afterwards " + reconcile[0].lower() + reconcile[1:]]
+    if code == "upload_backlog":
+        return [f"The terminal holds {f.queue_depth} transaction(s) it cannot upload (oldest from "
+                f"{human(f.oldest_queued_ts)}): check its route to the acquirer's host (network, firewall, "
+                "host certificate). Ask the merchant not to switch it off or reset it.",
+                "Ask the acquirer whether its host refuses this terminal (terminal/merchant registration, keys).",
+                "When the queue is empty: " + reconcile]
+    if code in ("upstream_missing", "unrecorded_transactions"):
+        return [reconcile + " It lists the transactions the acquirer has not recorded.",
+                f"Send that list (terminal {tid}, merchant {f.merchant_id}, txn ids, times, amounts) to acquirer "
+                f"{f.acquirer} and ask them to check this terminal's registration, permissions and routing.",
+                "Ask the merchant's bank whether the funds for those transactions have settled."]
+    if code == "merchant_mismatch":
+        return [f"The terminal is set up with merchant {f.heartbeat_mid} but registered to "
+                f"{f.registry_merchant_id}: correct the merchant id in the terminal (or the registry if it is "
+                "the registry that is wrong).",
+                f"Ask the acquirer to look for the missing transactions under merchant {f.heartbeat_mid}."]
+    if code == "unregistered":
+        return [f"Register terminal {tid} with the acquirer and add it to the registry: until then its "
+                "transactions cannot be attributed to a merchant.",
+                "Check whether the device was swapped: compare its id with the merchant's registered terminal."]
+    if code == "outdated_software":
+        return [f"Update the payment application from {f.app_version} to at least {f.min_app_version} "
+                "(remote update, or a field visit).",
+                "After the update: " + reconcile]
+    if code == "clock_skew":
+        return ["Correct the terminal's clock (time sync / settings) and restart it.",
+                "Look for its transactions at the terminal's wrong time in the acquirer's records."]
+    if code == "hardware_fault":
+        if f.printer == "paper_out" and "fault" not in (f.display, f.card_reader, f.printer):
+            return ["Ask the merchant to load printer paper; reprint missing receipts from the terminal's "
+                    "transaction list."]
+        return ["File a fault report with the payment institution: the terminal needs repair or replacement.",
+                "Until then the merchant should use another terminal."]
+    if code == "weak_signal":
+        return ["Improve the connection: move the terminal or the router, prefer cable or Wi-Fi over cellular, "
+                "or replace the SIM/antenna."]
+    if code == "flapping":
+        return ["Check the power supply (charger, socket, battery) and the network; replace the battery if "
+                "reboots continue."]
+    if code == "acquirer_feed_unknown":
+        return [f"Check that acquirer {f.acquirer}'s feed is configured and publishing."]
+    return []
+
+
+_MESSAGES: Final = {
+    "offline": (
+        "Your payment terminal {tid} has been disconnected since {since}. Please check that it is switched on "
+        "and that your internet connection (router, cable, Wi-Fi or SIM) works, then restart it. Payments taken "
+        "while it was offline are sent when it reconnects.",
+        "您的POS终端 {tid} 自 {since} 起与网络断开。请确认终端已开机、网络（路由器、网线、Wi-Fi 或 SIM 卡）正常，"
+        "然后重启终端。离线期间的交易会在恢复连接后上传。",
+    ),
+    "acquirer_maintenance": (
+        "Your terminal {tid} is working. The payment institution's system is in maintenance since {since}, so "
+        "recent payments show up later. Please do not repeat payments; they will appear when maintenance ends.",
+        "您的POS终端 {tid} 工作正常。支付机构系统自 {since} 起维护中，近期交易会延迟显示。"
+        "请勿重复收款，维护结束后交易即可查到。",
+    ),
+    "upload_backlog": (
+        "Your terminal {tid} has payments it could not send yet (since {since}). Please keep it switched on "
+        "and connected, and do not reset it; we are working on the connection to the payment institution.",
+        "您的POS终端 {tid} 自 {since} 起有交易尚未上传。请保持终端开机联网，不要重置终端；"
+        "我们正在处理与支付机构的连接问题。",
+    ),
+    "upstream_missing": (
+        "Your terminal {tid} sent its payments, but the payment institution has not recorded them (since "
+        "{since}). We have reported this to them; you do not need to do anything or repeat payments.",
+        "您的POS终端 {tid} 已上传交易，但支付机构自 {since} 起未入账。"
+        "我们已向支付机构报告，您无需操作，也请勿重复收款。",
+    ),
+    "unrecorded_transactions": (
+        "Some payments from terminal {tid} (since {since}) are not yet in the payment institution's records. We "
+        "have sent them the list; you do not need to repeat these payments.",
+        "终端 {tid} 自 {since} 起的部分交易尚未出现在支付机构的记录中。我们已将交易清单发送给支付机构，请勿重复收款。",
+    ),
+    "merchant_mismatch": (
+        "Your terminal {tid} is set up with a different merchant number than the one registered, so payments "
+        "are filed under the wrong merchant. We will correct its settings; please keep it switched on.",
+        "您的POS终端 {tid} 设置的商户号与登记的不一致，交易被记到了其他商户下。我们会更正终端设置，请保持终端开机。",
+    ),
+    "unregistered": (
+        "Your terminal {tid} is not registered with the payment institution yet, so its payments cannot be "
+        "found under your shop. We are registering it.",
+        "您的POS终端 {tid} 尚未在支付机构登记，因此交易无法在您的商户下查到。我们正在为其办理登记。",
+    ),
+    "outdated_software": (
+        "Your terminal {tid} needs a software update. Please keep it switched on and connected so the update "
+        "can install; we will confirm when it is done.",
+        "您的POS终端 {tid} 需要更新软件。请保持终端开机联网以便完成更新，完成后我们会通知您。",
+    ),
+    "clock_skew": (
+        "The clock of your terminal {tid} is wrong, so payments show at the wrong time. We will correct it; "
+        "please restart the terminal when asked.",
+        "您的POS终端 {tid} 时间不准确，交易显示的时间有误。我们会进行校正，请按提示重启终端。",
+    ),
+    "hardware_fault": (
+        "Your terminal {tid} reports a hardware fault since {since}. We have filed a repair request; please use "
+        "another terminal for now.",
+        "您的POS终端 {tid} 自 {since} 起报告硬件故障。我们已申报维修，请暂时使用其他终端收款。",
+    ),
+    "paper_out": (
+        "Your terminal {tid} is out of receipt paper. Please load a new roll; payments still go through and "
+        "receipts can be reprinted from the transaction list.",
+        "您的POS终端 {tid} 打印纸用完了。请装入新纸卷；交易不受影响，可从交易记录中补打小票。",
+    ),
+    "weak_signal": (
+        "The network signal at terminal {tid} is weak, so payments may be sent late. Please move it closer to "
+        "the router or use a cable if you can.",
+        "终端 {tid} 网络信号弱，交易可能延迟上传。请将终端移近路由器，或尽量使用有线网络。",
+    ),
+    "flapping": (
+        "Your terminal {tid} keeps restarting. Please check the charger, power socket and battery.",
+        "您的POS终端 {tid} 频繁重启。请检查充电器、电源插座和电池。",
+    ),
+    "acquirer_feed_unknown": (
+        "Your terminal {tid} is working. We cannot confirm yet that the payment institution received its "
+        "payments; we are checking.",
+        "您的POS终端 {tid} 工作正常。我们暂时无法确认支付机构是否已收到交易，正在核查。",
+    ),
+}
+
+
+def _healthy_text(f: Facts, until: float | None) -> tuple[str, str, str]:
+    if until is None:
+        summary = "Nothing wrong found; no transaction from this terminal has been recorded by the acquirer yet."
+        en = (f"We checked terminal {f.terminal_id}: it is working normally. No payment from it has reached the "
+              "payment institution yet; if you took one, please tell us its time and amount.")
+        zh = (f"我们已检查终端 {f.terminal_id}：工作正常。支付机构尚未收到该终端的交易；"
+              "如您已收款，请告知交易时间和金额。")
+    else:
+        summary = f"Nothing wrong found; transactions reaching the acquirer up to {human(until)}."
+        en = (f"We checked terminal {f.terminal_id}: it is working normally and its payments reach the payment "
+              f"institution (latest recorded {human(until)}). If a payment is still missing, please tell us its "
+              "time and amount.")
+        zh = (f"我们已检查终端 {f.terminal_id}：工作正常，交易已到达支付机构（最近入账 {human(until)}）。"
+              "如仍有交易查不到，请告知交易时间和金额。")
+    if f.status == "shutdown":
+        summary = summary.replace("Nothing wrong found;",
+                                  f"Nothing wrong found: the terminal was switched off cleanly at "
+                                  f"{human(f.status_at)};")
+    return summary, en, zh
+
+
+def _steps(f: Facts, findings: list[Finding], now: float) -> tuple[dict[str, Any], ...]:
+    never = f.last_heartbeat_at is None
+    as_of = None if never else iso(f.last_heartbeat_at)
+    evidence: dict[str, dict[str, Any]] = {
+        "network_power": {
+            "status": f.status or ("unknown" if never else "online"), "last_heartbeat_at": as_of,
+            "last_heartbeat_age_s": _age(now, f.last_heartbeat_at), "interval_s": f.interval_s,
+            "net_type": f.net_type, "rssi_dbm": f.rssi_dbm, "power_source": f.power_source,
+            "battery_pct": f.battery_pct, "uptime_s": f.uptime_s,
+        },
+        "hardware": {"printer": f.printer, "display": f.display, "card_reader": f.card_reader},
+        "software": {"app_version": f.app_version, "minimum_app_version": f.min_app_version,
+                     "terminal_clock": iso(f.terminal_clock)},
+        "registration": {"registered": f.registry_merchant_id is not None,
+                         "registered_merchant_id": f.registry_merchant_id, "heartbeat_merchant_id": f.heartbeat_mid},
+        "local_records": {"txn_count": f.txn_count, "uploaded_count": f.uploaded_count,
+                          "queue_depth": f.queue_depth, "oldest_queued_at": iso(f.oldest_queued_ts)},
+        "acquirer_records": {
+            "last_recorded_at": iso(f.last_recorded_at), "recorded_txns": f.recorded_txns,
+            "receipts": f.ledger.receipts if f.ledger else None,
+            "unrecorded_past_grace": f.ledger.unrecorded if f.ledger else None,
+            "pending_within_grace": f.ledger.pending if f.ledger else None, "grace_s": f.upstream_grace_s,
+        },
+        "acquirer_host": {"acquirer": f.acquirer, "feed_last_message_at": iso(f.feed_last_at),
+                          "feed_stale": f.feed_stale},
+    }
+    out = []
+    for n, (step, title) in enumerate(STEPS, start=1):
+        mine = [x for x in findings if x.step == step and x.severity != "info"]
+        if any(x.severity == "critical" for x in mine):
+            status = "problem"
+        elif mine:
+            status = "warning"
+        elif never and step in ("hardware", "software", "local_records"):
+            status = "unknown"  # the terminal never reported them
+        else:
+            status = "ok"
+        out.append({"n": n, "step": step, "title": title, "status": status,
+                    "findings": [x.code for x in findings if x.step == step],
+                    "as_of": as_of if step in ("hardware", "software", "local_records") else iso(now),
+                    "evidence": evidence[step]})
+    return tuple(out)
+
+
+def diagnose(f: Facts, now: float) -> Diagnosis:
+    """Walk the checklist over the facts and name the primary cause."""
+    findings = _findings(f, now)
+    problems = sorted((x for x in findings if x.severity != "info"), key=_rank)
+    notes = [x for x in findings if x.severity == "info"]
+    led = f.ledger
+    candidates = [t for t in (f.last_recorded_at, led.last_recorded_at if led else None) if t is not None]
+    until = max(candidates) if candidates else None
+    day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+    steps = _steps(f, findings, now)
+    if not problems:
+        summary, en, zh = _healthy_text(f, until)
+        next_steps = ("Nothing to fix. If the merchant still misses a payment, ask for its time and amount and "
+                      "look it up in the acquirer's records (the terminal's transaction list shows its id).",)
+        return Diagnosis(f.terminal_id, f.merchant_id, f.acquirer, f.site, now, True, summary, None,
+                         tuple(notes), steps, next_steps, {"en": en, "zh-CN": zh}, until)
+    primary, others = problems[0], problems[1:]
+    ordered: list[str] = []
+    for finding in (primary, *others):
+        for step in _next_steps(finding.code, f, day)[: None if finding is primary else 1]:
+            if step not in ordered:
+                ordered.append(step)
+    if primary.code not in ("upstream_missing", "unrecorded_transactions", "acquirer_maintenance"):
+        ordered.append("If transactions are still missing after the fix, contact the acquirer (payment "
+                       "institution) with the terminal id, merchant id and the transactions' times and amounts.")
+    msg_code = "paper_out" if primary.detail == "printer_paper_out" else primary.code
+    en, zh = _MESSAGES[msg_code]
+    since = human(primary.since)
+    summary = (f"{primary.code.replace('_', ' ').capitalize()} since {since}: {primary.cause}"
+               + (f" Also: {', '.join(x.code for x in others)}." if others else ""))
+    return Diagnosis(
+        f.terminal_id, f.merchant_id, f.acquirer, f.site, now, False, summary, primary, tuple(others) + tuple(notes),
+        steps, tuple(ordered),
+        {"en": en.format(tid=f.terminal_id, since=since), "zh-CN": zh.format(tid=f.terminal_id, since=since)}, until,
+    )
