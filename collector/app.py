@@ -85,6 +85,7 @@ class Collector:
         self._reject_log = RateLimitedLog(log)
         # Bound counter children: labels() costs a lock and a dict lookup per message on the hot path.
         self._hb_counters = {r: self.metrics.messages.labels("heartbeat", r) for r in ("accepted", "duplicate", "stale")}
+        __import__("collector.support").support.install(self)  # ledger, diagnosis/reconcile API, /support page
 
     # ---- setup -----------------------------------------------------------------------------------------
     def _load_registry(self) -> Registry:
