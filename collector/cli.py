@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from exporters import alerting_cli, grafana_cli
 
-from . import __version__, commands
+from . import __version__, commands, support_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.register(sub)
     alerting_cli.register(sub)
     grafana_cli.register(sub)
+    support_cli.register(sub)
     return parser
 
 
