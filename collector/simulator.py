@@ -135,6 +135,10 @@ class Simulator:
         self.recorded: dict[str, set[str]] = {}  # tid -> txn ids the host recorded
         self.dropped: dict[str, set[str]] = {}  # tid -> txn ids the host dropped
         self.completed: dict[str, list[tuple[str, float, int]]] = {}  # tid -> (txn_id, ts, amount)
+        # Chosen transactions the host acknowledges but never records (reconciliation tests): by id, or every
+        # n-th transaction of every terminal (0 = none).
+        self.drop_txn_ids: set[str] = set()
+        self.drop_every_nth = 0
         self.sent_seqs: dict[str, list[tuple[int, float]]] = {}  # tid -> (seq, ts) of every heartbeat sent
         self._lock = threading.Lock()
         self._gateways: list[paho.Client] = []
@@ -292,7 +296,9 @@ class Simulator:
             for k in range(len(term.queued)):
                 n = term.txn_count - len(term.queued) + k + 1
                 tx = {"tid": s.tid, "txn_id": f"{s.tid}-{n}", "ts": term.queued[k]}
-                if "host_drops" in f:
+                if "host_drops" in f or tx["txn_id"] in self.drop_txn_ids or (
+                    self.drop_every_nth and n % self.drop_every_nth == 0
+                ):
                     self.dropped.setdefault(s.tid, set()).add(str(tx["txn_id"]))
                 else:
                     self.host_backlog[s.acquirer].append(tx)
