@@ -1,5 +1,8 @@
 """Prometheus, Alertmanager and a webhook sink for alerting tests: free loopback ports, temp dirs, readiness
-polled on /-/ready, stopped by PID. Configs are derived from deploy/ so the tests exercise the shipped files."""
+polled on /-/ready, stopped by PID. Configs are derived from deploy/ so the tests exercise the shipped files.
+
+Fixtures `alertmanager` and `webhook_sink`: import `alertmanager_fixture, webhook_sink_fixture` into a test module.
+"""
 
 from __future__ import annotations
 
@@ -174,8 +177,8 @@ def am_alerts(port: int) -> list[dict[str, Any]]:
     return answer
 
 
-@pytest.fixture
-def webhook_sink() -> Iterator[WebhookSink]:
+@pytest.fixture(name="webhook_sink")
+def webhook_sink_fixture() -> Iterator[WebhookSink]:
     """A webhook receiver for Alertmanager notifications."""
     sink = WebhookSink().start()
     try:
@@ -184,8 +187,8 @@ def webhook_sink() -> Iterator[WebhookSink]:
         sink.stop()
 
 
-@pytest.fixture
-def alertmanager(tmp_path: Path, webhook_sink: WebhookSink) -> Iterator[Process]:
+@pytest.fixture(name="alertmanager")
+def alertmanager_fixture(tmp_path: Path, webhook_sink: WebhookSink) -> Iterator[Process]:
     """The shipped Alertmanager config, fast timers, notifying the webhook sink."""
     config = write_alertmanager_config(tmp_path / "am", webhook_sink.url)
     am = start_alertmanager(tmp_path / "am", config)
