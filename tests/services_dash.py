@@ -6,6 +6,7 @@ A missing binary fails the test (never skips): these tests are the proof that ev
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ __all__ = [
     "Influx",
     "Proc",
     "Prometheus",
+    "V2WriteBridge",
     "free_port",
     "http_get",
     "require_binary",
@@ -308,6 +310,71 @@ class FakeGrafana:
                     self._reply(200, {"status": "success", "uid": doc["dashboard"]["uid"]})
                 else:
                     self._reply(404, {"message": "not found"})
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class V2WriteBridge:
+    """Accepts InfluxDB 2's write API (what the collector speaks) and forwards each batch, unchanged, to an
+    InfluxDB 1.x `/write` (what this machine has: InfluxDB 1.6 predates `/api/v2/write`).
+
+    Only the URL is translated; the line protocol the collector produced is stored as is, so InfluxQL queries
+    run against exactly what a real deployment would hold.
+    """
+
+    def __init__(self, influx: Influx) -> None:
+        self.influx = influx
+        self.lines = 0
+        self.errors: list[str] = []
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL to configure as the collector's influx.url."""
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> V2WriteBridge:
+        bridge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # /ping, /health
+                self.send_response(204 if self.path.startswith("/ping") else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_POST(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                if url.path != "/api/v2/write":
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                precision = urllib.parse.parse_qs(url.query).get("precision", ["ns"])[0]
+                status, reply = http_post(
+                    f"{bridge.influx.url}/write?db={bridge.influx.database}&precision={precision}", body, "text/plain"
+                )
+                if status == 204:
+                    bridge.lines += body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
+                else:
+                    bridge.errors.append(f"{status}: {reply[:300]!r}")
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
