@@ -75,7 +75,7 @@ class Ledger:
     def _entry(self, tid: str, txn_id: str, now: float) -> Entry | None:
         book = self.txns.get(tid)
         if book is None:
-            book = self.txns[tid] = {}
+            book = {}  # indexed only once it holds an entry: a refused write leaves nothing behind
         entry = book.get(txn_id)
         if entry is not None:
             return entry
@@ -100,7 +100,7 @@ class Ledger:
         self.total_txns -= 1
         self.evictions[("txn", reason)] += 1
         if not book:
-            del self.txns[tid]
+            self.txns.pop(tid, None)
 
     def _expire(self, tid: str, book: dict[str, Entry], now: float) -> None:
         limit = now - self.limits.max_age_s
