@@ -54,9 +54,18 @@ def publish_worker(port: int, tids: list[str], rounds: int, fault_every: int) ->
         for i, tid in enumerate(tids):
             faulty = fault_every and i % fault_every == 0
             body = {
-                "tid": tid, "ts": round(T0 + r * 30, 3), "seq": r, "interval_s": 30, "txn_count": r, "uploaded_count": r,
-                "queue_depth": 0, "oldest_queued_ts": None, "mid": f"M{int(tid[1:]) // 4:05d}", "model": "A920",
-                "app_version": "3.4.1", "net": {"type": "wifi", "rssi_dbm": -60},
+                "tid": tid,
+                "ts": round(T0 + r * 30, 3),
+                "seq": r,
+                "interval_s": 30,
+                "txn_count": r,
+                "uploaded_count": r,
+                "queue_depth": 0,
+                "oldest_queued_ts": None,
+                "mid": f"M{int(tid[1:]) // 4:05d}",
+                "model": "A920",
+                "app_version": "3.4.1",
+                "net": {"type": "wifi", "rssi_dbm": -60},
                 "hw": {"printer": "paper_out" if faulty else "ok", "display": "ok", "card_reader": "ok"},
             }
             last = client.publish(f"pos/v1/{tid}/heartbeat", json.dumps(body, separators=(",", ":")), qos=1)
@@ -105,14 +114,45 @@ def bench_floor(workdir: Path, n_terms: int, rounds: int) -> float:
     try:
         sub_id = "bench-floor-sub"
         # Register a persistent QoS 1 session, then leave so the broker queues for it.
-        subprocess.run(["mosquitto_sub", "-p", str(broker.port), "-i", sub_id, "-c", "-q", "1", "-t",
-                        "pos/v1/+/heartbeat", "-W", "1"], capture_output=True)
+        subprocess.run(
+            [
+                "mosquitto_sub",
+                "-p",
+                str(broker.port),
+                "-i",
+                sub_id,
+                "-c",
+                "-q",
+                "1",
+                "-t",
+                "pos/v1/+/heartbeat",
+                "-W",
+                "1",
+            ],
+            capture_output=True,
+        )
         tids = [s.tid for s in make_fleet(n_terms)]
         preload(broker.port, tids, rounds, 0)
         total = n_terms * rounds
         start = time.monotonic()
-        subprocess.run(["mosquitto_sub", "-p", str(broker.port), "-i", sub_id, "-c", "-q", "1", "-t",
-                        "pos/v1/+/heartbeat", "-C", str(total)], stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            [
+                "mosquitto_sub",
+                "-p",
+                str(broker.port),
+                "-i",
+                sub_id,
+                "-c",
+                "-q",
+                "1",
+                "-t",
+                "pos/v1/+/heartbeat",
+                "-C",
+                str(total),
+            ],
+            stdout=subprocess.DEVNULL,
+            check=True,
+        )
         return total / (time.monotonic() - start)
     finally:
         broker.stop()
@@ -128,9 +168,11 @@ def bench_collector(workdir: Path, n_terms: int, rounds: int, fault_every: int) 
             fh.write(f"{s.tid},{s.mid},{s.acquirer},{s.model},{s.site},{s.region}\n")
     http_port = free_port()
     config = write_collector_config(
-        workdir, broker.port, http_port,
+        workdir,
+        broker.port,
+        http_port,
         state={"snapshot_path": str(workdir / "state.snapshot"), "snapshot_interval_s": 3600, "eval_interval_s": 5},
-        mqtt={"url": f"mqtt://127.0.0.1:{broker.port}", "client_id": "posfleet-bench", "queue_size": 50000},
+        mqtt={"url": f"mqtt://127.0.0.1:{broker.port}", "client_id": "posfleet-bench", "queue_size": 10000},
         thresholds={"default_interval_s": 30},
     )
     out: dict[str, float] = {}
@@ -199,11 +241,15 @@ def main() -> None:
     print(f"terminals                 {args.terminals}")
     print(f"heartbeats in backlog     {int(res['heartbeats'])}")
     print(f"mosquitto_sub floor       {floor:,.0f} msg/s")
-    print(f"collector end to end      {res['heartbeats_per_s']:,.0f} heartbeats/s  ({res['heartbeats_per_s'] / floor:.2f} x floor)")
+    print(
+        f"collector end to end      {res['heartbeats_per_s']:,.0f} heartbeats/s  ({res['heartbeats_per_s'] / floor:.2f} x floor)"
+    )
     print(f"RSS empty / loaded        {base / 1024:.1f} MiB / {res['rss_kib_after_load'] / 1024:.1f} MiB")
     print(f"RSS per terminal          {per_terminal:,.0f} bytes")
-    print(f"/metrics median / max     {res['metrics_ms_median']:.1f} ms / {res['metrics_ms_max']:.1f} ms "
-          f"({res['metrics_bytes'] / 1024:.0f} KiB, {int(res['problem_series'])} terminals in a condition)")
+    print(
+        f"/metrics median / max     {res['metrics_ms_median']:.1f} ms / {res['metrics_ms_max']:.1f} ms "
+        f"({res['metrics_bytes'] / 1024:.0f} KiB, {int(res['problem_series'])} terminals in a condition)"
+    )
 
 
 if __name__ == "__main__":

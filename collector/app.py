@@ -17,6 +17,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from exporters.history import HistoryRecorder
+from exporters.influx import InfluxWriter
+
 from .api import build_app
 from .auth import Tokens, load_tokens
 from .config import Config
@@ -78,13 +81,16 @@ class Collector:
         self.transition_hooks: list[Callable[[list[Transition]], None]] = []
         self.message_hooks: list[Callable[[Any, float, Any], None]] = []
         self.ingest: MqttIngest | None = None
+        self.writer: InfluxWriter | None = None
         self.http_port: int | None = None
         self._stack = AsyncExitStack()
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._reject_log = RateLimitedLog(log)
         # Bound counter children: labels() costs a lock and a dict lookup per message on the hot path.
-        self._hb_counters = {r: self.metrics.messages.labels("heartbeat", r) for r in ("accepted", "duplicate", "stale")}
+        self._hb_counters = {
+            r: self.metrics.messages.labels("heartbeat", r) for r in ("accepted", "duplicate", "stale")
+        }
         __import__("collector.support").support.install(self)  # ledger, diagnosis/reconcile API, /support page
 
     # ---- setup -----------------------------------------------------------------------------------------
@@ -103,6 +109,14 @@ class Collector:
         try:
             self._restore()
             loop = asyncio.get_running_loop()
+            if self.cfg.influx.enabled:
+                # Entered first, so it is closed last: what the loop drains on shutdown still reaches it.
+                self.writer = await self._stack.enter_async_context(
+                    InfluxWriter(self.cfg.influx, self.registry, self.cfg.state.spool_dir)
+                )
+                recorder = HistoryRecorder(self.writer.write, self.fleet.terminals.get)
+                self.message_hooks.append(recorder.on_message)
+                self.transition_hooks.append(recorder.on_transitions)
             self.ingest = await self._stack.enter_async_context(MqttIngest(self.cfg.mqtt, self.metrics, loop))
             self._stack.push_async_callback(self._final_snapshot)
             runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)

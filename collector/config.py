@@ -12,8 +12,9 @@ from typing import Annotated
 
 import msgspec
 import yaml
-from exporters.influx import InfluxConfig
 from msgspec import Meta, Struct
+
+from exporters.influx import InfluxConfig
 
 __all__ = ["Config", "ConfigError", "Hysteresis", "Thresholds", "load_config"]
 
@@ -87,7 +88,7 @@ class MqttConfig(Struct, frozen=True, forbid_unknown_fields=True):
     reconnect_max_s: Annotated[int, Meta(ge=1)] = 30
     # Queue between paho's network thread and the asyncio loop. When full, paho stops acknowledging and the
     # broker holds the rest (backpressure instead of unbounded memory).
-    queue_size: Count = 50_000
+    queue_size: Count = 10_000  # ~0.4 s of a 25k/s stream; ~4 MB of payloads at most
 
 
 class HttpConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -110,6 +111,8 @@ class StateConfig(Struct, frozen=True, forbid_unknown_fields=True):
     """Persistence of per-terminal state."""
 
     snapshot_path: str | None = "var/state.snapshot"
+    # Durable spool of history the database could not take yet (see influx.spool_max_bytes).
+    spool_dir: str = "var/influx-spool"
     # A crash loses at most this much state change; at 100k terminals a snapshot takes well under a second.
     snapshot_interval_s: Positive = 60.0
     # Time-driven conditions (offline, upstream_missing) are evaluated this often.

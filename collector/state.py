@@ -7,6 +7,7 @@ and keeps condition counts per (acquirer, site) incrementally, so /metrics never
 from __future__ import annotations
 
 import enum
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Final
@@ -358,17 +359,20 @@ class Fleet:
         t.txn_count, t.uploaded_count = hb.txn_count, hb.uploaded_count
         t.queue_depth, t.oldest_queued_ts = hb.queue_depth, hb.oldest_queued_ts
         if hb.mid is not None and hb.mid != t.mid:
-            t.mid = hb.mid
+            t.mid = sys.intern(hb.mid)  # ids and versions repeat across the fleet: share one string each
             if t.acquirer == UNKNOWN:
                 t.merchant = hb.mid
         model, version = hb.model or t.model, hb.app_version or t.app_version
         if (model, version) != (t.model, t.app_version):
+            model = sys.intern(model) if model else model
+            version = sys.intern(version) if version else version
             if t.app_version is not None:
                 self.versions[(t.acquirer, t.model or "", t.app_version)] -= 1
             if version is not None:
                 self.versions[(t.acquirer, model or "", version)] += 1
             t.model, t.app_version = model, version
-        t.os_version = hb.os_version or t.os_version
+        if hb.os_version and hb.os_version != t.os_version:
+            t.os_version = sys.intern(hb.os_version)
         t.uptime_s = hb.uptime_s
         if hb.net is not None:
             t.net_type, t.rssi_dbm = hb.net.type, hb.net.rssi_dbm
