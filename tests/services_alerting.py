@@ -66,8 +66,8 @@ def start_alertmanager(workdir: Path, config: Path) -> Process:
     return _start(argv, workdir, port, "alertmanager")
 
 
-def start_prometheus(workdir: Path, config: Path) -> Process:
-    """A real Prometheus on a free port."""
+def start_prometheus(workdir: Path, config: Path, time_scale: int = 30) -> Process:
+    """A real Prometheus on a free port; its alert resend delay (1m) divided by time_scale like the rules."""
     binary = require_binary("prometheus", "/usr/bin/prometheus")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +76,8 @@ def start_prometheus(workdir: Path, config: Path) -> Process:
         f"--config.file={config}",
         f"--storage.tsdb.path={workdir / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
+        # Alerts that fire before Alertmanager is discovered (up to 5 s) are only re-sent after this delay.
+        f"--rules.alert.resend-delay={max(1, 60 // time_scale)}s",
     ]
     return _start(argv, workdir, port, "prometheus")
 
