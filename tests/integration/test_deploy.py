@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,13 +46,23 @@ def check_jsonschema(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def interpolate(text: str) -> str:
+    """`${VAR:-default}` -> default, as docker compose does with VAR unset (the parser below does not)."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: m.group(2), text)
+
+
+def compose_doc() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(interpolate(COMPOSE.read_text()))
+    return doc
+
+
 def test_compose_file_validates_against_the_compose_spec() -> None:
     result = check_jsonschema(COMPOSE)
     assert result.returncode == 0, result.stdout + result.stderr
     # A second, independent implementation: the compose_spec Rust parser rejects unknown keys and bad values.
     from compose_spec import PyOptions
 
-    parsed = PyOptions(apply_merge=True).from_yaml(COMPOSE.read_text())
+    parsed = PyOptions(apply_merge=True).from_yaml(interpolate(COMPOSE.read_text()))
     parsed.validate()
     assert set(parsed.service_names()) == {
         "mosquitto",
@@ -66,7 +78,7 @@ def test_compose_file_validates_against_the_compose_spec() -> None:
 def test_the_validators_reject_a_broken_compose_file(tmp_path: Path) -> None:
     from compose_spec import PyOptions
 
-    doc = yaml.safe_load(COMPOSE.read_text())
+    doc = compose_doc()
     doc["services"]["collector"]["restart"] = "sometimes"
     doc["services"]["grafana"]["portz"] = ["3000:3000"]
     broken = tmp_path / "docker-compose.yml"
@@ -78,7 +90,7 @@ def test_the_validators_reject_a_broken_compose_file(tmp_path: Path) -> None:
 
 def test_compose_references_resolve() -> None:
     """Everything the compose file points at exists (secrets excepted: the operator creates those)."""
-    doc: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    doc = compose_doc()
     services = doc["services"]
     named_volumes = set(doc["volumes"])
     secrets = set(doc["secrets"])
@@ -99,6 +111,31 @@ def test_compose_references_resolve() -> None:
         assert secret["file"].startswith("./secrets/"), "secret files live in deploy/secrets (not committed)"
     assert services["simulator"]["profiles"] == ["simulator"]
     assert "../alert_rules:/etc/prometheus/rules:ro" in services["prometheus"]["volumes"]
+    # Prometheus' config (deploy/prometheus/) loads the rules from where compose mounts them.
+    prom = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    assert prom["rule_files"] == ["/etc/prometheus/rules/posfleet.rules.yml"]
+    assert (ROOT / "alert_rules/posfleet.rules.yml").is_file()
+    # Terminals reach the terminal listener only; the gateway listener stays inside the compose network.
+    assert services["mosquitto"]["ports"] == ["1883:1883"]
+    assert "--mqtt-url=mqtt://mosquitto:1884" in services["simulator"]["command"]
+
+
+def test_compose_collector_config_is_valid(tmp_path: Path) -> None:
+    """The collector config inlined in the compose file loads with the collector's own loader."""
+    from collector.config import load_config
+
+    doc = compose_doc()
+    content = doc["configs"]["collector_yaml"]["content"]
+    mount = next(v for v in doc["services"]["collector"]["volumes"] if v.endswith(":/etc/posfleet/terminals.csv:ro"))
+    registry = DEPLOY / mount.split(":", 1)[0]
+    path = tmp_path / "collector.yaml"
+    path.write_text(content.replace("/etc/posfleet/terminals.csv", str(registry)))
+    cfg = load_config(path)
+    assert cfg.mqtt.url == "mqtt://mosquitto:1883"
+    assert cfg.http.host == "0.0.0.0"
+    assert cfg.influx.enabled and cfg.influx.url == "http://influxdb:8086"
+    assert cfg.influx.token_file == "/run/secrets/influxdb_token"
+    assert cfg.mqtt.password_file == "/run/secrets/collector_mqtt_password"
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
@@ -137,7 +174,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 def ports() -> dict[str, int]:
-    names = ["mqtt", "collector", "prometheus", "alertmanager", "vm"]
+    names = ["mqtt", "gateway", "collector", "prometheus", "alertmanager", "vm"]
     return {name: free_port() for name in names}
 
 
@@ -149,6 +186,8 @@ def port_args(ports: dict[str, int]) -> list[str]:
         "127.0.0.1",
         "--mqtt-port",
         str(ports["mqtt"]),
+        "--mqtt-gateway-port",
+        str(ports["gateway"]),
         "--collector-port",
         str(ports["collector"]),
         "--prometheus-port",
@@ -251,21 +290,40 @@ def test_single_host_stack_up_status_down(stack_prefix: Path, ports: dict[str, i
     assert http_get(f"http://127.0.0.1:{ports['vm']}/health")[0] == 200
 
     # Mosquitto: the collector is connected with its generated credential; a terminal may publish only
-    # under its own id; wrong passwords and anonymous clients are refused.
+    # under its own id and only on the terminal listener; the simulator's credential works on the gateway
+    # listener for any terminal; wrong passwords and anonymous clients are refused.
     collector = ports["collector"]
     assert metric(collector, "posfleet_mqtt_connected") == 1
     accepted = 'posfleet_messages_total{kind="heartbeat",result="accepted"}'
     assert metric(collector, accepted) == 0
-    mqtt = ports["mqtt"]
+    mqtt, gateway = ports["mqtt"], ports["gateway"]
+    simulator_password = (secrets / "simulator_mqtt_password").read_text().strip()
     assert publish(mqtt, "T00001", "t1-pass", "pos/v1/T00002/heartbeat", heartbeat("T00002", 1)) == 0
     assert publish(mqtt, "T00001", "wrong", "pos/v1/T00001/heartbeat", heartbeat("T00001", 1)) != 0
     assert publish(mqtt, None, None, "pos/v1/T00001/heartbeat", heartbeat("T00001", 1)) != 0
+    assert publish(gateway, "T00001", "t1-pass", "pos/v1/T00001/heartbeat", heartbeat("T00001", 1)) == 0
     assert publish(mqtt, "T00001", "t1-pass", "pos/v1/T00001/heartbeat", heartbeat("T00001", 1)) == 0
-    wait_until("the permitted heartbeat", lambda: metric(collector, accepted) == 1, 10)
-    # The forged heartbeat (sent first, same broker) never reached the collector.
+    assert (
+        publish(gateway, "posfleet-simulator", simulator_password, "pos/v1/T00003/heartbeat", heartbeat("T00003", 1))
+        == 0
+    )
+    wait_until("the two permitted heartbeats", lambda: metric(collector, accepted) == 2, 10)
+    # The forged and misrouted heartbeats (sent first, same broker) never reached the collector.
     terminals = json.loads(http_get(f"http://127.0.0.1:{collector}/api/v1/terminals?all=1")[1])["terminals"]
-    assert [t["terminal_id"] for t in terminals] == ["T00001"]
-    assert terminals[0]["acquirer"] == "acq-a", "the --registry file was not used"
+    by_id = {t["terminal_id"]: t for t in terminals}
+    assert set(by_id) == {"T00001", "T00003"}
+    assert by_id["T00001"]["acquirer"] == "acq-a", "the --registry file was not used"
+
+    # History reaches VictoriaMetrics (the line-protocol server) through the collector's InfluxDB writer.
+    vm = f"http://127.0.0.1:{ports['vm']}"
+
+    def history_stored() -> bool:
+        # /api/v1/export reads raw samples (queries hide the last 30 s by VictoriaMetrics' latency offset).
+        match = urllib.parse.urlencode({"match[]": '{__name__="heartbeat_seq",terminal_id="T00001"}'})
+        lines = http_get(f"{vm}/api/v1/export?{match}")[1].decode().splitlines()
+        return any(json.loads(line)["metric"].get("acquirer") == "acq-a" for line in lines)
+
+    wait_until("heartbeat history in VictoriaMetrics", history_stored, 20)
 
     down = script(stack_prefix, "down", timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
