@@ -220,3 +220,12 @@ def test_push_creates_the_folder_and_overwrites_each_dashboard(tmp_path: Path, m
         assert len(grafana.dashboards) == 2 * len(UIDS)
         assert grafana.folder_creations == 1
     json.dumps(grafana.dashboards)
+
+
+def test_docs_describe_every_dashboard_and_panel(boards: dict[str, dict[str, Any]]) -> None:
+    doc = (ROOT / "docs/dashboards.md").read_text()
+    for name, board in boards.items():
+        assert f"`{board['uid']}`" in doc and f"`{name}`" in doc
+        for panel in dashboards.iter_panels(board):
+            assert f"| {panel['title']} |" in doc, f"docs/dashboards.md lacks panel {panel['title']!r}"
+            assert panel["description"] in doc, f"docs/dashboards.md has another question for {panel['title']!r}"
