@@ -740,11 +740,15 @@ def render_rules(cfg: AlertConfig, profile: str = "default") -> str:
 def latency_budget(cfg: AlertConfig, profile: str = "default") -> dict[str, int]:
     """Worst case seconds from a condition showing in /metrics to the alert firing in Alertmanager, per alert."""
     prof = cfg.profile(profile)
+    per_terminal = {a.name for a in TERMINAL_ALERTS}
     # A condition appears in /metrics, waits up to one scrape, then up to one evaluation to go pending, then
     # `for` rounded up to whole evaluations; Prometheus sends firing alerts right after the evaluation.
+    # Per-terminal rules read a subquery whose steps are aligned to the clock, not to the evaluation: up to one
+    # more step (= scrape interval) before a new sample is seen.
     out: dict[str, int] = {}
     for name in ALERT_NAMES:
         f = prof.scale(cfg.for_[name])
         evals = -(-f // prof.evaluation_interval) * prof.evaluation_interval
-        out[name] = prof.scrape_interval + prof.evaluation_interval + evals
+        step = prof.scrape_interval if name in per_terminal else 0
+        out[name] = prof.scrape_interval + prof.evaluation_interval + step + evals
     return out

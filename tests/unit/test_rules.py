@@ -208,10 +208,10 @@ def test_deploy_prometheus_matches_the_default_profile() -> None:
 def test_latency_budget_from_the_config_numbers() -> None:
     cfg = rules.load_alert_config()
     default = rules.latency_budget(cfg, "default")
-    # scrape 30s + evaluation 30s + for
-    assert default["PosTerminalOffline"] == 30 + 30 + 120
+    # scrape 30s + evaluation 30s (+ subquery step 30s for per-terminal alerts) + for
+    assert default["PosTerminalOffline"] == 30 + 30 + 30 + 120
     assert default["PosFleetMassOffline"] == 30 + 30 + 60
     assert default["PosWatchdog"] == 60
     fast = rules.latency_budget(cfg, "fast")
-    assert fast["PosTerminalOffline"] == 1 + 1 + 4
+    assert fast["PosTerminalOffline"] == 1 + 1 + 1 + 4
     assert fast["PosFleetMassOffline"] < fast["PosTerminalOffline"]
