@@ -1,0 +1,209 @@
+"""Card data guard: a Luhn-valid 13–19 digit number in any field of any topic (and of the HTTP upstream POST) is
+rejected and counted, and afterwards is found nowhere: collector log, snapshot file, /metrics, API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from collector.protocol import luhn_ok
+from collector.simulator import Simulator, make_fleet
+from tests.integration.test_support_stack import TOKENS, all_heard, post, start_stack
+from tests.services import Process, http_get, wait_until
+
+pytestmark = pytest.mark.integration
+
+NOW = round(time.time(), 3)
+
+
+def pan(n: int, length: int = 16) -> str:
+    """A distinct Luhn-valid number per case, so every case can be searched for on its own."""
+    body = f"4{n:0{length - 2}d}"
+    for check in "0123456789":
+        if luhn_ok((body + check).encode()):
+            return body + check
+    raise AssertionError("unreachable")
+
+
+def heartbeat(tid: str) -> dict[str, Any]:
+    return {"tid": tid, "ts": NOW, "seq": 10_000, "interval_s": 0.5, "txn_count": 10_000, "uploaded_count": 10_000,
+            "queue_depth": 0, "oldest_queued_ts": None, "mid": "M00000", "model": "A920", "app_version": "3.4.1",
+            "net": {"type": "wifi", "rssi_dbm": -50}, "hw": {"printer": "ok"}}
+
+
+def receipt() -> dict[str, Any]:
+    return {"txn_id": "X-1", "ts": NOW, "amount_minor": 100, "currency": "EUR", "status": "approved"}
+
+
+def feed() -> dict[str, Any]:
+    return {"ts": NOW, "txns": [{"tid": "T00000", "txn_id": "X-1", "ts": NOW}]}
+
+
+def cases() -> list[tuple[str, str, bytes, str]]:
+    """(where, topic or HTTP path, payload, the number) for every field of every message kind."""
+    out: list[tuple[str, str, bytes, str]] = []
+    n = 0
+
+    def add(kind: str, topic: str, base: dict[str, Any], path: list[str | int], as_number: bool = False,
+            fmt: str = "plain", length: int = 16) -> None:
+        nonlocal n
+        n += 1
+        number = pan(n, length)
+        value: Any = int(number) if as_number else {
+            "plain": number, "spaced": " ".join(number[i : i + 4] for i in range(0, len(number), 4)),
+            "dashed": "-".join(number[i : i + 4] for i in range(0, len(number), 4)),
+            "embedded": f"card {number} ok",
+        }[fmt]
+        doc = json.loads(json.dumps(base))
+        target = doc
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        out.append((f"{kind}:{'.'.join(map(str, path))}:{fmt if not as_number else 'number'}", topic,
+                    json.dumps(doc).encode(), number))
+
+    hb = "pos/v1/T00000/heartbeat"
+    for field in ("mid", "model", "app_version", "os_version", "note"):
+        add("heartbeat", hb, heartbeat("T00000"), [field])
+    add("heartbeat", hb, heartbeat("T00000"), ["tid"])
+    add("heartbeat", hb, heartbeat("T00000"), ["net", "type"])
+    add("heartbeat", hb, heartbeat("T00000"), ["hw", "printer"], fmt="spaced")
+    add("heartbeat", hb, heartbeat("T00000"), ["txn_count"], as_number=True)
+    add("heartbeat", hb, heartbeat("T00000"), ["seq"], as_number=True)
+    add("heartbeat", hb, heartbeat("T00000"), ["mid"], fmt="dashed", length=13)
+    add("heartbeat", hb, heartbeat("T00000"), ["model"], fmt="embedded", length=19)
+    st = "pos/v1/T00002/status"
+    for field in ("reason", "state", "note"):
+        add("status", st, {"state": "online", "ts": NOW}, [field])
+    add("status", st, {"state": "online", "ts": NOW}, ["reason"], fmt="spaced")
+    tx = "pos/v1/T00000/txn"
+    for field in ("txn_id", "currency", "status", "note"):
+        add("txn", tx, receipt(), [field])
+    add("txn", tx, receipt(), ["amount_minor"], as_number=True)
+    add("txn", tx, receipt(), ["txn_id"], fmt="dashed")
+    up = "acquirer/v1/acq-a/transactions"
+    for path in (["txns", 0, "tid"], ["txns", 0, "txn_id"], ["note"], ["txns", 0, "note"]):
+        add("upstream", up, feed(), list(path))
+    add("upstream", up, feed(), ["txns", 0, "txn_id"], fmt="embedded", length=15)
+    http = "HTTP /api/v1/upstream/acq-a/transactions"
+    for path in (["txns", 0, "tid"], ["txns", 0, "txn_id"], ["note"]):
+        add("http", http, feed(), list(path))
+    add("http", http, feed(), ["txns", 0, "txn_id"], fmt="spaced")
+    return out
+
+
+def metric(port: int, name: str) -> float:
+    _, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def publish_all(port: int, messages: list[tuple[str, bytes]]) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"card-test-{time.time_ns()}")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for topic, payload in messages:
+            client.publish(topic, payload, qos=1).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def everything_visible(port: int) -> bytes:
+    """Every place a number could end up that the API and /metrics expose."""
+    paths = ["/metrics", "/api/v1/terminals?all=1&limit=1000", "/api/v1/support/facets", "/api/v1/reconcile",
+             "/api/v1/receipts"]
+    for tid in ("T00000", "T00002"):
+        paths += [f"/api/v1/terminals/{tid}", f"/api/v1/terminals/{tid}/diagnosis",
+                  f"/api/v1/terminals/{tid}/timeline"]
+    chunks = []
+    for path in paths:
+        status, body = http_get(f"http://127.0.0.1:{port}{path}", TOKENS["all"])
+        assert status == 200, path
+        chunks.append(body)
+    return b"\n".join(chunks)
+
+
+def found(number: str, haystack: bytes) -> bool:
+    """The number in any of the forms it was sent in."""
+    forms = {number, " ".join(number[i : i + 4] for i in range(0, len(number), 4)),
+             "-".join(number[i : i + 4] for i in range(0, len(number), 4))}
+    return any(f.encode() in haystack for f in forms)
+
+
+async def test_card_numbers_rejected_counted_and_found_nowhere(tmp_path: Path, mosquitto: Process) -> None:
+    specs = make_fleet(4, ("acq-a", "acq-b"))
+    sim = Simulator(f"mqtt://127.0.0.1:{mosquitto.port}", specs, 0.5, receipts=True)
+    collector = start_stack(tmp_path, mosquitto.port, sim)
+    port = collector.port
+    all_cases = cases()
+    mqtt_cases = [c for c in all_cases if not c[1].startswith("HTTP")]
+    http_cases = [c for c in all_cases if c[1].startswith("HTTP")]
+    assert {c[0].split(":")[0] for c in all_cases} == {"heartbeat", "status", "txn", "upstream", "http"}
+    try:
+        async with sim:
+            await asyncio.to_thread(wait_until, lambda: all_heard(port, specs), 20, "every terminal heard")
+            counter = 'posfleet_messages_rejected_total{reason="card_data"}'
+            assert metric(port, counter) == 0
+            accepted_before = metric(port, 'posfleet_messages_total{kind="txn",result="accepted"}')
+            await asyncio.to_thread(publish_all, mosquitto.port, [(t, p) for _w, t, p, _n in mqtt_cases])
+            for where, _t, payload, number in http_cases:
+                code, body = post(port, "/api/v1/upstream/acq-a/transactions", payload, TOKENS["writer"])
+                assert code == 400 and json.loads(body)["reason"] == "card_data", where
+                assert not found(number, body)
+            # Control: a 16-digit number that fails Luhn is not card data and passes.
+            control = {**receipt(), "txn_id": "4111111111111112"}
+            await asyncio.to_thread(publish_all, mosquitto.port, [("pos/v1/T00000/txn", json.dumps(control).encode())])
+            await asyncio.to_thread(
+                wait_until, lambda: metric(port, counter) == len(all_cases), 20, f"{len(all_cases)} rejections")
+            await asyncio.to_thread(
+                wait_until,
+                lambda: metric(port, 'posfleet_messages_total{kind="txn",result="accepted"}') > accepted_before, 10,
+                "control accepted")
+            visible = everything_visible(port)
+            assert found("4111111111111112", visible)  # the search does find a number that got through
+            leaks = [where for where, _t, _p, number in all_cases if found(number, visible)]
+            assert leaks == [], leaks
+    finally:
+        collector.stop()
+    log = collector.log_text().encode()
+    snapshot = msgspec.msgpack.decode((tmp_path / "state.snapshot").read_bytes())
+    stored = json.dumps(snapshot).encode() + (tmp_path / "state.snapshot").read_bytes()
+    for where, _t, _p, number in all_cases:
+        assert not found(number, log), f"{where} in the log"
+        assert not found(number, stored), f"{where} in the snapshot"
+    assert b"card_data" in log  # the rejections were logged, without the number
+
+
+@pytest.mark.xfail(strict=True, reason="protocol.decode checks the payload, not ids taken from the topic or URL: "
+                   "a card number as terminal id (status/txn topics) or acquirer id (feed topic, HTTP URL) passes")
+async def test_card_numbers_in_topic_ids_rejected(tmp_path: Path, mosquitto: Process) -> None:
+    specs = make_fleet(2, ("acq-a",))
+    sim = Simulator(f"mqtt://127.0.0.1:{mosquitto.port}", specs, 0.5, receipts=False)
+    collector = start_stack(tmp_path, mosquitto.port, sim)
+    port = collector.port
+    numbers = [pan(900 + i) for i in range(4)]
+    try:
+        await asyncio.to_thread(publish_all, mosquitto.port, [
+            (f"pos/v1/{numbers[0]}/status", b'{"state":"online"}'),
+            (f"pos/v1/{numbers[1]}/txn", json.dumps(receipt()).encode()),
+            (f"acquirer/v1/{numbers[2]}/transactions", b'{"ts":%f,"txns":[]}' % NOW),
+        ])
+        code, _ = post(port, f"/api/v1/upstream/{numbers[3]}/transactions", b'{"ts":%f,"txns":[]}' % NOW,
+                       TOKENS["writer"])
+        assert code == 400
+        counter = 'posfleet_messages_rejected_total{reason="card_data"}'
+        await asyncio.to_thread(wait_until, lambda: metric(port, counter) == 4, 10, "4 rejections")
+    finally:
+        collector.stop()
