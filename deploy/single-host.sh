@@ -177,7 +177,7 @@ collector_argv() {  # the installed entry point, or the source tree run with the
 }
 
 # ---------------------------------------------------------------------------------------------- configs
-random_secret() { head -c 24 /dev/urandom | base64 | tr -d '/+=' ; }
+random_secret() { head -c 24 /dev/urandom | base64 | tr -d '/+=\n' ; }
 
 ensure_secret() {  # ensure_secret NAME: a random secret file, created once, readable by the owner only
   local file="$SECRETS/$1"
@@ -281,6 +281,7 @@ EOF
       fi
       echo "state:"
       echo "  snapshot_path: $DATA/collector/state.snapshot"
+      echo "  spool_dir: $DATA/collector/influx-spool"
       echo "influx:"
       echo "  enabled: true"
       echo "  url: http://$host:$VM_PORT"
