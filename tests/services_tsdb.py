@@ -191,9 +191,10 @@ bind-address = "127.0.0.1:{free_port()}"
             result: dict[str, Any] = json.loads(r.read())
         return result
 
-    def write_v1(self, body: str, db: str = "posfleet") -> None:
+    def write_v1(self, body: str, db: str = "posfleet", rp: str = "") -> None:
         """Write line protocol through the v1 API (nanosecond timestamps)."""
-        req = urllib.request.Request(f"{self.url}/write?db={db}&precision=ns", data=body.encode(), method="POST")
+        query = urllib.parse.urlencode({"db": db, "precision": "ns", **({"rp": rp} if rp else {})})
+        req = urllib.request.Request(f"{self.url}/write?{query}", data=body.encode(), method="POST")
         with urllib.request.urlopen(req, timeout=30) as r:
             assert r.status == 204, r.status
 
