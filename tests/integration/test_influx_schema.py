@@ -88,7 +88,8 @@ def history() -> list[str]:
         receipt_line(TxnReceipt(txn_id="TX-2", ts=at("14:50:00"), amount_minor=990, currency="EUR",
                                 status="approved", tid=TID), at("14:50:01"), tags),
     ]
-    batch = UpstreamBatch(ts=at("14:15:00"), acquirer="acq-a", txns=[UpstreamTxn(tid=TID, txn_id="TX-1", ts=at("14:10:00"))])
+    recorded = [UpstreamTxn(tid=TID, txn_id="TX-1", ts=at("14:10:00"))]
+    batch = UpstreamBatch(ts=at("14:15:00"), acquirer="acq-a", txns=recorded)
     lines += upstream_lines(batch, at("14:15:02"), lambda tid: tags)
     return lines
 
