@@ -591,8 +591,9 @@ def _collector_rules(ctx: _Ctx) -> list[dict[str, Any]]:
             f'up{{{sel}}} == 0 or absent(up{{{sel}}})',
             "critical",
             "posfleet collector cannot be scraped.",
-            "Prometheus cannot scrape the posfleet collector {{ $labels.instance }} (or has no such target). "
-            "Nothing about the terminals is known meanwhile; per-terminal alerts are inhibited.",
+            "Prometheus cannot scrape the posfleet collector{{ with $labels.instance }} {{ . }}{{ else }}: it has "
+            "no such target{{ end }}. Nothing about the terminals is known meanwhile; per-terminal alerts are "
+            "inhibited.",
             "The collector process is down or restarting (crash, OOM, failed deploy), its host is down, or the "
             "scrape is blocked (network, firewall, wrong address in the scrape config).",
         ),
