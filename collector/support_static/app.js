@@ -17,7 +17,7 @@ function h(tag, attrs, ...children) {
     else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else el.setAttribute(k, v === true ? "" : String(v));
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -289,7 +289,7 @@ async function showMerchant(mid) {
 function terminalTable(terminals, id) {
   if (!terminals.length) return h("p", { class: "muted", id: `${id}-empty` }, "No terminal matches.");
   return h("table", { class: "fleet", id },
-    h("thead", {}, h("tr", {}, ["Terminal", "Merchant", "Acquirer", "Site", "Status", "Last heartbeat", "Conditions"]
+    h("thead", {}, h("tr", {}, ["Terminal", "Merchant", "Acquirer", "Site", "Status", "Last heartbeat (ago)", "Conditions"]
       .map((c) => h("th", {}, c)))),
     h("tbody", {}, terminals.map((t) => h("tr", { "data-terminal": t.terminal_id },
       h("td", {}, h("a", { href: `#/terminal/${encodeURIComponent(t.terminal_id)}` }, t.terminal_id)),
@@ -334,7 +334,7 @@ async function showFleet(params) {
       h("button", { id: "page-next", type: "button", disabled: offset + PAGE_SIZE >= page.total,
         onclick: () => go({ offset: String(offset + PAGE_SIZE) }) }, "Next ›"));
     setView(h("div", { class: "title" }, h("h1", { id: "fleet-title" }, "Problem terminals"),
-      h("p", { class: "muted" }, "Terminals with at least one active condition, most recent data first.")),
+      h("p", { class: "muted" }, "Terminals with at least one active condition, by terminal id. Paged by the collector.")),
     filters, pager, terminalTable(page.terminals, "fleet-table"));
   } catch (err) {
     setView(h("p", { class: "error", id: "view-error" }, explain(err)));
