@@ -72,6 +72,7 @@ class Collector:
         self.clock = clock
         self.registry = CollectorRegistry(auto_describe=False)
         self.metrics = SelfMetrics(self.registry)
+        self.metrics.snapshot_enabled = bool(cfg.state.snapshot_path)
         self.registry_file = self._load_registry()
         self.fleet = Fleet(cfg, started_at=clock(), registry=self.registry_file)
         self.fleet_collector = FleetCollector(self.fleet, self.metrics, cfg.metrics.max_problem_series, clock)
@@ -234,7 +235,8 @@ class Collector:
                 except Exception:  # a bug must not make the collector deaf; it is logged with its traceback
                     log.exception("internal error processing a message on %s", item.topic)
                     self.metrics.rejected.labels("internal_error").inc()
-                ingest.ack(item)
+            # Acknowledged only now that the batch is applied: a crash before this line means redelivery.
+            ingest.ack(batch)
             if batch:
                 self.metrics.mqtt_last_message.set(batch[-1].rx)
             await asyncio.sleep(0)

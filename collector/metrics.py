@@ -21,7 +21,7 @@ __all__ = ["FleetCollector", "SelfMetrics"]
 
 KINDS = ("heartbeat", "status", "upstream", "txn", "other")
 RESULTS = ("accepted", "rejected", "duplicate", "stale")
-EXTRA_REASONS = ("unknown_terminal_overflow", "stale", "duplicate")
+EXTRA_REASONS = ("unknown_terminal_overflow", "internal_error")
 PROBLEM_LABELS = ["terminal_id", "merchant_id", "acquirer", "site", "model", "condition", "severity", "detail"]
 
 
@@ -51,6 +51,7 @@ class SelfMetrics:
             "posfleet_ingest_queue_capacity", "Capacity of the ingest queue", registry=registry
         )
         self.snapshot_time = 0.0
+        self.snapshot_enabled = False
         self.snapshot_failures = Counter(
             "posfleet_snapshot_failures", "Failed state snapshot writes", registry=registry
         )
@@ -188,8 +189,11 @@ class FleetCollector(Collector):
         )
         sm = self.self_metrics
         yield GaugeMetricFamily(
+            "posfleet_snapshot_enabled", "1 when state snapshots are configured", value=1 if sm.snapshot_enabled else 0
+        )
+        yield GaugeMetricFamily(
             "posfleet_snapshot_age_seconds",
-            "Seconds since the last successful state snapshot (since start when none yet)",
-            value=now - (sm.snapshot_time or fleet.started_at),
+            "Seconds since the last successful state snapshot (since start when none yet; 0 when disabled)",
+            value=now - (sm.snapshot_time or fleet.started_at) if sm.snapshot_enabled else 0,
         )
         self.dropped_total += dropped

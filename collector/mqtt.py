@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from .config import MqttConfig
 from .metrics import SelfMetrics
+from .pahofast import BufferedClient
 
 __all__ = ["Inbound", "MqttIngest"]
 
@@ -59,7 +60,7 @@ class MqttIngest:
         url = urlparse(cfg.url)
         self.host = url.hostname or "127.0.0.1"
         self.port = url.port or (8883 if url.scheme == "mqtts" else 1883)
-        client = paho.Client(
+        client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             clean_session=False,
@@ -145,10 +146,9 @@ class MqttIngest:
         self.metrics.queue_depth.set(len(queue))
         return batch
 
-    def ack(self, item: Inbound) -> None:
-        """Acknowledge a processed QoS 1 message to the broker."""
-        if item.qos > 0:
-            self.client.ack(item.mid, item.qos)
+    def ack(self, items: list[Inbound]) -> None:
+        """Acknowledge processed QoS 1 messages to the broker, in one write."""
+        self.client.ack_many([i.mid for i in items if i.qos == 1])
 
     def thread_alive(self) -> bool:
         """Independent liveness: paho's loop thread can die while the process lives (paho #704)."""
