@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -350,4 +349,3 @@ def test_single_host_up_fails_cleanly_on_a_busy_port(stack_prefix: Path, ports: 
 def test_single_host_usage_errors(tmp_path: Path) -> None:
     assert script(tmp_path, "sideways").returncode == 1
     assert script(tmp_path).returncode == 2
-    assert shutil.which("bash")
