@@ -90,12 +90,13 @@ def cases() -> list[tuple[str, str, bytes, str]]:
     add("txn", tx, receipt(), ["amount_minor"], as_number=True)
     add("txn", tx, receipt(), ["txn_id"], fmt="dashed")
     up = "acquirer/v1/acq-a/transactions"
-    for path in (["txns", 0, "tid"], ["txns", 0, "txn_id"], ["note"], ["txns", 0, "note"]):
-        add("upstream", up, feed(), list(path))
+    feed_paths: list[list[str | int]] = [["txns", 0, "tid"], ["txns", 0, "txn_id"], ["note"], ["txns", 0, "note"]]
+    for path in feed_paths:
+        add("upstream", up, feed(), path)
     add("upstream", up, feed(), ["txns", 0, "txn_id"], fmt="embedded", length=15)
     http = "HTTP /api/v1/upstream/acq-a/transactions"
-    for path in (["txns", 0, "tid"], ["txns", 0, "txn_id"], ["note"]):
-        add("http", http, feed(), list(path))
+    for path in feed_paths[:3]:
+        add("http", http, feed(), path)
     add("http", http, feed(), ["txns", 0, "txn_id"], fmt="spaced")
     return out
 
