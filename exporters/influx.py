@@ -281,7 +281,7 @@ class InfluxWriter:
         if left:
             if not self._spool_opened:
                 await self._open_spool()
-            await self._spool_ready(keep=0)
+            await self._spool_ready()
         log.info("influx writer closed: %s; %d points left in the spool for the next start",
                  "all data written" if flushed else "flush deadline reached", self._spool_points)
         await self._client.close()
@@ -326,9 +326,12 @@ class InfluxWriter:
         if not self._up and self._clock() < self._retry_at:
             # down: keep memory small and durable until the next retry
             if self._ready and self._spool_ok:
-                return await self._spool_ready(keep=0)
+                return await self._spool_ready()
             self._shed_if_full()
             return False
+        if self._ready and self._spool_ok and self._mem_bytes > cfg.max_buffer_bytes // 2:
+            # the server is slower than ingest: memory stays bounded, the excess (oldest first) waits on disk
+            return await self._spool_ready(keep_bytes=cfg.max_buffer_bytes // 4)
         if self._spool_points > 0:
             rec = await self._in_thread(self._spool.peek)
             self._account_corrupt()
@@ -363,15 +366,20 @@ class InfluxWriter:
         self._post_task = task
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=self._cfg.flush_interval_s)
-                if done:
+                # wake up for every sealed batch, not only every flush interval: memory is checked promptly
+                self._wake.clear()
+                woken = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({task, woken}, timeout=self._cfg.flush_interval_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if task.done():
                     break
                 # only the spool's head is in flight when the spool is non-empty, so moving memory to the
                 # spool's tail keeps the order; when memory is in flight, wait (requests are bounded)
                 if self._spool_points > 0 and self._ready and (
                     not self._up or self._mem_bytes > self._cfg.max_buffer_bytes // 2
                 ):
-                    await self._spool_ready(keep=0)
+                    await self._spool_ready()
         finally:
             self._post_task = None
         if task.cancelled():
@@ -450,10 +458,10 @@ class InfluxWriter:
             log.info("influx spool %s holds %d points (%d bytes) from before; replaying them first",
                      self._spool.directory, report.points, report.size_bytes)
 
-    async def _spool_ready(self, keep: int) -> bool:
-        """Move sealed batches, oldest first, from memory to the spool's tail until `keep` remain."""
+    async def _spool_ready(self, keep_bytes: int = 0) -> bool:
+        """Move sealed batches, oldest first, from memory to the spool's tail until memory is <= `keep_bytes`."""
         moved = False
-        while len(self._ready) > keep and self._spool_ok:
+        while self._ready and self._mem_bytes > keep_bytes and self._spool_ok:
             batch = self._ready[0]
             try:
                 result = await self._in_thread(self._spool.append, "\n".join(batch).encode(), len(batch))

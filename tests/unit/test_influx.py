@@ -31,6 +31,7 @@ class FakeInflux:
     stored: list[str] = field(default_factory=list)
     requests: list[tuple[float, int, int]] = field(default_factory=list)  # (monotonic time, lines, status)
     default: Reply = (204, {}, "")
+    delay_s: float = 0.0  # a slow server
     runner: web.AppRunner | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -42,6 +43,8 @@ class FakeInflux:
         body = (await request.read()).decode()
         lines = body.split("\n") if body else []
         reply = self.script.pop(0) if self.script else self.default
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if reply is None:
             await self.release.wait()
             raise web.HTTPServiceUnavailable()
@@ -262,6 +265,24 @@ async def test_hanging_server_times_out_and_retries(server: FakeInflux, tmp_path
         assert await w.flush(10)
     assert server.stored == data  # the timed-out request never reached storage; the retry did
     assert value(reg, "posfleet_influx_responses_total", code="timeout") == 1
+
+
+async def test_slow_server_overflows_to_the_spool_not_to_drops(server: FakeInflux, tmp_path: Path) -> None:
+    reg = CollectorRegistry()
+    server.delay_s = 0.1  # 10 lines per 0.1 s: far slower than the offered load
+    data = lines(600)
+    async with InfluxWriter(config(server.url, max_buffer_bytes=20_000), reg, tmp_path / "spool") as w:
+        for i in range(0, 600, 50):
+            for line in data[i : i + 50]:
+                w.write(line)
+            await asyncio.sleep(0.02)
+            assert value(reg, "posfleet_influx_buffer_points") * 52 <= 20_000
+        assert value(reg, "posfleet_influx_points_total", result="spooled") > 0
+        server.delay_s = 0
+        assert await w.flush(20)
+    assert server.stored == data
+    assert value(reg, "posfleet_influx_points_total", result="dropped") == 0
+    assert value(reg, "posfleet_influx_up") == 1  # slow is not down
 
 
 # -- refusals -------------------------------------------------------------------------------------------
