@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import OPEN, Principal
 from .detect import CONDITIONS, probable_cause
+from .metrics import render_problem_series
 from .protocol import DecodeError, decode_upstream
 from .state import Terminal
 
@@ -107,7 +108,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition."""
-    body = generate_latest(request.app[COLLECTOR].registry)
+    collector = request.app[COLLECTOR]
+    body = generate_latest(collector.registry) + render_problem_series(
+        collector.fleet, collector.cfg.metrics.max_problem_series
+    ).encode()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

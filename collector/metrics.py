@@ -81,7 +81,6 @@ class FleetCollector(Collector):
         self.self_metrics = self_metrics
         self.max_problem_series = max_problem_series
         self.clock = clock
-        self.dropped_total = 0
 
     def describe(self) -> Iterator[Metric]:
         """No static description: the registry must not call collect() at registration."""
@@ -95,35 +94,13 @@ class FleetCollector(Collector):
         info.add_metric([__version__], 1)
         yield info
 
-        problem = GaugeMetricFamily(
-            "posfleet_terminal_problem", "1 per terminal and active problem condition", labels=PROBLEM_LABELS
-        )
-        since = GaugeMetricFamily(
-            "posfleet_terminal_problem_since_seconds",
-            "Unix time the condition became active",
-            labels=PROBLEM_LABELS,
-        )
-        emitted = dropped = 0
-        cap = self.max_problem_series
-        terminals = fleet.terminals
-        for tid in fleet.problem:
-            t = terminals[tid]
-            if t.conds is None:
-                continue
-            for cond, active in t.conds.items():
-                if emitted >= cap:
-                    dropped += 1
-                    continue
-                labels = [tid, t.merchant, t.acquirer, t.site, t.model or "", cond, active.severity, active.detail]
-                problem.add_metric(labels, 1)
-                since.add_metric(labels, active.since)
-                emitted += 1
-        yield problem
-        yield since
+        # The per-terminal problem families are rendered by `render_problem_series` (text, not objects): at
+        # thousands of series prometheus-client's per-sample formatting alone would exceed the 100 ms budget.
+        active = sum(n for (_a, _s, c), n in fleet.counts.items() if not c.startswith("_"))
         yield GaugeMetricFamily(
             "posfleet_terminal_problem_series_dropped",
             "Problem series left out of this scrape because of metrics.max_problem_series",
-            value=dropped,
+            value=max(0, active - self.max_problem_series),
         )
 
         known = GaugeMetricFamily("posfleet_fleet_terminals", "Terminals known", labels=["acquirer", "site"])
@@ -196,4 +173,43 @@ class FleetCollector(Collector):
             "Seconds since the last successful state snapshot (since start when none yet; 0 when disabled)",
             value=now - (sm.snapshot_time or fleet.started_at) if sm.snapshot_enabled else 0,
         )
-        self.dropped_total += dropped
+
+
+_ESCAPE = str.maketrans({"\\": r"\\", '"': r"\"", "\n": r"\n"})
+_HEADER = (
+    "# HELP posfleet_terminal_problem 1 per terminal and active problem condition\n"
+    "# TYPE posfleet_terminal_problem gauge\n"
+)
+_SINCE_HEADER = (
+    "# HELP posfleet_terminal_problem_since_seconds Unix time the condition became active\n"
+    "# TYPE posfleet_terminal_problem_since_seconds gauge\n"
+)
+
+
+def _v(value: str) -> str:
+    return value.translate(_ESCAPE) if ("\\" in value or '"' in value or "\n" in value) else value
+
+
+def render_problem_series(fleet: Fleet, cap: int) -> str:
+    """`posfleet_terminal_problem` and `..._since_seconds` in the text exposition format, capped."""
+    problem, since = [_HEADER], [_SINCE_HEADER]
+    emitted = 0
+    terminals = fleet.terminals
+    for tid in fleet.problem:
+        t = terminals[tid]
+        if t.conds is None:
+            continue
+        head = (
+            f'{{terminal_id="{tid}",merchant_id="{_v(t.merchant)}",acquirer="{_v(t.acquirer)}",'
+            f'site="{_v(t.site)}",model="{_v(t.model or "")}",condition="'
+        )
+        for cond, active in t.conds.items():
+            if emitted >= cap:
+                break
+            labels = f'{head}{cond}",severity="{active.severity}",detail="{_v(active.detail)}"}}'
+            problem.append(f"posfleet_terminal_problem{labels} 1.0\n")
+            since.append(f"posfleet_terminal_problem_since_seconds{labels} {active.since!r}\n")
+            emitted += 1
+        if emitted >= cap:
+            break
+    return "".join(problem) + "".join(since)

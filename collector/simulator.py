@@ -14,6 +14,7 @@ import contextlib
 import csv
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -96,8 +97,22 @@ class _Term:
     phase: int = 0
 
 
+def _credentials() -> tuple[str | None, str | None]:
+    """Simulator login for an authenticated broker: POSFLEET_MQTT_USERNAME and _PASSWORD or _PASSWORD_FILE."""
+    user = os.environ.get("POSFLEET_MQTT_USERNAME")
+    password = os.environ.get("POSFLEET_MQTT_PASSWORD")
+    path = os.environ.get("POSFLEET_MQTT_PASSWORD_FILE")
+    if path:
+        with open(path, encoding="utf-8") as fh:
+            password = fh.read().strip()
+    return user, password
+
+
 def _new_client(client_id: str, host: str, port: int, will: tuple[str, bytes] | None) -> paho.Client:
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+    user, password = _credentials()
+    if user:
+        client.username_pw_set(user, password)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     if will is not None:
