@@ -241,9 +241,8 @@ def main() -> None:
     print(f"terminals                 {args.terminals}")
     print(f"heartbeats in backlog     {int(res['heartbeats'])}")
     print(f"mosquitto_sub floor       {floor:,.0f} msg/s")
-    print(
-        f"collector end to end      {res['heartbeats_per_s']:,.0f} heartbeats/s  ({res['heartbeats_per_s'] / floor:.2f} x floor)"
-    )
+    rate = res["heartbeats_per_s"]
+    print(f"collector end to end      {rate:,.0f} heartbeats/s  ({rate / floor:.2f} x floor)")
     print(f"RSS empty / loaded        {base / 1024:.1f} MiB / {res['rss_kib_after_load'] / 1024:.1f} MiB")
     print(f"RSS per terminal          {per_terminal:,.0f} bytes")
     print(

@@ -13,6 +13,7 @@ import struct
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
 
 __all__ = ["BufferedClient"]
 
@@ -45,10 +46,10 @@ class BufferedClient(paho.Client):
     def _buffered(self) -> bool:
         return self._rsock is self._sock and self._rpos < len(self._rbuf)
 
-    def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         """Read packets while whole or partial packets sit in the buffer (select() cannot see them)."""
         rc = super().loop_read(max_packets)
-        while rc == paho.MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._buffered():
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._buffered():
             rc = super().loop_read(1)
         return rc
 

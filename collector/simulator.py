@@ -254,7 +254,7 @@ class Simulator:
             try:
                 import socket as _s
 
-                sock.shutdown(_s.SHUT_RDWR)  # type: ignore[union-attr]
+                sock.shutdown(_s.SHUT_RDWR)  # type: ignore[attr-defined]
             except OSError:
                 pass
             sock.close()

@@ -52,7 +52,8 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "con
         except Exception as err:  # the service may not be up yet
             last_err = err
         time.sleep(step)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_err})" if last_err else ""))
+    detail = f" (last error: {last_err})" if last_err else ""
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
 def port_open(port: int) -> bool:

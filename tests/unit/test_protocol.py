@@ -107,9 +107,13 @@ def test_huge_integer_literal_is_out_of_range_not_a_crash() -> None:
 def test_status_upstream_and_txn_take_ids_from_the_topic() -> None:
     st = decode("pos/v1/T9/status", b'{"state":"offline","reason":"connection_lost"}')
     assert isinstance(st, Status) and st.tid == "T9" and st.ts is None
-    up = decode("acquirer/v1/acq-a/transactions", b'{"ts":1764510000,"txns":[{"tid":"T9","txn_id":"a","ts":1764510000}]}')
+    up = decode(
+        "acquirer/v1/acq-a/transactions", b'{"ts":1764510000,"txns":[{"tid":"T9","txn_id":"a","ts":1764510000}]}'
+    )
     assert isinstance(up, UpstreamBatch) and up.acquirer == "acq-a" and up.txns[0].txn_id == "a"
-    tx = decode("pos/v1/T9/txn", b'{"txn_id":"a","ts":1764510000,"amount_minor":250,"currency":"EUR","status":"approved"}')
+    tx = decode(
+        "pos/v1/T9/txn", b'{"txn_id":"a","ts":1764510000,"amount_minor":250,"currency":"EUR","status":"approved"}'
+    )
     assert isinstance(tx, TxnReceipt) and tx.tid == "T9"
 
 
