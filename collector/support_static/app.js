@@ -186,7 +186,7 @@ function diagnosisSection(d) {
   return parts;
 }
 
-function timelineSection(tl) {
+function timelineSection(tl, tid, hours) {
   const span = tl.to - tl.from;
   const byCond = new Map();
   for (const iv of tl.intervals) {
@@ -209,8 +209,12 @@ function timelineSection(tl) {
         title: `${label(cond)} ${iv.detail || ""} ${fmtTime(iv.from)} → ${iv.to === null ? "now" : fmtTime(iv.to)}`,
       });
     }))));
+  const range = h("select", {
+    id: "tl-hours", "aria-label": "Timeline range",
+    onchange: (e) => { location.hash = `#/terminal/${encodeURIComponent(tid)}?hours=${e.target.value}`; },
+  }, [1, 6, 24].map((n) => h("option", { value: n, selected: n === hours }, `${n} h`)));
   return h("section", { class: "card", id: "timeline" },
-    h("h3", {}, `Conditions, last ${Math.round(span / HOUR)} hours`),
+    h("h3", { class: "with-control" }, `Conditions, last ${Math.round(span / HOUR)} hour${Math.round(span / HOUR) === 1 ? "" : "s"}`, range),
     rows.length ? h("div", { class: "tl" }, rows, h("div", { class: "tl-row axis" }, h("span", { class: "tl-label" }),
       h("div", { class: "tl-axis" }, ticks)))
       : h("p", { class: "muted", id: "timeline-empty" }, "No condition in this period."));
@@ -244,13 +248,14 @@ function reconcileSection(r, title) {
     r.truncated ? h("p", { class: "muted" }, "Lists truncated; use `posfleet reconcile` for everything.") : null);
 }
 
-async function showTerminal(tid) {
+async function showTerminal(tid, params) {
+  const hours = [1, 6, 24].includes(Number(params.get("hours"))) ? Number(params.get("hours")) : 24;
   setView(h("p", { class: "muted" }, `Diagnosing ${tid}…`));
   const enc = encodeURIComponent(tid);
   try {
     const [d, tl, r] = await Promise.all([
       api(`/api/v1/terminals/${enc}/diagnosis`),
-      api(`/api/v1/terminals/${enc}/timeline?hours=24`),
+      api(`/api/v1/terminals/${enc}/timeline?hours=${hours}`),
       api(`/api/v1/reconcile?${q({ terminal_id: tid })}`),
     ]);
     notice("");
@@ -262,7 +267,7 @@ async function showTerminal(tid) {
     const [banner, ...rest] = diagnosisSection(d);
     setView(head, banner, h("div", { class: "grid" },
       h("div", { class: "col" }, rest.slice(0, 3)),
-      h("div", { class: "col" }, timelineSection(tl), reconcileSection(r, "Unreconciled transactions (24 h)"))),
+      h("div", { class: "col" }, timelineSection(tl, tid, hours), reconcileSection(r, "Unreconciled transactions (24 h)"))),
     ...rest.slice(3));
   } catch (err) {
     setView(h("p", { class: "error", id: "view-error" }, explain(err)));
@@ -345,7 +350,9 @@ function route() {
   const hash = location.hash || "#/fleet";
   const [path, query] = hash.slice(1).split("?");
   const parts = path.split("/").filter(Boolean);
-  if (parts[0] === "terminal" && parts[1]) return showTerminal(decodeURIComponent(parts[1]));
+  if (parts[0] === "terminal" && parts[1]) {
+    return showTerminal(decodeURIComponent(parts[1]), new URLSearchParams(query || ""));
+  }
   if (parts[0] === "merchant" && parts[1]) return showMerchant(decodeURIComponent(parts[1]));
   return showFleet(new URLSearchParams(query || ""));
 }

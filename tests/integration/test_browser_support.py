@@ -5,6 +5,7 @@ the 24-hour timeline and the unreconciled transactions. Screenshots of each view
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -151,6 +152,11 @@ async def test_support_page(tmp_path: Path, mosquitto: Process, browser: Browser
             await expect(bars).to_have_count(1)
             assert "now" not in (await bars.get_attribute("title") or "")  # the paper-out interval is closed
             await expect(page.locator('#timeline .tl-row[data-condition="outdated_software"] .tl-bar')).to_have_count(1)
+            await page.select_option("#tl-hours", "1")  # zoom in: the bars are minutes old
+            await expect(page.locator("#timeline h3")).to_have_text(re.compile("Conditions, last 1 hour"))
+            assert page.url.endswith(f"#/terminal/{HISTORY}?hours=1")
+            width = await bars.evaluate("b => b.getBoundingClientRect().width")
+            assert width > 1
             await shot(page, "support-terminal-timeline.png")
 
             await search(page, RECON)
