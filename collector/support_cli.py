@@ -262,14 +262,17 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `diagnose` and `reconcile`."""
-    p = sub.add_parser("diagnose", help="why can't this terminal's transactions be found? (asks the collector)",
+    # allow_abbrev=False: `--token SECRET` must not silently mean `--token-file SECRET`.
+    p = sub.add_parser("diagnose", allow_abbrev=False,
+                       help="why can't this terminal's transactions be found? (asks the collector)",
                        description="Walk the support checklist for one terminal: primary cause with evidence, other "
                        "findings, next steps, and a message for the merchant. Exit 0 healthy, 1 problem, 2 error.")
     p.add_argument("terminal_id")
     _add_client_args(p)
     p.set_defaults(handler=_diagnose)
 
-    p = sub.add_parser("reconcile", help="transactions completed but not recorded by the acquirer, and the reverse",
+    p = sub.add_parser("reconcile", allow_abbrev=False,
+                       help="transactions completed but not recorded by the acquirer, and the reverse",
                        description="Against a running collector (default) or offline: --settlement CSV + "
                        "--receipts (JSON lines from --export-receipts). Exit 0 reconciled, 1 differences, 2 error.")
     scope = p.add_mutually_exclusive_group()
