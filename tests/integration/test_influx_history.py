@@ -299,3 +299,52 @@ async def test_unwritable_spool_is_loud_and_monitoring_continues(
         assert stack.collector.stop() == 0
     finally:
         subprocess.run(["chattr", "-i", str(spool)], check=False)
+
+
+async def test_kill_9_mid_stream_loses_at_most_the_unflushed_interval(
+    tmp_path: Path, mosquitto: Process, victoria_metrics: VictoriaMetrics, stacks: list[Stack]
+) -> None:
+    """kill -9 while heartbeats keep coming and the database is down: the spool survives, and what is lost is
+    only what sat in memory, i.e. heartbeats received within `flush_interval_s` of the kill."""
+    flush_interval = 0.2  # influx_overrides
+    stack = Stack(tmp_path, mosquitto, victoria_metrics.url, n=30)
+    stacks.append(stack)
+    port = stack.start_collector().port
+    vm = victoria_metrics
+    async with stack.sim:
+        await poll("history flowing", lambda: metric(port, "posfleet_influx_points_total", result="written") > 100,
+                   30)
+        vm.stop()
+        await poll("heartbeats in the spool", lambda: metric(port, "posfleet_influx_spool_points") > 200, 60)
+        assert stack.collector is not None
+        os.kill(stack.collector.proc.pid, signal.SIGKILL)
+        killed_at = time.time()
+        stack.collector.proc.wait(10)
+        vm.start()
+        stack.start_collector()
+        await poll("the old spool replayed", lambda: metric(port, "posfleet_influx_spool_points") == 0
+                   and metric(port, "posfleet_influx_points_total", result="replayed") > 200, 60)
+        await poll("heartbeats written after the restart",
+                   lambda: metric(port, "posfleet_influx_points_total", result="written") > 100, 30)
+    await poll("the broker's backlog consumed", lambda: time.time() - metric(
+        port, "posfleet_mqtt_last_message_seconds") > 2 and metric(port, "posfleet_influx_buffer_points") == 0, 30)
+    assert stack.collector is not None and stack.collector.stop() == 0  # SIGTERM: flush
+
+    sent = sent_counts(stack.sim)
+    must_have = {tid: Counter(seq for seq, ts in seqs if ts < killed_at - flush_interval - 1.0)
+                 for tid, seqs in stack.sim.sent_seqs.items()}
+
+    def complete() -> bool:
+        stored = stored_counts(vm)
+        return all(not (c - stored.get(t, Counter())) for t, c in must_have.items())
+
+    try:
+        await poll("everything older than the kill window stored", complete, 60)
+    except AssertionError:
+        raise AssertionError(diff(must_have, stored_counts(vm))) from None
+    stored = stored_counts(vm)
+    extra = {t: sorted((c - sent.get(t, Counter())).elements()) for t, c in stored.items()}
+    assert not any(extra.values()), f"duplicated or unknown heartbeats: {extra}"
+    lost = total(sent) - total(stored)
+    print(f"kill -9 mid-stream: {total(sent)} heartbeats sent, {lost} lost (received within "
+          f"{flush_interval} s + 1 s of the kill)")
