@@ -29,6 +29,7 @@ from .protocol import DecodeError, Heartbeat, Status, TxnReceipt, UpstreamBatch,
 from .registry import Registry, RegistryError, load_registry
 from .snapshot import SnapshotError, restore, save_snapshot
 from .state import Fleet, HeartbeatResult, Transition
+from .support import install as install_support
 
 __all__ = ["Collector", "RateLimitedLog", "run_collector"]
 
@@ -92,7 +93,7 @@ class Collector:
         self._hb_counters = {
             r: self.metrics.messages.labels("heartbeat", r) for r in ("accepted", "duplicate", "stale")
         }
-        __import__("collector.support").support.install(self)  # ledger, diagnosis/reconcile API, /support page
+        install_support(self)  # ledger, diagnosis/reconcile API, /support page
 
     # ---- setup -----------------------------------------------------------------------------------------
     def _load_registry(self) -> Registry:

@@ -236,6 +236,8 @@ def decode_upstream(acquirer: str, payload: bytes) -> UpstreamBatch:
     """Decode an acquirer feed body (MQTT or HTTP); the acquirer id comes from the topic or URL."""
     if not _ID_RE.match(acquirer):
         raise DecodeError("bad_id", "acquirer")
+    if find_card_number(acquirer.encode()):
+        raise DecodeError("card_data", "acquirer id")
     if len(payload) > 1_048_576:  # A feed batch may hold many transactions; still bounded.
         raise DecodeError("too_large", f"{len(payload)} bytes")
     try:
@@ -268,6 +270,8 @@ def decode(topic: str, payload: bytes, prefix: str = "pos/v1", upstream_prefix: 
     tid, kind = parts
     if not _ID_RE.match(tid):
         raise DecodeError("bad_id", "topic")
+    if find_card_number(tid.encode()):  # an id must never carry a card number into state, labels or logs
+        raise DecodeError("card_data", "topic")
     _check_payload(payload)
     try:
         msg: Heartbeat | Status | TxnReceipt = _DECODERS[kind].decode(payload)
