@@ -235,6 +235,13 @@ class InfluxWriter:
         self._write_api = self._client.write_api()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="influx-spool")
         self._task = asyncio.create_task(self._run(), name="influx-writer")
+        self._task.add_done_callback(self._pump_ended)
+
+    def _pump_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and not self._stopping:
+            # history stops here, monitoring does not: say so loudly and show it on /metrics
+            log.critical("influx writer stopped: %r; history is no longer written", task.exception())
+            self._m.up.set(0)
 
     def write(self, line: str) -> None:
         """Queue one line of line protocol (no trailing newline); O(1), never blocks, never raises."""
@@ -274,14 +281,22 @@ class InfluxWriter:
         if self._post_task is not None:
             self._post_task.cancel()  # a request still in flight at the deadline is spooled instead
         self._wake.set()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await self._task
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("influx writer: the pump task had failed")
         self._seal()
-        left = self._ready_points
-        if left:
-            if not self._spool_opened:
-                await self._open_spool()
+        if self._ready_points:
+            if not self._spool_ok:
+                await self._open_spool()  # one last try: the directory may have been fixed meanwhile
             await self._spool_ready()
+        if self._ready_points:
+            log.error("influx writer closed with %d points neither written nor spooled: lost",
+                      self._ready_points)
+            while self._ready:
+                self._drop("spool_unwritable", len(self._pop_ready()))
         log.info("influx writer closed: %s; %d points left in the spool for the next start",
                  "all data written" if flushed else "flush deadline reached", self._spool_points)
         await self._client.close()
