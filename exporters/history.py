@@ -150,11 +150,9 @@ def receipt_line(txn: TxnReceipt, rx: float, tags: str) -> str:
 
 
 def upstream_lines(batch: UpstreamBatch, rx: float, tags_of: Callable[[str], str]) -> list[str]:
-    """Measurement `upstream_txn` per recorded transaction and one `upstream_batch` point per feed message.
-
-    Transactions of one batch share a receive time; adding the index (in ns) keeps two of the same
-    terminal from being merged into one point, and stays the same on a replay.
-    """
+    """Measurement `upstream_txn` per recorded transaction and one `upstream_batch` point per feed message."""
+    # Transactions of one batch share a receive time; adding the index (in ns) keeps two of the same terminal
+    # from being merged into one point, and stays the same on a replay.
     base = to_ns(rx)
     lines = [
         _line("upstream_txn", tags_of(t.tid), (
