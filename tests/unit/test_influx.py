@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import itertools
 import logging
 import subprocess
 import time
@@ -16,7 +18,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from exporters.influx import DROP_REASONS, RESULTS, InfluxConfig, InfluxWriter, resolve_token
+from exporters.influx import DROP_REASONS, RESULTS, InfluxConfig, InfluxWriter, _parse_retry_after, resolve_token
 from tests.services_tsdb import free_port
 
 Reply = tuple[int, dict[str, str], str]
@@ -234,6 +236,35 @@ async def test_retry_after_is_honoured(server: FakeInflux, tmp_path: Path) -> No
     (t_refused, _, s1), (t_retry, _, s2) = server.requests
     assert (s1, s2) == (429, 204)
     assert t_retry - t_refused >= 0.95  # backoff alone would have retried after ~0.05 s
+
+
+async def test_backoff_grows_exponentially_up_to_its_cap(server: FakeInflux, tmp_path: Path) -> None:
+    server.script = [(503, {}, "down")] * 6
+    async with InfluxWriter(config(server.url, backoff_initial_s=0.1, backoff_max_s=0.4), CollectorRegistry(),
+                            tmp_path / "spool") as w:
+        for line in lines(10):
+            w.write(line)
+        assert await w.flush(20)
+    times = [t for t, _, _ in server.requests]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) == 6
+    for k, gap in enumerate(gaps):
+        # each delay is between 50 % and 100 % of min(cap, initial * 2^k): check the lower half, which must hold
+        assert gap >= 0.5 * min(0.4, 0.1 * 2**k) - 0.01, (k, gaps)
+    assert gaps[3] >= 0.2 - 0.01  # grown: 0.8 s would be uncapped; capped at 0.4 -> at least 0.2
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("3", 3.0), ("0", 0.0), ("-5", 0.0), ("99999", 3600.0), ("soon", None), ("", None),
+])
+def test_retry_after_parsing(header: str, expected: float | None) -> None:
+    assert _parse_retry_after(header) == expected
+
+
+def test_retry_after_as_http_date() -> None:
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    parsed = _parse_retry_after(when)
+    assert parsed is not None and 25 <= parsed <= 31
 
 
 async def test_unreachable_server_then_recovery(tmp_path: Path) -> None:
