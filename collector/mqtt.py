@@ -54,6 +54,8 @@ class MqttIngest:
         self._queue: collections.deque[Inbound] = collections.deque()
         self._room = threading.Condition()
         self._ready = asyncio.Event()
+        self._lock = threading.Lock()
+        self._consumer_waiting = False
         self.subscribed = False
         self.last_message = 0.0
         self.over_capacity = 0
@@ -124,19 +126,25 @@ class MqttIngest:
                 self._room.wait_for(lambda: len(queue) < self.capacity, timeout=self.cfg.keepalive_s / 3)
             if len(queue) >= self.capacity:
                 self.over_capacity += 1
-        was_empty = not queue
-        queue.append(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos, rx))
-        if was_empty:
+        item = Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos, rx)
+        # Append and read the consumer's "waiting" flag atomically: without the lock, an append racing with
+        # the consumer going to sleep is a lost wake-up and ingest stalls with messages in the queue.
+        with self._lock:
+            queue.append(item)
+            wake, self._consumer_waiting = self._consumer_waiting, False
+        if wake:
             self.loop.call_soon_threadsafe(self._ready.set)
 
     # ---- asyncio side ----------------------------------------------------------------------------------
     async def batches(self, max_batch: int = 2000) -> list[Inbound]:
         """Wait for messages and take up to `max_batch` of them."""
         queue = self._queue
-        while not queue:
-            self._ready.clear()
-            if queue:
-                break
+        while True:
+            with self._lock:
+                if queue:
+                    break
+                self._consumer_waiting = True
+                self._ready.clear()
             await self._ready.wait()
         n = min(len(queue), max_batch)
         batch = [queue.popleft() for _ in range(n)]
