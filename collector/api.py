@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -63,9 +64,15 @@ def terminal_view(t: Terminal, now: float) -> dict[str, Any]:
     }
 
 
-def _principal(request: web.Request) -> Principal:
+def principal_of(request: web.Request) -> Principal:
+    """The principal the auth middleware attached to this API request."""
     p: Principal = request["principal"]
     return p
+
+
+def json_error(cls: type[web.HTTPException], message: str, **extra: Any) -> web.HTTPException:
+    """An HTTP error with a JSON body `{"error": message, ...}`."""
+    return cls(text=json.dumps({"error": message, **extra}), content_type="application/json")
 
 
 @web.middleware
@@ -83,11 +90,9 @@ async def auth_middleware(
     principal = collector.tokens.lookup(header)
     if principal is None:
         if header or collector.tokens.required or request.method == "POST":
-            raise web.HTTPUnauthorized(
-                text='{"error": "a valid bearer token is required"}',
-                content_type="application/json",
-                headers={"WWW-Authenticate": 'Bearer realm="posfleet"'},
-            )
+            err = json_error(web.HTTPUnauthorized, "a valid bearer token is required")
+            err.headers["WWW-Authenticate"] = 'Bearer realm="posfleet"'
+            raise err
         principal = OPEN
     request["principal"] = principal
     return await handler(request)
@@ -118,20 +123,16 @@ async def metrics(request: web.Request) -> web.Response:
 async def list_terminals(request: web.Request) -> web.Response:
     """Terminals filtered by condition, acquirer, site, merchant; problem terminals only unless all=1."""
     collector = request.app[COLLECTOR]
-    fleet, now, principal = collector.fleet, time.time(), _principal(request)
+    fleet, now, principal = collector.fleet, time.time(), principal_of(request)
     q = request.query
     condition = q.get("condition")
     if condition is not None and condition not in CONDITIONS:
-        raise web.HTTPBadRequest(
-            text=f'{{"error": "unknown condition", "known": {list(CONDITIONS)!r}}}'.replace("'", '"'),
-            content_type="application/json",
-        )
+        raise json_error(web.HTTPBadRequest, "unknown condition", known=list(CONDITIONS))
     try:
         limit = min(max(int(q.get("limit", "100")), 1), 1000)
         offset = max(int(q.get("offset", "0")), 0)
     except ValueError:
-        raise web.HTTPBadRequest(text='{"error": "limit and offset must be integers"}',
-                                 content_type="application/json") from None
+        raise json_error(web.HTTPBadRequest, "limit and offset must be integers") from None
     pool = fleet.terminals.keys() if q.get("all") == "1" else fleet.problem
     acquirer, site, merchant = q.get("acquirer"), q.get("site"), q.get("merchant_id")
     matched = []
@@ -154,8 +155,8 @@ def visible_terminal(request: web.Request) -> Terminal:
     """The terminal named in the path, or 404 (also when the token may not see it: no existence leak)."""
     fleet = request.app[COLLECTOR].fleet
     t = fleet.terminals.get(request.match_info["terminal_id"])
-    if t is None or not _principal(request).can_read(t.acquirer):
-        raise web.HTTPNotFound(text='{"error": "no such terminal"}', content_type="application/json")
+    if t is None or not principal_of(request).can_read(t.acquirer):
+        raise json_error(web.HTTPNotFound, "no such terminal")
     return t
 
 
@@ -166,8 +167,8 @@ async def get_terminal(request: web.Request) -> web.Response:
 
 async def post_upstream(request: web.Request) -> web.Response:
     """The acquirer feed over HTTP: same body as the MQTT topic."""
-    if not _principal(request).write_upstream:
-        raise web.HTTPForbidden(text='{"error": "token lacks write:upstream"}', content_type="application/json")
+    if not principal_of(request).write_upstream:
+        raise json_error(web.HTTPForbidden, "token lacks write:upstream")
     collector = request.app[COLLECTOR]
     body = await request.read()
     acquirer = request.match_info["acquirer_id"]
@@ -175,10 +176,7 @@ async def post_upstream(request: web.Request) -> web.Response:
         batch = decode_upstream(acquirer, body)
     except DecodeError as err:
         collector.count_reject("upstream", err)
-        raise web.HTTPBadRequest(
-            text=f'{{"error": "rejected", "reason": "{err.reason}", "detail": "{err.detail}"}}',
-            content_type="application/json",
-        ) from None
+        raise json_error(web.HTTPBadRequest, "rejected", reason=err.reason, detail=err.detail) from None
     matched = collector.apply_upstream(batch, time.time())
     return web.json_response({"accepted": len(batch.txns), "matched_terminals": matched}, status=202)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -285,8 +286,6 @@ class Collector:
         path = self.cfg.registry.path
         if not path:
             return
-        import os
-
         while True:
             await asyncio.sleep(self.cfg.registry.reload_interval_s)
             try:
@@ -320,5 +319,3 @@ async def run_collector(cfg: Config, on_ready: Callable[[Collector], None] | Non
         log.info("stopping: draining, final snapshot")
     return 0
 
-
-__all__ += ["SnapshotError"]

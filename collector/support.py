@@ -20,8 +20,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector as MetricsCollector
 
-from .api import COLLECTOR, visible_terminal
-from .auth import Principal
+from .api import COLLECTOR, json_error, principal_of, visible_terminal
 from .detect import CONDITIONS
 from .diagnose import LedgerFacts, diagnose, facts_from
 from .ledger import Ledger, LedgerLimits, condition_intervals
@@ -99,15 +98,6 @@ def install(collector: Collector, limits: LedgerLimits | None = None) -> Ledger:
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
-def _error(cls: type[web.HTTPException], message: str) -> web.HTTPException:
-    return cls(text=json.dumps({"error": message}), content_type="application/json")
-
-
-def _principal(request: web.Request) -> Principal:
-    p: Principal = request["principal"]
-    return p
-
-
 def _completed(t: Terminal, ledger: Ledger, now: float) -> Iterator[Completed]:
     for txn_id, e in ledger.entries(t.tid, now):
         if e.received_at is not None and e.ts is not None:
@@ -144,34 +134,34 @@ def _window(request: web.Request, now: float) -> Window:
         start = parse_time(q["from"]) if q.get("from") else now - 86_400
         end = parse_time(q["to"]) if q.get("to") else now + 1
     except ValueError:
-        raise _error(web.HTTPBadRequest, "day must be YYYY-MM-DD; from/to Unix seconds or ISO 8601") from None
+        raise json_error(web.HTTPBadRequest, "day must be YYYY-MM-DD; from/to Unix seconds or ISO 8601") from None
     if end <= start:
-        raise _error(web.HTTPBadRequest, "to must be after from")
+        raise json_error(web.HTTPBadRequest, "to must be after from")
     return Window(start, end)
 
 
 def _scope(request: web.Request) -> tuple[dict[str, str], list[Terminal]]:
     """Terminals selected by terminal_id | merchant_id | acquirer, among those the token may see."""
     fleet = request.app[COLLECTOR].fleet
-    principal = _principal(request)
+    principal = principal_of(request)
     q = request.query
     given = {k: q[k] for k in ("terminal_id", "merchant_id", "acquirer") if q.get(k)}
     if len(given) > 1:
-        raise _error(web.HTTPBadRequest, "give at most one of terminal_id, merchant_id, acquirer")
+        raise json_error(web.HTTPBadRequest, "give at most one of terminal_id, merchant_id, acquirer")
     if "terminal_id" in given:
         t = fleet.terminals.get(given["terminal_id"])
         if t is None or not principal.can_read(t.acquirer):
-            raise _error(web.HTTPNotFound, "no such terminal")
+            raise json_error(web.HTTPNotFound, "no such terminal")
         return given, [t]
     if "acquirer" in given:
         if not principal.can_read(given["acquirer"]):
-            raise _error(web.HTTPForbidden, "token may not read this acquirer")
+            raise json_error(web.HTTPForbidden, "token may not read this acquirer")
         return given, [t for t in fleet.terminals.values() if t.acquirer == given["acquirer"]]
     if "merchant_id" in given:
         mid = given["merchant_id"]
         found = [t for t in fleet.terminals.values() if t.merchant == mid and principal.can_read(t.acquirer)]
         if not found:
-            raise _error(web.HTTPNotFound, "no such merchant")
+            raise json_error(web.HTTPNotFound, "no such merchant")
         return given, found
     return given, [t for t in fleet.terminals.values() if principal.can_read(t.acquirer)]
 
@@ -180,7 +170,7 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
     try:
         return min(max(int(request.query.get("limit", str(default))), 1), maximum)
     except ValueError:
-        raise _error(web.HTTPBadRequest, "limit must be an integer") from None
+        raise json_error(web.HTTPBadRequest, "limit must be an integer") from None
 
 
 # ---- handlers -------------------------------------------------------------------------------------------------
@@ -204,9 +194,9 @@ async def get_timeline(request: web.Request) -> web.Response:
     try:
         hours = float(request.query.get("hours", "24"))
     except ValueError:
-        raise _error(web.HTTPBadRequest, "hours must be a number") from None
+        raise json_error(web.HTTPBadRequest, "hours must be a number") from None
     if not math.isfinite(hours) or hours <= 0:
-        raise _error(web.HTTPBadRequest, "hours must be positive")
+        raise json_error(web.HTTPBadRequest, "hours must be positive")
     now = time.time()
     hours = min(hours, ledger.limits.max_age_s / 3600)
     start = now - hours * 3600
@@ -232,7 +222,7 @@ async def get_reconcile(request: web.Request) -> web.Response:
         try:
             grace = max(float(request.query["grace_s"]), 0.0)
         except ValueError:
-            raise _error(web.HTTPBadRequest, "grace_s must be a number") from None
+            raise json_error(web.HTTPBadRequest, "grace_s must be a number") from None
     # Only terminals with ledger entries can contribute. The entries are copied on the loop (which owns the
     # ledger), yielding every few hundred terminals, and compared in a thread: a whole acquirer's day must not
     # stall MQTT ingest (about 1 s per 100,000 receipts).
@@ -285,7 +275,7 @@ async def get_receipts(request: web.Request) -> web.StreamResponse:
 async def get_facets(request: web.Request) -> web.Response:
     """Acquirers, sites and per-condition counts the token may see (the support page's filters)."""
     fleet = request.app[COLLECTOR].fleet
-    principal = _principal(request)
+    principal = principal_of(request)
     sites: dict[str, set[str]] = {}
     by_condition = dict.fromkeys(CONDITIONS, 0)
     # Counts are kept per (acquirer, site, condition): this is O(sites × conditions), not O(fleet).
