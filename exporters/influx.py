@@ -353,7 +353,7 @@ class InfluxWriter:
             if rec is None:
                 self._spool_points = 0
                 return True
-            outcome = await self._post(rec.payload)
+            outcome = await self._post(rec.payload, from_memory=False)
             if outcome.kind in ("ok", "reject"):
                 await self._in_thread(self._spool.ack, rec)
                 self._spool_points = self._spool.points
@@ -365,7 +365,7 @@ class InfluxWriter:
             return outcome.kind != "cancelled"
         if self._ready:
             batch = self._ready[0]
-            outcome = await self._post("\n".join(batch).encode())
+            outcome = await self._post("\n".join(batch).encode(), from_memory=True)
             if outcome.kind in ("ok", "reject"):
                 self._pop_ready()
                 self._m.result["written"].inc(len(batch) - outcome.dropped)
@@ -375,8 +375,9 @@ class InfluxWriter:
             return outcome.kind != "cancelled"
         return False
 
-    async def _post(self, body: bytes) -> _Outcome:
+    async def _post(self, body: bytes, from_memory: bool) -> _Outcome:
         """One write request, run as a task so memory can be spooled while it is in flight."""
+        half = self._cfg.max_buffer_bytes // 2
         task = asyncio.create_task(self._request(body))
         self._post_task = task
         try:
@@ -389,12 +390,14 @@ class InfluxWriter:
                 woken.cancel()
                 if task.done():
                     break
-                # only the spool's head is in flight when the spool is non-empty, so moving memory to the
-                # spool's tail keeps the order; when memory is in flight, wait (requests are bounded)
-                if self._spool_points > 0 and self._ready and (
-                    not self._up or self._mem_bytes > self._cfg.max_buffer_bytes // 2
-                ):
+                if not from_memory and self._ready and (not self._up or self._mem_bytes > half):
+                    # the spool's head is in flight: memory goes to the spool's tail, order kept
                     await self._spool_ready()
+                elif from_memory and self._mem_bytes > half:
+                    # a memory batch hangs (e.g. a server that stopped answering, up to request_timeout_s):
+                    # the batches behind it go to the spool; if it then fails it follows them, so order is
+                    # inverted by at most the batches spooled meanwhile (timestamps are in the points)
+                    await self._spool_ready(keep_bytes=half // 2, skip_first=True)
         finally:
             self._post_task = None
         if task.cancelled():
@@ -473,17 +476,18 @@ class InfluxWriter:
             log.info("influx spool %s holds %d points (%d bytes) from before; replaying them first",
                      self._spool.directory, report.points, report.size_bytes)
 
-    async def _spool_ready(self, keep_bytes: int = 0) -> bool:
+    async def _spool_ready(self, keep_bytes: int = 0, skip_first: bool = False) -> bool:
         """Move sealed batches, oldest first, from memory to the spool's tail until memory is <= `keep_bytes`."""
         moved = False
-        while self._ready and self._mem_bytes > keep_bytes and self._spool_ok:
-            batch = self._ready[0]
+        first = 1 if skip_first else 0  # the batch in flight stays where it is
+        while len(self._ready) > first and self._mem_bytes > keep_bytes and self._spool_ok:
+            batch = self._ready[first]
             try:
                 result = await self._in_thread(self._spool.append, "\n".join(batch).encode(), len(batch))
             except OSError as e:
                 self._spool_failed("append", e)
                 break
-            self._pop_ready()
+            self._pop_ready(first)
             moved = True
             if result.stored:
                 self._m.result["spooled"].inc(len(batch))
@@ -536,8 +540,10 @@ class InfluxWriter:
             self._buf = []
             self._wake.set()
 
-    def _pop_ready(self) -> list[str]:
-        batch = self._ready.popleft()
+    def _pop_ready(self, index: int = 0) -> list[str]:
+        batch = self._ready.popleft() if index == 0 else self._ready[index]
+        if index:
+            del self._ready[index]
         self._ready_points -= len(batch)
         self._mem_bytes -= sum(len(line) + 1 for line in batch)
         return batch

@@ -316,6 +316,22 @@ async def test_slow_server_overflows_to_the_spool_not_to_drops(server: FakeInflu
     assert value(reg, "posfleet_influx_up") == 1  # slow is not down
 
 
+async def test_hanging_request_does_not_fill_memory(server: FakeInflux, tmp_path: Path) -> None:
+    reg = CollectorRegistry()
+    server.script = [None]  # the first request never gets an answer (a server that stopped responding)
+    data = lines(800)
+    cfg = config(server.url, max_buffer_bytes=20_000, request_timeout_s=1.0)
+    async with InfluxWriter(cfg, reg, tmp_path / "spool") as w:
+        for i in range(0, 800, 40):
+            for line in data[i : i + 40]:
+                w.write(line)
+            await asyncio.sleep(0.02)  # 800 lines arrive while the first request hangs
+        assert await w.flush(20)
+    assert value(reg, "posfleet_influx_points_total", result="dropped") == 0
+    assert value(reg, "posfleet_influx_points_total", result="spooled") > 0
+    assert sorted(server.stored) == sorted(data)  # each once; the hung batch may come after later ones
+
+
 # -- refusals -------------------------------------------------------------------------------------------
 
 
