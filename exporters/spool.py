@@ -315,6 +315,8 @@ class Spool:
         finally:
             os.close(fd)
         os.replace(tmp, self.directory / "cursor")
+        if self.fsync:
+            _fsync_dir(self.directory)  # the rename itself must survive a power cut, or acked data is replayed
 
 
 def _scan(path: Path) -> tuple[dict[int, int], int, int]:
