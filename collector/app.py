@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -111,6 +112,10 @@ class Collector:
     async def __aenter__(self) -> Collector:
         try:
             self._restore()
+            # The registry and restored state are long-lived: moving them out of the collector's generations
+            # keeps full collections (150+ ms at 1M objects, FIELD-NOTES) from pausing the loop.
+            gc.collect()
+            gc.freeze()
             loop = asyncio.get_running_loop()
             if self.cfg.influx.enabled:
                 # Entered first, so it is closed last: what the loop drains on shutdown still reaches it.

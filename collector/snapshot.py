@@ -13,7 +13,16 @@ from .state import FeedState, Fleet, Terminal
 __all__ = ["SnapshotError", "load_snapshot", "save_snapshot"]
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2
+
+
+class _Snapshot(msgspec.Struct):
+    format: int
+    terminals: list[Terminal]
+    feeds: list[tuple[str, float, float, int]]
+
+
+_DECODER = msgspec.msgpack.Decoder(_Snapshot)
 
 
 class SnapshotError(RuntimeError):
@@ -22,11 +31,11 @@ class SnapshotError(RuntimeError):
 
 def save_snapshot(fleet: Fleet, path: str | os.PathLike[str]) -> int:
     """Write the fleet's state to `path` atomically (tmp + fsync + rename); returns bytes written."""
-    body = {
-        "format": FORMAT,
-        "terminals": [t.to_dict() for t in fleet.terminals.values()],
-        "feeds": [[f.acquirer, f.last_rx, f.alive_since, f.txns] for f in fleet.feeds.values()],
-    }
+    body = _Snapshot(
+        FORMAT,
+        list(fleet.terminals.values()),
+        [(f.acquirer, f.last_rx, f.alive_since, f.txns) for f in fleet.feeds.values()],
+    )
     data = msgspec.msgpack.encode(body)
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
@@ -48,17 +57,17 @@ def load_snapshot(path: str | os.PathLike[str]) -> tuple[list[Terminal], list[Fe
     if not target.exists():
         return [], []
     try:
-        body = msgspec.msgpack.decode(target.read_bytes())
-        if not isinstance(body, dict) or body.get("format") != FORMAT:
-            raise SnapshotError(f"{target}: unknown snapshot format")
-        terminals = [Terminal.from_dict(d) for d in body["terminals"]]
-        feeds = []
-        for acquirer, last_rx, alive_since, txns in body["feeds"]:
-            feed = FeedState(acquirer)
-            feed.last_rx, feed.alive_since, feed.txns = last_rx, alive_since, txns
-            feeds.append(feed)
-    except (OSError, msgspec.DecodeError, KeyError, TypeError, ValueError) as err:
+        body = _DECODER.decode(target.read_bytes())
+    except (OSError, msgspec.DecodeError) as err:
         raise SnapshotError(f"{target}: unreadable snapshot ({err}); move it away to start empty") from err
+    if body.format != FORMAT:
+        raise SnapshotError(f"{target}: snapshot format {body.format}, this version reads {FORMAT}")
+    terminals = body.terminals
+    feeds = []
+    for acquirer, last_rx, alive_since, txns in body.feeds:
+        feed = FeedState(acquirer)
+        feed.last_rx, feed.alive_since, feed.txns = last_rx, alive_since, txns
+        feeds.append(feed)
     return terminals, feeds
 
 

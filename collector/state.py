@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Final
 
+import msgspec
+
 from .config import Config
 from .detect import (
     CONDITIONS,
@@ -40,8 +42,7 @@ class HeartbeatResult(enum.Enum):
     BACKWARDS = "counter_backwards"  # newer, but a cumulative counter decreased: rejected
 
 
-@dataclass(frozen=True, slots=True)
-class Active:
+class Active(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """An active condition on one terminal."""
 
     since: float
@@ -61,99 +62,46 @@ class Transition:
     detail: str
 
 
-class Terminal:
-    """Everything known about one terminal. Slots keep it near 300 bytes."""
+class Terminal(msgspec.Struct, array_like=True, gc=False):
+    """Everything known about one terminal.
 
-    __slots__ = (
-        "acquirer",
-        "app_version",
-        "battery_pct",
-        "card_reader",
-        "conds",
-        "display",
-        "events",
-        "interval_s",
-        "last_rx",
-        "last_ts",
-        "merchant",
-        "mid",
-        "model",
-        "net_type",
-        "oldest_queued_ts",
-        "os_version",
-        "pending_upload_since",
-        "power_source",
-        "printer",
-        "queue_depth",
-        "rssi_dbm",
-        "seq",
-        "site",
-        "status",
-        "status_rx",
-        "streaks",
-        "tid",
-        "txn_count",
-        "uploaded_count",
-        "upstream_rx",
-        "upstream_txns",
-        "uptime_s",
-    )
+    A msgspec Struct: no per-object dict, no GC header (`gc=False` is safe, a Terminal never takes part in a
+    reference cycle), and the snapshot encodes and decodes it directly as a compact array, with no
+    intermediate dict per terminal. Field order is the snapshot format: append new fields at the end.
+    """
 
-    def __init__(self, tid: str) -> None:
-        self.tid = tid
-        self.acquirer = UNKNOWN
-        self.site = UNKNOWN
-        self.merchant = ""
-        self.mid: str | None = None
-        self.model: str | None = None
-        self.app_version: str | None = None
-        self.os_version: str | None = None
-        self.interval_s: float = 0.0
-        self.last_rx: float | None = None
-        self.last_ts: float = 0.0
-        self.seq: int = -1
-        self.uptime_s: float | None = None
-        self.txn_count: int = 0
-        self.uploaded_count: int = 0
-        self.queue_depth: int = 0
-        self.oldest_queued_ts: float | None = None
-        self.net_type: str | None = None
-        self.rssi_dbm: float | None = None
-        self.power_source: str | None = None
-        self.battery_pct: float | None = None
-        self.printer: str | None = None
-        self.display: str | None = None
-        self.card_reader: str | None = None
-        self.status: str = ""  # "", "online", "offline" (last will / connection lost), "shutdown"
-        self.status_rx: float = 0.0
-        self.upstream_rx: float = 0.0
-        self.upstream_txns: int = 0
-        self.pending_upload_since: float | None = None
-        self.events: list[float] | None = None
-        self.conds: dict[str, Active] | None = None
-        self.streaks: dict[str, int] | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        """A JSON-able view (API, snapshot)."""
-        out: dict[str, object] = {}
-        for name in self.__slots__:
-            value = getattr(self, name)
-            if name == "conds" and value is not None:
-                value = {c: [a.since, a.severity, a.detail] for c, a in value.items()}
-            out[name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, object]) -> Terminal:
-        """Inverse of to_dict; unknown keys from other versions are ignored."""
-        t = cls(str(data["tid"]))
-        for name in cls.__slots__:
-            if name in data and name != "tid":
-                setattr(t, name, data[name])
-        raw_conds = data.get("conds")
-        if isinstance(raw_conds, dict):
-            t.conds = {c: Active(float(v[0]), str(v[1]), str(v[2])) for c, v in raw_conds.items()}
-        return t
+    tid: str
+    acquirer: str = UNKNOWN  # from the registry ("unknown" when unregistered)
+    site: str = UNKNOWN
+    merchant: str = ""  # registry merchant, else the heartbeat's mid
+    mid: str | None = None  # merchant id the terminal reports
+    model: str | None = None
+    app_version: str | None = None
+    os_version: str | None = None
+    interval_s: float = 0.0
+    last_rx: float | None = None  # receive time of the newest heartbeat
+    last_ts: float = 0.0  # terminal clock of the newest heartbeat
+    seq: int = -1
+    uptime_s: float | None = None
+    txn_count: int = 0
+    uploaded_count: int = 0
+    queue_depth: int = 0
+    oldest_queued_ts: float | None = None
+    net_type: str | None = None
+    rssi_dbm: float | None = None
+    power_source: str | None = None
+    battery_pct: float | None = None
+    printer: str | None = None
+    display: str | None = None
+    card_reader: str | None = None
+    status: str = ""  # "", "online", "offline" (last will / connection lost), "shutdown"
+    status_rx: float = 0.0
+    upstream_rx: float = 0.0  # receive time of the acquirer's last record of this terminal
+    upstream_txns: int = 0
+    pending_upload_since: float | None = None  # uploads acknowledged but not yet seen in the feed, since
+    events: list[float] | None = None  # recent reboots / offline->online cycles (flapping)
+    conds: dict[str, Active] | None = None  # active conditions
+    streaks: dict[str, int] | None = None  # hysteresis counters of conditions about to change
 
 
 class FeedState:
