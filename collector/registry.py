@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from .protocol import _ID_RE
 
 __all__ = ["Registry", "RegistryEntry", "RegistryError", "load_registry"]
@@ -21,8 +23,7 @@ class RegistryError(ValueError):
     """The registry file is invalid; lists every bad line."""
 
 
-@dataclass(frozen=True, slots=True)
-class RegistryEntry:
+class RegistryEntry(msgspec.Struct, frozen=True, gc=False):
     """What the acquirer's records say about one terminal."""
 
     terminal_id: str

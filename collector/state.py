@@ -10,7 +10,7 @@ import enum
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, overload
 
 import msgspec
 
@@ -30,6 +30,21 @@ __all__ = ["Active", "FeedState", "Fleet", "HeartbeatResult", "Terminal", "Trans
 
 UNKNOWN: Final = "unknown"
 MAX_EVENTS: Final = 8  # reboot/reconnect times kept for flapping detection
+
+
+_FLOATS: dict[float, float] = {}
+
+
+@overload
+def _shared(value: float) -> float: ...
+@overload
+def _shared(value: None) -> None: ...
+def _shared(value: float | None) -> float | None:
+    """One float object per distinct value for fields that repeat across the fleet (interval, signal, battery):
+    24 bytes per terminal and field saved; the table is bounded by the values' range, not the fleet."""
+    if value is None or len(_FLOATS) >= 100_000:
+        return value
+    return _FLOATS.setdefault(value, value)
 
 
 class HeartbeatResult(enum.Enum):
@@ -302,7 +317,9 @@ class Fleet:
             and t.upstream_rx < rx - 2 * hb.interval_s - 5
         ):
             t.pending_upload_since = rx
-        t.seq, t.last_ts, t.interval_s = hb.seq, hb.ts, hb.interval_s
+        t.seq, t.last_ts = hb.seq, hb.ts
+        if hb.interval_s != t.interval_s:
+            t.interval_s = _shared(hb.interval_s)
         t.last_rx = rx if t.last_rx is None else max(t.last_rx, rx)
         t.txn_count, t.uploaded_count = hb.txn_count, hb.uploaded_count
         t.queue_depth, t.oldest_queued_ts = hb.queue_depth, hb.oldest_queued_ts
@@ -323,9 +340,13 @@ class Fleet:
             t.os_version = sys.intern(hb.os_version)
         t.uptime_s = hb.uptime_s
         if hb.net is not None:
-            t.net_type, t.rssi_dbm = hb.net.type, hb.net.rssi_dbm
+            if hb.net.rssi_dbm != t.rssi_dbm:
+                t.rssi_dbm = _shared(hb.net.rssi_dbm)
+            t.net_type = hb.net.type
         if hb.power is not None:
-            t.power_source, t.battery_pct = hb.power.source, hb.power.battery_pct
+            if hb.power.battery_pct != t.battery_pct:
+                t.battery_pct = _shared(hb.power.battery_pct)
+            t.power_source = hb.power.source
         if hb.hw is not None:
             t.printer, t.display, t.card_reader = hb.hw.printer, hb.hw.display, hb.hw.card_reader
         if t.status in ("offline", "shutdown"):
