@@ -14,13 +14,19 @@ log = logging.getLogger(__name__)
 
 def _run(args: argparse.Namespace) -> int:
     from .app import run_collector
+    from .registry import RegistryError
+    from .snapshot import SnapshotError
 
     try:
         cfg = load_config(args.config)
     except ConfigError as err:
         print(f"posfleet: invalid configuration: {err}", file=sys.stderr)
         return 2
-    return asyncio.run(run_collector(cfg))
+    try:
+        return asyncio.run(run_collector(cfg))
+    except (RegistryError, SnapshotError, OSError) as err:
+        print(f"posfleet: cannot start: {err}", file=sys.stderr)
+        return 2
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -66,12 +66,18 @@ def load_registry(path: str | os.PathLike[str] | None) -> Registry:
     entries: dict[str, RegistryEntry] = {}
     intern: dict[str, str] = {}  # merchant/acquirer/site strings repeat: share one object per value
     with p.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in COLUMNS[:3] if c not in (reader.fieldnames or [])]
+        reader = csv.reader(fh)  # rows as lists: a dict per row would be 100k short-lived dicts to fragment the heap
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in COLUMNS[:3] if c not in header]
         if missing:
             raise RegistryError(f"{p}: missing columns {', '.join(missing)} (need {', '.join(COLUMNS)})")
+        index = {c: header.index(c) for c in COLUMNS if c in header}
         for lineno, row in enumerate(reader, start=2):
-            values = {c: (row.get(c) or "").strip() for c in COLUMNS}
+            if not row:
+                continue
+            values = {c: (row[i].strip() if i < len(row) else "") for c, i in index.items()}
+            for c in COLUMNS:
+                values.setdefault(c, "")
             for col in ("terminal_id", "merchant_id", "acquirer"):
                 if not _ID_RE.match(values[col]):
                     problems.append(f"line {lineno}: {col} must match [A-Za-z0-9_-]{{1,64}}")

@@ -71,12 +71,3 @@ def load_snapshot(path: str | os.PathLike[str]) -> tuple[list[Terminal], list[Fe
     return terminals, feeds
 
 
-def restore(fleet: Fleet, path: str | os.PathLike[str]) -> int:
-    """Load a snapshot into a fresh fleet; returns how many terminals were restored."""
-    terminals, feeds = load_snapshot(path)
-    for t in terminals:
-        fleet.terminals[t.tid] = t
-    for f in feeds:
-        fleet.feeds[f.acquirer] = f
-    fleet.set_registry(fleet.registry)  # relabel and rebuild counts from the restored terminals
-    return len(terminals)

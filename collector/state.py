@@ -138,15 +138,22 @@ class FeedState:
 class Fleet:
     """The whole fleet's state and the counts derived from it."""
 
-    def __init__(self, cfg: Config, started_at: float, registry: Registry = EMPTY) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        started_at: float,
+        registry: Registry = EMPTY,
+        restored: tuple[list[Terminal], list[FeedState]] = ([], []),
+    ) -> None:
         self.cfg = cfg
         self.th = cfg.thresholds
         self.policy: dict[str, tuple[int, ...]] = {
             m: v for m, v in ((m, parse_version(s)) for m, s in cfg.software_policy.items()) if v is not None
         }
         self.started_at = started_at
-        self.terminals: dict[str, Terminal] = {}
-        self.feeds: dict[str, FeedState] = {}
+        # Restored terminals go in before the registry creates the missing ones, so none is built twice.
+        self.terminals: dict[str, Terminal] = {t.tid: t for t in restored[0]}
+        self.feeds: dict[str, FeedState] = {f.acquirer: f for f in restored[1]}
         self.registry = EMPTY
         self.registry_loaded = False
         # (acquirer, site, condition) -> terminals; pseudo-conditions "_known", "_shutdown" ride along.

@@ -11,7 +11,7 @@ import pytest
 from collector.config import Config
 from collector.protocol import Heartbeat, Status, UpstreamBatch, UpstreamTxn
 from collector.registry import Registry, RegistryEntry
-from collector.snapshot import restore, save_snapshot
+from collector.snapshot import load_snapshot, save_snapshot
 from collector.state import Fleet, HeartbeatResult, Transition
 
 T0 = 1_764_510_000.0
@@ -280,8 +280,9 @@ def test_restart_from_snapshot_raises_no_offline_storm(tmp_path: Path, clock: Cl
     save_snapshot(clock.fleet, tmp_path / "s")
     # The collector was down for an hour: nobody was heard meanwhile, through no fault of the terminals.
     later = clock.now + 3600
-    fleet2 = Fleet(CFG, started_at=later, registry=REG)
-    assert restore(fleet2, tmp_path / "s") == 2
+    restored = load_snapshot(tmp_path / "s")
+    assert len(restored[0]) == 2
+    fleet2 = Fleet(CFG, started_at=later, registry=REG, restored=restored)
     c2 = Clock(fleet2, later)
     c2.tick(1)
     assert conds(fleet2, "T1") == {"offline"}, "what was offline stays offline"
