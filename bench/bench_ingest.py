@@ -186,6 +186,7 @@ def bench_collector(workdir: Path, n_terms: int, rounds: int, fault_every: int) 
         total = n_terms * rounds
         collector = start_collector(workdir, config, http_port)
         start = time.monotonic()
+        out["rss_kib_restarted"] = rss_kib(collector.proc.pid)
         wait_until(lambda: metric(http_port, "posfleet_messages_total") >= total, 600, "backlog drained", 0.2)
         elapsed = time.monotonic() - start
         out["heartbeats"] = total
@@ -245,6 +246,10 @@ def main() -> None:
     print(f"collector end to end      {rate:,.0f} heartbeats/s  ({rate / floor:.2f} x floor)")
     print(f"RSS empty / loaded        {base / 1024:.1f} MiB / {res['rss_kib_after_load'] / 1024:.1f} MiB")
     print(f"RSS per terminal          {per_terminal:,.0f} bytes")
+    registry_only = (res["rss_kib_registry_only"] - base) * 1024 / args.terminals
+    print(f"  of which before any heartbeat (registry loaded) {registry_only:,.0f} bytes")
+    restarted = (res["rss_kib_restarted"] - base) * 1024 / args.terminals
+    print(f"  after a restart from the snapshot, before the backlog  {restarted:,.0f} bytes")
     print(
         f"/metrics median / max     {res['metrics_ms_median']:.1f} ms / {res['metrics_ms_max']:.1f} ms "
         f"({res['metrics_bytes'] / 1024:.0f} KiB, {int(res['problem_series'])} terminals in a condition)"

@@ -219,8 +219,18 @@ def _classify(err: msgspec.ValidationError | msgspec.DecodeError) -> DecodeError
     return DecodeError("bad_json")
 
 
-def _check_payload(payload: bytes) -> None:
-    if len(payload) > MAX_PAYLOAD_BYTES:
+MAX_UPSTREAM_BYTES: Final = 1_048_576  # a feed batch may hold many transactions; still bounded
+
+
+def _check_id(value: str, what: str) -> None:
+    if not _ID_RE.match(value):
+        raise DecodeError("bad_id", what)
+    if find_card_number(value.encode()):  # an id must never carry a card number into state, labels or logs
+        raise DecodeError("card_data", what)
+
+
+def _check_payload(payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+    if len(payload) > max_bytes:
         raise DecodeError("too_large", f"{len(payload)} bytes")
     try:
         payload.decode("utf-8")
@@ -234,20 +244,8 @@ def _check_payload(payload: bytes) -> None:
 
 def decode_upstream(acquirer: str, payload: bytes) -> UpstreamBatch:
     """Decode an acquirer feed body (MQTT or HTTP); the acquirer id comes from the topic or URL."""
-    if not _ID_RE.match(acquirer):
-        raise DecodeError("bad_id", "acquirer")
-    if find_card_number(acquirer.encode()):
-        raise DecodeError("card_data", "acquirer id")
-    if len(payload) > 1_048_576:  # A feed batch may hold many transactions; still bounded.
-        raise DecodeError("too_large", f"{len(payload)} bytes")
-    try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DecodeError("not_utf8") from None
-    if _nesting_too_deep(payload):
-        raise DecodeError("too_deep")
-    if find_card_number(payload):
-        raise DecodeError("card_data")
+    _check_id(acquirer, "acquirer")
+    _check_payload(payload, MAX_UPSTREAM_BYTES)
     try:
         batch = _UPSTREAM_DECODER.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as err:
@@ -268,10 +266,7 @@ def decode(topic: str, payload: bytes, prefix: str = "pos/v1", upstream_prefix: 
     if len(parts) != 2 or parts[1] not in _DECODERS:
         raise DecodeError("bad_topic")
     tid, kind = parts
-    if not _ID_RE.match(tid):
-        raise DecodeError("bad_id", "topic")
-    if find_card_number(tid.encode()):  # an id must never carry a card number into state, labels or logs
-        raise DecodeError("card_data", "topic")
+    _check_id(tid, "topic")
     _check_payload(payload)
     try:
         msg: Heartbeat | Status | TxnReceipt = _DECODERS[kind].decode(payload)

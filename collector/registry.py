@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,6 @@ def load_registry(path: str | os.PathLike[str] | None) -> Registry:
     p = Path(path)
     problems: list[str] = []
     entries: dict[str, RegistryEntry] = {}
-    intern: dict[str, str] = {}  # merchant/acquirer/site strings repeat: share one object per value
     with p.open(newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)  # rows as lists: a dict per row would be 100k short-lived dicts to fragment the heap
         header = [h.strip() for h in next(reader, [])]
@@ -85,9 +85,10 @@ def load_registry(path: str | os.PathLike[str] | None) -> Registry:
                 problems.append(f"line {lineno}: duplicate terminal_id {values['terminal_id']}")
             if len(problems) > 20:
                 break
-            shared = {c: intern.setdefault(v, v) for c, v in values.items()}
-            entries[values["terminal_id"]] = RegistryEntry(
-                terminal_id=values["terminal_id"],
+            # Ids and names repeat (and meet the same strings again in snapshots and heartbeats): one object each.
+            shared = {c: sys.intern(v) for c, v in values.items()}
+            entries[shared["terminal_id"]] = RegistryEntry(
+                terminal_id=shared["terminal_id"],
                 merchant_id=shared["merchant_id"],
                 acquirer=shared["acquirer"],
                 model=shared["model"],
