@@ -14,7 +14,7 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
-from exporters.influx import InfluxConfig
+from exporters.influx import InfluxConfig, resolve_token
 
 __all__ = ["Config", "ConfigError", "Hysteresis", "Thresholds", "load_config"]
 
@@ -150,6 +150,11 @@ def _semantic_problems(cfg: Config) -> list[str]:
         problems.append("thresholds.will_confirm_factor: must not exceed offline_factor")
     if cfg.registry.path and not Path(cfg.registry.path).is_file():
         problems.append(f"registry.path: no such file {cfg.registry.path!r}")
+    if cfg.influx.enabled:
+        try:
+            resolve_token(cfg.influx)
+        except (OSError, ValueError) as err:
+            problems.append(f"influx.token_file: {getattr(err, 'strerror', None) or err}")
     from .detect import parse_version
 
     for model, version in cfg.software_policy.items():
