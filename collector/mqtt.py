@@ -56,6 +56,7 @@ class MqttIngest:
         self._ready = asyncio.Event()
         self._lock = threading.Lock()
         self._consumer_waiting = False
+        self._closing = False
         self.subscribed = False
         self.last_message = 0.0
         self.over_capacity = 0
@@ -114,7 +115,10 @@ class MqttIngest:
     def _on_disconnect(self, _c: paho.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         self.subscribed = False
         self.metrics.mqtt_connected.set(0)
-        log.warning("MQTT disconnected from %s:%s (%s); paho reconnects with backoff", self.host, self.port, reason)
+        if self._closing:
+            log.info("MQTT disconnected from %s:%s", self.host, self.port)
+        else:
+            log.warning("MQTT connection to %s:%s lost (%s); reconnecting with backoff", self.host, self.port, reason)
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         rx = time.time()
@@ -169,6 +173,7 @@ class MqttIngest:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._closing = True
         self.client.disconnect()
         await asyncio.to_thread(self.client.loop_stop)
         self.metrics.mqtt_connected.set(0)

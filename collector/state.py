@@ -421,7 +421,19 @@ class Fleet:
         """Evaluate time-driven conditions for every terminal."""
         out: list[Transition] = []
         step = self._time_step
+        factor, default_interval, feeds = self.th.offline_factor, self.th.default_interval_s, self.feeds
         for t in self.terminals.values():
+            # Fast path for the common case: a quiet, recently heard terminal with nothing pending can change no
+            # time-driven condition (its silence, measured from max(last_rx, start), is under the limit).
+            if (
+                t.conds is None
+                and t.events is None
+                and (t.pending_upload_since is None or t.acquirer not in feeds)
+                and t.last_rx is not None
+                and t.status != "offline"
+                and now - t.last_rx <= factor * (t.interval_s or default_interval)
+            ):
+                continue
             step(t, now, out)
         return out
 

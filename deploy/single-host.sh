@@ -212,7 +212,7 @@ log_type error
 log_type warning
 log_type notice
 max_queued_messages 250000
-max_inflight_messages 100
+max_inflight_messages 1000
 
 listener $MQTT_PORT $MQTT_BIND
 allow_anonymous false
