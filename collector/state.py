@@ -156,7 +156,8 @@ class Fleet:
         self.feeds: dict[str, FeedState] = {f.acquirer: f for f in restored[1]}
         self.registry = EMPTY
         self.registry_loaded = False
-        # (acquirer, site, condition) -> terminals; pseudo-conditions "_known", "_shutdown" ride along.
+        # (acquirer, site, condition) -> terminals; the pseudo-conditions "_known", "_online" and "_shutdown"
+        # ride along, so /metrics never walks the fleet.
         self.counts: Counter[tuple[str, str, str]] = Counter()
         self.problem: set[str] = set()  # terminals with at least one active condition
         self.versions: Counter[tuple[str, str, str]] = Counter()  # (acquirer, model, app_version)
@@ -224,7 +225,7 @@ class Fleet:
         self.counts[(t.acquirer, t.site, cond)] -= 1
         out.append(Transition(t.tid, cond, False, now, active.severity, active.detail))
 
-    def _update(self, t: Terminal, cond: str, hit: tuple[str, str], now: float) -> None:
+    def _update(self, t: Terminal, cond: str, hit: tuple[str, str]) -> None:
         """Severity or detail changed while active: keep `since`."""
         assert t.conds is not None
         t.conds[cond] = Active(t.conds[cond].since, hit[0], hit[1])
@@ -241,7 +242,7 @@ class Fleet:
                     if not t.streaks:
                         t.streaks = None
                 if hit is not None and t.conds is not None and t.conds[cond].detail != hit[1]:
-                    self._update(t, cond, hit, now)
+                    self._update(t, cond, hit)
                 continue
             streaks = t.streaks if t.streaks is not None else {}
             n = streaks.get(cond, 0) + 1
@@ -333,7 +334,7 @@ class Fleet:
         if hb.mid is not None and hb.mid != t.mid:
             t.mid = sys.intern(hb.mid)  # ids and versions repeat across the fleet: share one string each
             if t.acquirer == UNKNOWN:
-                t.merchant = hb.mid
+                t.merchant = t.mid
         model, version = hb.model or t.model, hb.app_version or t.app_version
         if (model, version) != (t.model, t.app_version):
             model = sys.intern(model) if model else model
