@@ -12,14 +12,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import msgspec  # noqa: E402
-from prometheus_client import generate_latest  # noqa: E402
+import msgspec
+from prometheus_client import generate_latest
 
-from collector.app import Collector  # noqa: E402
-from collector.config import Config  # noqa: E402
-from collector.metrics import render_problem_series  # noqa: E402
-from collector.registry import Registry, RegistryEntry  # noqa: E402
-from collector.simulator import make_fleet  # noqa: E402
+from collector.app import Collector
+from collector.config import Config
+from collector.metrics import render_problem_series
+from collector.registry import Registry, RegistryEntry
+from collector.simulator import make_fleet
 
 
 def measure(terminals: int, problems: int, repeat: int = 20) -> tuple[float, float, int]:
