@@ -150,6 +150,8 @@ def _semantic_problems(cfg: Config) -> list[str]:
         problems.append("thresholds.will_confirm_factor: must not exceed offline_factor")
     if cfg.registry.path and not Path(cfg.registry.path).is_file():
         problems.append(f"registry.path: no such file {cfg.registry.path!r}")
+    if cfg.mqtt.password_file and not os.access(cfg.mqtt.password_file, os.R_OK):
+        problems.append(f"mqtt.password_file: cannot read {cfg.mqtt.password_file!r}")
     if cfg.influx.enabled:
         try:
             resolve_token(cfg.influx)

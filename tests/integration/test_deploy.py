@@ -127,14 +127,20 @@ def test_compose_collector_config_is_valid(tmp_path: Path) -> None:
     content = doc["configs"]["collector_yaml"]["content"]
     mount = next(v for v in doc["services"]["collector"]["volumes"] if v.endswith(":/etc/posfleet/terminals.csv:ro"))
     registry = DEPLOY / mount.split(":", 1)[0]
+    # The loader checks that secret files are readable: stand-ins replace the container's secret mounts.
+    secrets = {"/run/secrets/influxdb_token": "influx-token", "/run/secrets/collector_mqtt_password": "mqtt-pass"}
+    for mount_path, name in secrets.items():
+        assert mount_path in content
+        (tmp_path / name).write_text("stand-in secret\n")
+        content = content.replace(mount_path, str(tmp_path / name))
     path = tmp_path / "collector.yaml"
     path.write_text(content.replace("/etc/posfleet/terminals.csv", str(registry)))
     cfg = load_config(path)
     assert cfg.mqtt.url == "mqtt://mosquitto:1883"
     assert cfg.http.host == "0.0.0.0"
     assert cfg.influx.enabled and cfg.influx.url == "http://influxdb:8086"
-    assert cfg.influx.token_file == "/run/secrets/influxdb_token"
-    assert cfg.mqtt.password_file == "/run/secrets/collector_mqtt_password"
+    assert cfg.influx.token_file == str(tmp_path / "influx-token")
+    assert cfg.mqtt.password_file == str(tmp_path / "mqtt-pass")
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ def test_every_semantic_problem_is_reported_at_once(tmp_path: Path, monkeypatch:
     monkeypatch.delenv("POSFLEET_INFLUX_TOKEN", raising=False)  # the environment would win over the file
     path = tmp_path / "c.yaml"
     path.write_text(
-        "mqtt: {url: 'http://broker'}\n"
+        "mqtt: {url: 'http://broker', password_file: /nonexistent/password}\n"
         "registry: {path: /nonexistent.csv}\n"
         "software_policy: {A920: banana}\n"
         "influx: {enabled: true, token_file: /nonexistent/token}\n"
@@ -36,7 +36,7 @@ def test_every_semantic_problem_is_reported_at_once(tmp_path: Path, monkeypatch:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     text = str(info.value)
-    for needle in ("mqtt.url", "registry.path", "software_policy.A920", "influx.token_file"):
+    for needle in ("mqtt.url", "mqtt.password_file", "registry.path", "software_policy.A920", "influx.token_file"):
         assert needle in text
 
 
