@@ -33,7 +33,7 @@ def free_port() -> int:
 
 def require_binary(name: str, *fallbacks: str) -> str:
     """Path of a binary; fails (not skips) the test when missing: CI installs them."""
-    for candidate in (name, *fallbacks):
+    for candidate in (name, *fallbacks, f"/usr/sbin/{name}"):
         path = shutil.which(candidate) or (candidate if os.path.exists(candidate) else None)
         if path:
             return path

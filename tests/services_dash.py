@@ -9,9 +9,7 @@ import contextlib
 import gzip
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -26,35 +24,19 @@ from typing import Any
 
 import pytest
 
+from tests.services import free_port, require_binary
+
 __all__ = [
     "FakeGrafana",
     "Influx",
     "Proc",
     "Prometheus",
     "V2WriteBridge",
-    "free_port",
     "http_get",
-    "require_binary",
     "start_influxd",
     "start_prometheus",
     "wait_until",
 ]
-
-
-def require_binary(name: str) -> str:
-    """Absolute path of `name`, or fail the test (a missing service is a broken environment, not a skip)."""
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None)
-    if path is None:
-        pytest.fail(f"{name} is not installed: the dashboard tests need it (see docs/deploy.md)")
-    return path
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

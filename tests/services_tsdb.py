@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from tests.services import free_port
+
 __all__ = [
     "InfluxD",
     "VictoriaMetrics",
@@ -34,13 +35,6 @@ __all__ = [
 
 VM_BIN = os.environ.get("POSFLEET_VM_BIN", "/usr/bin/victoria-metrics")
 INFLUXD_BIN = os.environ.get("POSFLEET_INFLUXD_BIN", "/usr/bin/influxd")
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Any, timeout: float, interval: float = 0.1) -> Any:

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.services_dash import free_port, http_get, require_binary, wait_until
+from tests.services import free_port, require_binary
+from tests.services_dash import http_get, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -192,7 +192,7 @@ def test_push_without_url_fails_clearly(monkeypatch: pytest.MonkeyPatch, capsys:
 
 
 def test_push_to_unreachable_grafana_exits_1(tmp_path: Path) -> None:
-    from tests.services_dash import free_port
+    from tests.services import free_port
 
     token = tmp_path / "token"
     token.write_text("t\n")

@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from exporters.influx import DROP_REASONS, RESULTS, InfluxConfig, InfluxWriter, _parse_retry_after, resolve_token
-from tests.services_tsdb import free_port
+from tests.services import free_port
 
 Reply = tuple[int, dict[str, str], str]
 
