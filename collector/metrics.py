@@ -47,6 +47,11 @@ class SelfMetrics:
         self.queue_depth = Gauge(
             "posfleet_ingest_queue_depth", "Messages waiting between the MQTT thread and the loop", registry=registry
         )
+        self.queue_overflows = Counter(
+            "posfleet_ingest_queue_overflows",
+            "Messages queued beyond capacity after waiting keepalive/3 for room: the loop is falling behind",
+            registry=registry,
+        )
         self.queue_capacity = Gauge(
             "posfleet_ingest_queue_capacity", "Capacity of the ingest queue", registry=registry
         )

@@ -59,7 +59,6 @@ class MqttIngest:
         self._closing = False
         self.subscribed = False
         self.last_message = 0.0
-        self.over_capacity = 0
         url = urlparse(cfg.url)
         self.host = url.hostname or "127.0.0.1"
         self.port = url.port or (8883 if url.scheme == "mqtts" else 1883)
@@ -129,7 +128,7 @@ class MqttIngest:
                 # Stop reading the socket for a while; the broker buffers. Never forever: keepalive must go on.
                 self._room.wait_for(lambda: len(queue) < self.capacity, timeout=self.cfg.keepalive_s / 3)
             if len(queue) >= self.capacity:
-                self.over_capacity += 1
+                self.metrics.queue_overflows.inc()  # taken anyway: losing an unacked message is worse
         item = Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos, rx)
         # Append and read the consumer's "waiting" flag atomically: without the lock, an append racing with
         # the consumer going to sleep is a lost wake-up and ingest stalls with messages in the queue.
