@@ -112,47 +112,15 @@ def bench_floor(workdir: Path, n_terms: int, rounds: int) -> float:
     """mosquitto_sub draining the same backlog: messages/s."""
     broker = start_mosquitto(workdir / "floor-broker")
     try:
-        sub_id = "bench-floor-sub"
-        # Register a persistent QoS 1 session, then leave so the broker queues for it.
-        subprocess.run(
-            [
-                "mosquitto_sub",
-                "-p",
-                str(broker.port),
-                "-i",
-                sub_id,
-                "-c",
-                "-q",
-                "1",
-                "-t",
-                "pos/v1/+/heartbeat",
-                "-W",
-                "1",
-            ],
-            capture_output=True,
-        )
+        # A persistent QoS 1 session (fixed id, -c): register it, leave so the broker queues for it, come back.
+        sub = ["mosquitto_sub", "-p", str(broker.port), "-i", "bench-floor-sub", "-c", "-q", "1",
+               "-t", "pos/v1/+/heartbeat"]
+        subprocess.run([*sub, "-W", "1"], capture_output=True)
         tids = [s.tid for s in make_fleet(n_terms)]
         preload(broker.port, tids, rounds, 0)
         total = n_terms * rounds
         start = time.monotonic()
-        subprocess.run(
-            [
-                "mosquitto_sub",
-                "-p",
-                str(broker.port),
-                "-i",
-                sub_id,
-                "-c",
-                "-q",
-                "1",
-                "-t",
-                "pos/v1/+/heartbeat",
-                "-C",
-                str(total),
-            ],
-            stdout=subprocess.DEVNULL,
-            check=True,
-        )
+        subprocess.run([*sub, "-C", str(total)], stdout=subprocess.DEVNULL, check=True)
         return total / (time.monotonic() - start)
     finally:
         broker.stop()
