@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.services import free_port, require_binary
+from tests.services_tsdb import InfluxD
 
 __all__ = [
     "FakeGrafana",
@@ -172,7 +173,6 @@ def start_prometheus(
 class Influx:
     """A running InfluxDB 1.x with one database."""
 
-    proc: Proc
     url: str
     database: str
 
@@ -197,45 +197,18 @@ class Influx:
 
 @contextlib.contextmanager
 def start_influxd(workdir: Path, database: str = "posfleet") -> Iterator[Influx]:
-    """InfluxDB 1.x (the Debian package's influxd) with `database` created."""
-    binary = require_binary("influxd")
-    workdir.mkdir(parents=True, exist_ok=True)
-    port, rpc_port = free_port(), free_port()
-    config = workdir / "influxdb.conf"
-    config.write_text(
-        f"""reporting-disabled = true
-bind-address = "127.0.0.1:{rpc_port}"
-[meta]
-  dir = "{workdir / "meta"}"
-[data]
-  dir = "{workdir / "data"}"
-  wal-dir = "{workdir / "wal"}"
-  query-log-enabled = false
-[http]
-  bind-address = "127.0.0.1:{port}"
-  log-enabled = false
-[monitor]
-  store-enabled = false
-[subscriber]
-  enabled = false
-[continuous_queries]
-  enabled = false
-""",
-        encoding="utf-8",
-    )
-    proc = _spawn("influxd", [binary, "run", "-config", str(config)], workdir)
+    """InfluxDB 1.x (the Debian package's influxd, started by tests.services_tsdb.InfluxD) with `database`."""
+    server = InfluxD(workdir)
+    server.start()
     try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(proc, f"{url}/ping", lambda s: s == 204)
-        influx = Influx(proc, url, database)
         status, body = http_post(
-            f"{url}/query", urllib.parse.urlencode({"q": f'CREATE DATABASE "{database}"'}).encode()
+            f"{server.url}/query", urllib.parse.urlencode({"q": f'CREATE DATABASE "{database}"'}).encode()
         )
         if status != 200:
             pytest.fail(f"CREATE DATABASE: HTTP {status}: {body[:300]!r}")
-        yield influx
+        yield Influx(server.url, database)
     finally:
-        proc.stop()
+        server.stop()
 
 
 class FakeGrafana:
