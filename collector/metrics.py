@@ -180,6 +180,8 @@ class FleetCollector(Collector):
         )
 
 
+# The text format's only escapes inside a label value (backslash, double quote, line feed). Everything else,
+# carriage return and Unicode line separators included, is legal as is.
 _ESCAPE = str.maketrans({"\\": r"\\", '"': r"\"", "\n": r"\n"})
 _HEADER = (
     "# HELP posfleet_terminal_problem 1 per terminal and active problem condition\n"
@@ -192,6 +194,7 @@ _SINCE_HEADER = (
 
 
 def _v(value: str) -> str:
+    """A label value escaped for the text exposition format (a no-op for the usual plain ids)."""
     return value.translate(_ESCAPE) if ("\\" in value or '"' in value or "\n" in value) else value
 
 
@@ -205,13 +208,13 @@ def render_problem_series(fleet: Fleet, cap: int) -> str:
         if t.conds is None:
             continue
         head = (
-            f'{{terminal_id="{tid}",merchant_id="{_v(t.merchant)}",acquirer="{_v(t.acquirer)}",'
+            f'{{terminal_id="{_v(tid)}",merchant_id="{_v(t.merchant)}",acquirer="{_v(t.acquirer)}",'
             f'site="{_v(t.site)}",model="{_v(t.model or "")}",condition="'
         )
         for cond, active in t.conds.items():
             if emitted >= cap:
                 break
-            labels = f'{head}{cond}",severity="{active.severity}",detail="{_v(active.detail)}"}}'
+            labels = f'{head}{_v(cond)}",severity="{_v(active.severity)}",detail="{_v(active.detail)}"}}'
             problem.append(f"posfleet_terminal_problem{labels} 1.0\n")
             since.append(f"posfleet_terminal_problem_since_seconds{labels} {active.since!r}\n")
             emitted += 1
