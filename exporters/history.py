@@ -29,7 +29,13 @@ __all__ = [
     "upstream_lines",
 ]
 
+# Tag values: comma, equals and space are escaped with a backslash; line breaks and tabs become the visible
+# two-character `\n`, `\r`, `\t`, so no value can end a line. A backslash itself is NOT doubled: InfluxDB (1.x
+# and 2.x) unescapes only `\,` `\=` `\ ` in tags and would store `\\` as two backslashes; written as is, it reads
+# back unchanged (checked against a real influxd in tests/integration/test_history_escaping.py).
 _TAG_ESCAPE = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\r": r"\r", "\t": r"\t"})
+# String field values: double quote and backslash are escaped (both are unescaped by InfluxDB); a line break
+# would end the line, so it becomes a space.
 _STR_ESCAPE = str.maketrans({'"': r"\"", "\\": "\\\\", "\n": " ", "\r": " "})
 
 
@@ -105,7 +111,9 @@ def heartbeat_line(hb: Heartbeat, rx: float, tags: str) -> str:
     if hb.uptime_s is not None:
         out.append(f",uptime_s={float(hb.uptime_s)!r}")
     if hb.mid is not None:
-        out.append(f',mid="{hb.mid}"')  # protocol ids are [A-Za-z0-9_-]: nothing to escape
+        # Escaped although ids are [A-Za-z0-9_-]: one id pattern that let a newline through would otherwise
+        # split the line and fail the whole batch it was written in.
+        out.append(f',mid="{_esc(hb.mid)}"')
     if hb.app_version is not None:
         out.append(f',app_version="{_esc(hb.app_version)}"')
     if hb.os_version is not None:

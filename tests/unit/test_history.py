@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import pytest
 from influxdb_client.client.write.point import Point as _Point
 
@@ -176,3 +177,10 @@ def test_recorder_uses_registry_tags_and_never_raises_on_unknown_terminals() -> 
     assert out[1].startswith("status,terminal_id=T9 ")
     assert out[2].startswith("condition,acquirer=acq-a,merchant_id=M00010,model=A920,terminal_id=T00042,"
                              "condition=offline active=false")
+
+
+@pytest.mark.parametrize(("mid", "written"), [("M1\n", '"M1 "'), ('M"1', '"M\\"1"'), ("M1\\", '"M1\\\\"')])
+def test_merchant_id_field_is_escaped_even_though_ids_are_plain(mid: str, written: str) -> None:
+    line = heartbeat_line(msgspec.structs.replace(hb(), mid=mid), RX, tag_set("T00042"))
+    assert "\n" not in line
+    assert split(line)[1]["mid"] == written
