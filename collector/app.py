@@ -24,13 +24,15 @@ from exporters.influx import InfluxWriter
 
 from .api import build_app
 from .auth import Tokens, load_tokens
+from .clockjump import ClockWatch, rebase_after_jump
 from .config import Config
 from .metrics import FleetCollector, SelfMetrics
 from .mqtt import Inbound, MqttIngest
 from .protocol import DecodeError, Heartbeat, Status, TxnReceipt, UpstreamBatch, decode
 from .registry import Registry, RegistryError, load_registry
-from .snapshot import SnapshotError, load_snapshot, save_snapshot
+from .snapshot import Restored, SnapshotError, Source, corrupt_files, load_snapshot, save_snapshot
 from .state import Fleet, HeartbeatResult, Transition
+from .supervise import DEFAULT_POLICY, RestartPolicy, Supervisor
 from .support import install as install_support
 
 __all__ = ["Collector", "RateLimitedLog", "run_collector"]
@@ -70,17 +72,26 @@ def _kind_of_topic(topic: str) -> str:
 class Collector:
     """The running collector. Use `async with Collector(cfg) as c:`; `await c.wait_stopped()`."""
 
-    def __init__(self, cfg: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        restart_policy: RestartPolicy = DEFAULT_POLICY,
+    ) -> None:
         self.cfg = cfg
         self.clock = clock
+        self.monotonic = monotonic
         self.registry = CollectorRegistry(auto_describe=False)
         self.metrics = SelfMetrics(self.registry)
         self.metrics.snapshot_enabled = bool(cfg.state.snapshot_path)
         self.registry_file = self._load_registry()
-        restored = load_snapshot(cfg.state.snapshot_path) if cfg.state.snapshot_path else ([], [])
-        if restored[0]:
-            log.info("restored state of %d terminals from %s", len(restored[0]), cfg.state.snapshot_path)
-        self.fleet = Fleet(cfg, started_at=clock(), registry=self.registry_file, restored=restored)
+        self.restored = self._restore()
+        self.fleet = Fleet(cfg, started_at=clock(), registry=self.registry_file, restored=self.restored.state)
+        # A wall-clock step beyond two evaluation rounds (10 s at least: NTP slews smaller offsets) is a jump.
+        self.clock_watch = ClockWatch(clock(), monotonic(), max(10.0, 2 * cfg.state.eval_interval_s))
+        self.exit_code = 0
+        self.supervisor = Supervisor(self.metrics.task_restarts, self._task_gave_up, restart_policy, monotonic)
         self.fleet_collector = FleetCollector(self.fleet, self.metrics, cfg.metrics.max_problem_series, clock)
         self.registry.register(self.fleet_collector)
         self.tokens: Tokens = load_tokens(cfg.http.tokens_file)
@@ -92,7 +103,6 @@ class Collector:
         self.http_port: int | None = None
         self._stack = AsyncExitStack()
         self._stopped = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
         self._reject_log = RateLimitedLog(log)
         # Bound counter children: labels() costs a lock and a dict lookup per message on the hot path.
         self._hb_counters = {
@@ -103,6 +113,34 @@ class Collector:
     # ---- setup -----------------------------------------------------------------------------------------
     def _load_registry(self) -> Registry:
         return load_registry(self.cfg.registry.path) if self.cfg.registry.path else Registry({})
+
+    def _restore(self) -> Restored:
+        """Load the newest good snapshot generation; say loudly what was set aside and what is used instead."""
+        path = self.cfg.state.snapshot_path
+        if not path:
+            return Restored([], [], Source.EMPTY)
+        restored = load_snapshot(path, self.clock())
+        for bad in restored.set_aside:
+            where = f"moved to {bad.moved_to}" if bad.moved_to else "left in place"
+            log.error("state snapshot %s is corrupt (%s): %s", bad.original, bad.reason, where)
+        if restored.set_aside or restored.source is not Source.CURRENT:
+            used = {
+                Source.CURRENT: f"the current snapshot {path}",
+                Source.PREVIOUS: f"the previous snapshot generation {path}.prev",
+                Source.EMPTY: "an empty state (every terminal gets a full offline period to be heard)",
+            }[restored.source]
+            log.log(logging.ERROR if restored.set_aside else logging.WARNING, "restoring state from %s", used)
+        if restored.terminals:
+            log.info("restored state of %d terminals (%s)", len(restored.terminals), restored.source.value)
+        self.metrics.snapshot_restore.labels(restored.source.value).set(1)
+        self.metrics.snapshot_corrupt_files.set(len(corrupt_files(path)))
+        return restored
+
+    def _task_gave_up(self, task: str) -> None:
+        # Limping on without the tick or the consumer would hide every fault: exit non-zero so systemd or the
+        # orchestrator restarts the process (and PosCollectorDown pages if that keeps failing).
+        self.exit_code = 1
+        self.stop()
 
     async def __aenter__(self) -> Collector:
         try:
@@ -130,9 +168,12 @@ class Collector:
             sockets = getattr(server, "sockets", None) or []
             self.http_port = sockets[0].getsockname()[1] if sockets else self.cfg.http.port
             log.info("HTTP API and /metrics on http://%s:%s", self.cfg.http.host, self.http_port)
-            for coro in (self._consume(), self._ticker(), self._snapshotter(), self._registry_watcher()):
-                self._tasks.append(asyncio.create_task(coro))
-            self._stack.push_async_callback(self._cancel_tasks)
+            self._stack.push_async_callback(self.supervisor.aclose)
+            for name, factory in (
+                ("consume", self._consume), ("tick", self._ticker), ("snapshot", self._snapshotter),
+                ("registry", self._registry_watcher),
+            ):
+                self.supervisor.start(name, factory)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -140,14 +181,6 @@ class Collector:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
-
-    async def _cancel_tasks(self) -> None:
-        # Drain what paho already handed over before stopping the consumer, so nothing acked is lost.
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def _final_snapshot(self) -> None:
         self.snapshot_now()
@@ -240,13 +273,29 @@ class Collector:
             ingest.ack(batch)
             if batch:
                 self.metrics.mqtt_last_message.set(batch[-1].rx)
+            self.supervisor.progress("consume")
             await asyncio.sleep(0)
 
     async def _ticker(self) -> None:
         interval = self.cfg.state.eval_interval_s
         while True:
             await asyncio.sleep(interval)
-            self._emit(self.fleet.tick(self.clock()))
+            self.evaluate()
+            self.supervisor.progress("tick")
+
+    def evaluate(self) -> None:
+        """One evaluation round: notice a step of the host clock first, then the time-driven conditions."""
+        now = self.clock()
+        jump = self.clock_watch.check(now, self.monotonic())
+        if jump:
+            direction = "forward" if jump > 0 else "backward"
+            self.metrics.clock_jumps.labels(direction).inc()
+            log.warning(
+                "host clock stepped %s by %.1f s (wall clock vs monotonic clock): silence is measured from now, "
+                "every terminal gets a full offline period", direction, abs(jump),
+            )
+            rebase_after_jump(self.fleet, now, jump)
+        self._emit(self.fleet.tick(now))
 
     def snapshot_now(self) -> bool:
         """Write a snapshot now; failures are counted and logged, never fatal."""
@@ -266,6 +315,9 @@ class Collector:
         while True:
             await asyncio.sleep(self.cfg.state.snapshot_interval_s)
             self.snapshot_now()
+            if self.cfg.state.snapshot_path:  # a person moving the corrupt files away resolves the alert
+                self.metrics.snapshot_corrupt_files.set(len(corrupt_files(self.cfg.state.snapshot_path)))
+            self.supervisor.progress("snapshot")
 
     def reload_registry(self) -> bool:
         """Re-read the registry file; a bad file keeps the old registry."""
@@ -293,6 +345,7 @@ class Collector:
                 continue
             if mtime != self.registry_file.mtime:
                 self.reload_registry()
+            self.supervisor.progress("registry")
 
     def readiness_problems(self) -> list[str]:
         """Why the collector is not ready (empty when ready)."""
@@ -301,20 +354,34 @@ class Collector:
             problems.append("not connected/subscribed to the MQTT broker")
         elif not self.ingest.thread_alive():
             problems.append("MQTT network thread died")
+        problems.extend(self.supervisor.problems())
         return problems
 
 
-async def run_collector(cfg: Config, on_ready: Callable[[Collector], None] | None = None) -> int:
-    """Run until SIGTERM/SIGINT; clean shutdown with a final snapshot."""
+async def run_collector(
+    cfg: Config,
+    on_ready: Callable[[Collector], None] | None = None,
+    restart_policy: RestartPolicy = DEFAULT_POLICY,
+) -> int:
+    """Run until SIGTERM/SIGINT (exit code 0) or a background task that cannot stay up (1); final snapshot."""
     loop = asyncio.get_running_loop()
-    async with Collector(cfg) as collector:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, collector.stop)
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, collector.reload_registry)
-        if on_ready is not None:
-            on_ready(collector)
-        await collector.wait_stopped()
-        log.info("stopping: draining, final snapshot")
-    return 0
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    try:
+        async with Collector(cfg, restart_policy=restart_policy) as collector:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, collector.stop)
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGHUP, collector.reload_registry)
+            if on_ready is not None:
+                on_ready(collector)
+            await collector.wait_stopped()
+            if collector.supervisor.fatal:
+                log.critical("stopping with exit code %d: %s", collector.exit_code, collector.supervisor.fatal)
+            else:
+                log.info("stopping: draining, final snapshot")
+    finally:
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+    return collector.exit_code
 

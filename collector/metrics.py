@@ -7,7 +7,7 @@ terminals (capped), so its cost does not grow with the fleet. See docs/metrics.m
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,6 +22,10 @@ __all__ = ["FleetCollector", "SelfMetrics"]
 KINDS = ("heartbeat", "status", "upstream", "txn", "other")
 RESULTS = ("accepted", "rejected", "duplicate", "stale")
 EXTRA_REASONS = ("unknown_terminal_overflow", "internal_error")
+SNAPSHOT_SOURCES = ("current", "previous", "empty")
+TASKS = ("consume", "tick", "snapshot", "registry")  # the supervised background tasks (collector/app.py)
+# What each bound on sender-chosen keys refused (state.Fleet.refused); pre-initialised so a refusal is a rise.
+BOUNDS = ("feeds", "versions", "unregistered")
 PROBLEM_LABELS = ["terminal_id", "merchant_id", "acquirer", "site", "model", "condition", "severity", "detail"]
 
 
@@ -63,6 +67,24 @@ class SelfMetrics:
         self.registry_reloads = Counter(
             "posfleet_registry_reloads", "Registry reloads by result", ["result"], registry=registry
         )
+        self.snapshot_restore = Gauge(
+            "posfleet_snapshot_restore",
+            "1 for the snapshot generation the state was restored from at start: current, previous or empty",
+            ["source"], registry=registry,
+        )
+        self.snapshot_corrupt_files = Gauge(
+            "posfleet_snapshot_corrupt_files",
+            "Corrupt snapshot files set aside next to the snapshot (<path>.corrupt-*), waiting for a person",
+            registry=registry,
+        )
+        self.task_restarts = Counter(
+            "posfleet_task_restarts", "Background tasks restarted after dying with an exception", ["task"],
+            registry=registry,
+        )
+        self.clock_jumps = Counter(
+            "posfleet_clock_jumps", "Steps of the host's wall clock beyond the tolerance, by direction",
+            ["direction"], registry=registry,
+        )
         for kind in KINDS:
             for result in RESULTS:
                 self.messages.labels(kind, result)
@@ -70,6 +92,12 @@ class SelfMetrics:
             self.rejected.labels(reason)
         for result in ("ok", "error"):
             self.registry_reloads.labels(result)
+        for source in SNAPSHOT_SOURCES:
+            self.snapshot_restore.labels(source)
+        for task in TASKS:
+            self.task_restarts.labels(task)
+        for direction in ("forward", "backward"):
+            self.clock_jumps.labels(direction)
 
 
 class FleetCollector(Collector):
@@ -169,6 +197,13 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily(
             "posfleet_registry_terminals", "Terminals in the registry", value=len(fleet.registry.entries)
         )
+        refused = CounterMetricFamily(
+            "posfleet_bound_refused", "Things refused by a bound on what senders choose, by bound", labels=["bound"]
+        )
+        counts: Mapping[str, int] = getattr(fleet, "refused", {})
+        for bound in sorted({*BOUNDS, *counts}):
+            refused.add_metric([bound], counts.get(bound, 0))
+        yield refused
         sm = self.self_metrics
         yield GaugeMetricFamily(
             "posfleet_snapshot_enabled", "1 when state snapshots are configured", value=1 if sm.snapshot_enabled else 0

@@ -1,20 +1,49 @@
-"""Per-terminal state persisted across restarts: written atomically, read back on start."""
+"""Per-terminal state persisted across restarts: checksummed, written atomically, two generations kept.
+
+A snapshot file is a fixed header (magic, format number, body length, CRC-32 of the body) followed by the
+msgpack body. Writing goes to `<path>.tmp` (fsync), the current file becomes `<path>.prev`, the tmp file
+becomes `<path>` and the directory is fsynced: at every instant one complete, verified generation is on disk.
+
+Reading never stops the collector from starting: a corrupt, truncated or empty file is moved aside as
+`<path>.corrupt-<unix time>` (a few kept for a post-mortem), then the previous generation is tried, then an empty
+state. Losing state is bad (a false `offline` wave is possible); not monitoring at all is worse. Files of the
+format before the header (2) are still read, verified by decoding them.
+"""
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
+import struct
 import sys
+import time
+import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
 from .state import Active, FeedState, Fleet, Terminal
 
-__all__ = ["SnapshotError", "load_snapshot", "save_snapshot"]
+__all__ = [
+    "FORMAT",
+    "KEEP_CORRUPT",
+    "Restored",
+    "SetAside",
+    "SnapshotError",
+    "Source",
+    "corrupt_files",
+    "load_snapshot",
+    "save_snapshot",
+]
 
 log = logging.getLogger(__name__)
-FORMAT = 2
+FORMAT = 3
+LEGACY_FORMAT = 2  # no header: the body alone, verified only by decoding it
+MAGIC = b"\x89PFSNAP\n"  # a high byte and a newline: a text-mode copy or a wrong file is told at once
+_HEADER = struct.Struct("<8sIQI")  # magic, format, body length, crc32(body)
+KEEP_CORRUPT = 3  # corrupt files kept for a post-mortem; older ones are deleted so a loop cannot fill the disk
 
 
 class _Snapshot(msgspec.Struct):
@@ -27,17 +56,66 @@ _DECODER = msgspec.msgpack.Decoder(_Snapshot)
 
 
 class SnapshotError(RuntimeError):
-    """The snapshot could not be written or read."""
+    """The snapshot could not be written."""
+
+
+class Source(enum.Enum):
+    """Which generation the state was restored from."""
+
+    CURRENT = "current"
+    PREVIOUS = "previous"
+    EMPTY = "empty"
+
+
+class SetAside(NamedTuple):
+    """A snapshot file that failed verification and was moved out of the way."""
+
+    original: Path
+    moved_to: Path | None  # None when even moving it failed (it stays where it was)
+    reason: str
+
+
+class Restored(NamedTuple):
+    """What `load_snapshot` found: the state (first two fields, as `Fleet(restored=...)` takes them) and how."""
+
+    terminals: list[Terminal]
+    feeds: list[FeedState]
+    source: Source = Source.EMPTY
+    set_aside: tuple[SetAside, ...] = ()
+
+    @property
+    def state(self) -> tuple[list[Terminal], list[FeedState]]:
+        """The restored terminals and feeds."""
+        return self.terminals, self.feeds
+
+
+def _prev(target: Path) -> Path:
+    return target.with_name(target.name + ".prev")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode(fleet: Fleet) -> bytes:
+    """The fleet's state as the bytes of a snapshot file (header + body)."""
+    body = msgspec.msgpack.encode(
+        _Snapshot(
+            FORMAT,
+            list(fleet.terminals.values()),
+            [(f.acquirer, f.last_rx, f.alive_since, f.txns) for f in fleet.feeds.values()],
+        )
+    )
+    return _HEADER.pack(MAGIC, FORMAT, len(body), zlib.crc32(body)) + body
 
 
 def save_snapshot(fleet: Fleet, path: str | os.PathLike[str]) -> int:
-    """Write the fleet's state to `path` atomically (tmp + fsync + rename); returns bytes written."""
-    body = _Snapshot(
-        FORMAT,
-        list(fleet.terminals.values()),
-        [(f.acquirer, f.last_rx, f.alive_since, f.txns) for f in fleet.feeds.values()],
-    )
-    data = msgspec.msgpack.encode(body)
+    """Write the fleet's state to `path` atomically, keeping the previous file as `.prev`; returns bytes written."""
+    data = _encode(fleet)
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
     try:
@@ -46,9 +124,15 @@ def save_snapshot(fleet: Fleet, path: str | os.PathLike[str]) -> int:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        # A crash between these two renames leaves no current file but a complete `.prev`: load uses it.
+        if target.exists():
+            os.replace(target, _prev(target))
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
     except OSError as err:
-        raise SnapshotError(f"cannot write state snapshot {target}: {err.strerror}") from err
+        # Disk full or read-only: the half-written tmp file must not eat the space the next try needs.
+        tmp.unlink(missing_ok=True)
+        raise SnapshotError(f"cannot write state snapshot {target}: {err.strerror or err}") from err
     return len(data)
 
 
@@ -72,25 +156,108 @@ def _share_strings(t: Terminal) -> None:
         }
 
 
-def load_snapshot(path: str | os.PathLike[str]) -> tuple[list[Terminal], list[FeedState]]:
-    """Read a snapshot; a missing file is an empty state, a corrupt one is an error."""
-    target = Path(path)
-    if not target.exists():
-        return [], []
+class _Corrupt(Exception):
+    """A snapshot file failed verification; the message is the reason."""
+
+
+def _decode_body(body: bytes, expected_format: int) -> _Snapshot:
     try:
-        body = _DECODER.decode(target.read_bytes())
-    except (OSError, msgspec.DecodeError) as err:
-        raise SnapshotError(f"{target}: unreadable snapshot ({err}); move it away to start empty") from err
-    if body.format != FORMAT:
-        raise SnapshotError(f"{target}: snapshot format {body.format}, this version reads {FORMAT}")
-    terminals = body.terminals
+        snap = _DECODER.decode(body)
+    except msgspec.DecodeError as err:
+        raise _Corrupt(f"does not decode ({err})") from None
+    if snap.format != expected_format:
+        raise _Corrupt(f"body says format {snap.format}, expected {expected_format}")
+    return snap
+
+
+def _verify(data: bytes) -> _Snapshot:
+    """Decode the bytes of a snapshot file after checking header, length and checksum; raises on any fault."""
+    if not data:
+        raise _Corrupt("empty file")
+    if not data.startswith(MAGIC):
+        if MAGIC.startswith(data):
+            raise _Corrupt(f"truncated header ({len(data)} bytes)")
+        return _decode_body(data, LEGACY_FORMAT)  # the format before the header, or garbage
+    if len(data) < _HEADER.size:
+        raise _Corrupt(f"truncated header ({len(data)} of {_HEADER.size} bytes)")
+    _magic, fmt, length, crc = _HEADER.unpack_from(data)
+    if fmt != FORMAT:
+        raise _Corrupt(f"format {fmt}, this version reads {FORMAT} and {LEGACY_FORMAT}")
+    body = data[_HEADER.size:]
+    if len(body) != length:
+        raise _Corrupt(f"truncated: body is {len(body)} of {length} bytes")
+    if zlib.crc32(body) != crc:
+        raise _Corrupt("checksum mismatch")
+    return _decode_body(body, FORMAT)
+
+
+def _set_aside(path: Path, reason: str, now: float) -> SetAside:
+    """Move a bad file to `<path>.corrupt-<unix time>` and prune the oldest beyond KEEP_CORRUPT."""
+    target = Path(path)
+    base = target.name.removesuffix(".prev")
+    stamp = int(now)
+    moved = target.with_name(f"{base}.corrupt-{stamp}")
+    n = 1
+    while moved.exists():  # the current and the previous generation can both go bad in the same second
+        moved = target.with_name(f"{base}.corrupt-{stamp}.{n}")
+        n += 1
+    try:
+        os.replace(target, moved)
+    except OSError as err:
+        return SetAside(target, None, f"{reason}; could not move it aside: {err.strerror or err}")
+    for old in corrupt_files(target.with_name(base))[:-KEEP_CORRUPT]:
+        old.unlink(missing_ok=True)
+    return SetAside(target, moved, reason)
+
+
+def corrupt_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The corrupt snapshot files set aside next to `path`, oldest first."""
+    target = Path(path)
+    try:
+        found = list(target.parent.glob(f"{target.name}.corrupt-*"))
+    except OSError:
+        return []
+
+    def age(p: Path) -> tuple[int, int]:
+        stamp, _, n = p.name.rsplit(".corrupt-", 1)[1].partition(".")
+        return (int(stamp) if stamp.isdigit() else 0, int(n) if n.isdigit() else 0)
+
+    return sorted(found, key=age)
+
+
+def _restore(snap: _Snapshot) -> tuple[list[Terminal], list[FeedState]]:
+    terminals = snap.terminals
     for t in terminals:
         _share_strings(t)
     feeds = []
-    for acquirer, last_rx, alive_since, txns in body.feeds:
+    for acquirer, last_rx, alive_since, txns in snap.feeds:
         feed = FeedState(acquirer)
         feed.last_rx, feed.alive_since, feed.txns = last_rx, alive_since, txns
         feeds.append(feed)
     return terminals, feeds
 
 
+def load_snapshot(path: str | os.PathLike[str], now: float | None = None) -> Restored:
+    """Read the newest good generation (current, then `.prev`, else empty); bad files are moved aside.
+
+    `now` (unix time) names the moved files. Never raises for a bad file: the result says what happened.
+    """
+    target = Path(path)
+    now = time.time() if now is None else now
+    aside: list[SetAside] = []
+    for candidate, source in ((target, Source.CURRENT), (_prev(target), Source.PREVIOUS)):
+        try:
+            data = candidate.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            aside.append(_set_aside(candidate, f"unreadable ({err.strerror or err})", now))
+            continue
+        try:
+            snap = _verify(data)
+        except _Corrupt as err:
+            aside.append(_set_aside(candidate, str(err), now))
+            continue
+        terminals, feeds = _restore(snap)
+        return Restored(terminals, feeds, source, tuple(aside))
+    return Restored([], [], Source.EMPTY, tuple(aside))
