@@ -2,18 +2,26 @@
 
 Every rejection raises `DecodeError` with one reason out of `REJECT_REASONS`; the raw payload never appears in
 the error (it may hold card data or garbage), only the reason and a short, safe detail.
+
+The card-data guard reads what a payload *means*, not its bytes: every decoded string (keys too) and every
+13–19 digit integer is searched for a card number, after JSON escapes are resolved and Unicode digits mapped to
+their value; floats are never searched (the fractional digits of `8.285714285714285` are not a number). A
+number is card data only when it passes Luhn *and* has the issuer prefix and length of a real card brand
+(`CARD_BRANDS`), which keeps millisecond timestamps and snowflake ids from being mistaken for PANs.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
 __all__ = [
+    "CARD_BRANDS",
     "REJECT_REASONS",
     "DecodeError",
     "Heartbeat",
@@ -21,22 +29,38 @@ __all__ = [
     "Status",
     "TxnReceipt",
     "UpstreamBatch",
+    "UpstreamBody",
     "UpstreamTxn",
+    "card_data_in",
     "decode",
+    "decode_upstream",
     "find_card_number",
+    "has_card_number",
+    "is_card_number",
+    "luhn_ok",
+    "valid_id",
 ]
 
 MAX_PAYLOAD_BYTES: Final = 4096
-ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
-_ID_RE: Final = re.compile(ID_PATTERN)
+MAX_UPSTREAM_BYTES: Final = 1_048_576  # a feed batch may hold many transactions; still bounded
+MAX_UPSTREAM_TXNS: Final = 10_000
+# A full match: Python's `$` also matches before a trailing newline, and a newline in an id breaks /metrics.
+# `(?!\n)$` means the same in Python and ECMA-262, so the pattern exported into the JSON Schema stays valid.
+ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
+_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
-# Plausible Unix-second range: before 2000 or after 2100 is a broken clock or a unit error (ms), not skew.
-TS_MIN: Final = 946_684_800.0
-TS_MAX: Final = 4_102_444_800.0
+# Terminal clocks: any finite time is *decoded* — a clock reset to 1970 or decades ahead belongs to a real,
+# working terminal, which state reports as `clock_skew`. 2**53 is where a float stops holding whole seconds.
+TS_MAX: Final = float(2**53)
+# Times that are rendered as dates (receipts, the acquirer's records) stay in 2000–2100: the acquirer's host
+# keeps NTP time, so outside that range is a unit error (milliseconds), rejected rather than misread.
+DATE_TS_MIN: Final = 946_684_800.0
+DATE_TS_MAX: Final = 4_102_444_800.0
 COUNTER_MAX: Final = 2**53  # JSON numbers above this lose precision in most firmware languages.
 
 Id = Annotated[str, Meta(pattern=ID_PATTERN)]
-Ts = Annotated[float, Meta(ge=TS_MIN, le=TS_MAX)]
+Ts = Annotated[float, Meta(ge=0, le=TS_MAX)]
+DateTs = Annotated[float, Meta(ge=DATE_TS_MIN, le=DATE_TS_MAX)]
 Counter = Annotated[int, Meta(ge=0, le=COUNTER_MAX)]
 ShortText = Annotated[str, Meta(max_length=64)]
 
@@ -58,12 +82,149 @@ REJECT_REASONS: Final = (
 
 
 class DecodeError(ValueError):
-    """A message was rejected; `reason` is one of REJECT_REASONS, `detail` is safe to log."""
+    """A message was rejected; `reason` is one of REJECT_REASONS, `detail` is safe to log.
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    `tid`/`acquirer` name the sender when the topic carried a valid id (never one holding card data), so the
+    collector can tell that sender apart from silence.
+    """
+
+    def __init__(self, reason: str, detail: str = "", *, tid: str | None = None,
+                 acquirer: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.tid = tid
+        self.acquirer = acquirer
+
+
+def valid_id(s: str) -> bool:
+    """True when s is a whole terminal/merchant/acquirer id: [A-Za-z0-9_-]{1,64}, nothing before or after."""
+    return _ID_RE.fullmatch(s) is not None
+
+
+# ---- the card-data guard -----------------------------------------------------------------------------------
+
+# Issuer prefixes and lengths of the card brands in use: (brand, lowest prefix, highest prefix, lengths).
+# Source: ISO/IEC 7812 IIN ranges as tabulated in Wikipedia, "Payment card number" § Issuer identification
+# number (https://en.wikipedia.org/wiki/Payment_card_number), read 2025. Ranges overlap (Maestro 56–69 covers
+# most of 6); a number matching any row is plausible. Nothing starts with 0, 7 or 9, and 1 only as 15-digit
+# UATP: 13-digit millisecond timestamps and 19-digit snowflake ids (both start with 1) never match.
+CARD_BRANDS: Final[tuple[tuple[str, str, str, tuple[int, ...]], ...]] = (
+    ("visa", "4", "4", (13, 16, 19)),
+    ("mastercard", "51", "55", (16,)),
+    ("mastercard", "2221", "2720", (16,)),
+    ("amex", "34", "34", (15,)),
+    ("amex", "37", "37", (15,)),
+    ("discover", "6011", "6011", (16, 17, 18, 19)),
+    ("discover", "644", "649", (16, 17, 18, 19)),
+    ("discover", "65", "65", (16, 17, 18, 19)),
+    ("jcb", "3528", "3589", (16, 17, 18, 19)),
+    ("unionpay", "62", "62", (16, 17, 18, 19)),
+    ("diners", "36", "36", (14, 15, 16, 17, 18, 19)),
+    ("diners", "300", "305", (14, 15, 16, 17, 18, 19)),
+    ("diners", "38", "39", (14, 15, 16, 17, 18, 19)),
+    ("maestro", "50", "50", (13, 14, 15, 16, 17, 18, 19)),
+    ("maestro", "56", "69", (13, 14, 15, 16, 17, 18, 19)),
+    ("mir", "2200", "2204", (16, 17, 18, 19)),
+    ("rupay", "60", "60", (16,)),
+    ("rupay", "65", "65", (16,)),
+    ("rupay", "81", "82", (16,)),
+    ("rupay", "508", "508", (16,)),
+    ("uatp", "1", "1", (15,)),
+)
+_PREFIXES_BY_LENGTH: Final[dict[int, tuple[tuple[str, str], ...]]] = {
+    n: tuple((lo, hi) for _b, lo, hi, lengths in CARD_BRANDS if n in lengths) for n in range(13, 20)
+}
+PAN_MIN_DIGITS: Final = 13
+PAN_MAX_DIGITS: Final = 19
+# Digits may be grouped by a short run (1–3) of anything that is not a letter or digit: "4111 1111", "4111 - 1111",
+# "4111.1111", "4111_1111", "4111\t1111". A group is a maximal run of such digit chunks with at least 13 digits.
+_GROUP_RE: Final = re.compile(r"\d(?:[\W_]{0,3}\d){12,}")
+_CHUNK_RE: Final = re.compile(r"\d+")
+# Prefilter on raw bytes, a superset of what the guard can find: without a backslash (JSON escape) or a
+# non-ASCII byte, every decoded string is its raw bytes, and a 13-digit group in it (or a 13+ digit integer)
+# shows as 13 digits with ≤3 non-alphanumerics between them. A quote cannot sit inside a group (it would be
+# escaped), so "1,"2 across two fields does not link. Ordinary heartbeats skip the slow path.
+_RAW_PREFILTER: Final = re.compile(rb'[0-9](?:[^A-Za-z0-9"]{0,3}[0-9]){12}')
+_INT_LOW: Final = 10 ** (PAN_MIN_DIGITS - 1)
+_INT_HIGH: Final = 10**PAN_MAX_DIGITS
+_DOUBLED: Final = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # Luhn: 2·d with its digits summed
+
+
+def luhn_ok(digits: str) -> bool:
+    """True when the ASCII digit string passes the Luhn check."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        total += _DOUBLED[d] if i % 2 else d
+    return total % 10 == 0
+
+
+def is_card_number(digits: str) -> bool:
+    """True when an ASCII digit string has a card brand's prefix and length and passes Luhn."""
+    for lo, hi in _PREFIXES_BY_LENGTH.get(len(digits), ()):
+        if lo <= digits[: len(lo)] <= hi:
+            return luhn_ok(digits)
+    return False
+
+
+def _ascii(chunk: str) -> str:
+    # Full-width, Arabic-Indic, Devanagari… decimal digits (Unicode Nd, what `\d` matches) to 0–9.
+    return chunk if chunk.isascii() else "".join(str(unicodedata.decimal(c)) for c in chunk)
+
+
+def has_card_number(text: str) -> bool:
+    """True when a decoded string holds a card number, in any digits and with any short separators."""
+    for group in _GROUP_RE.finditer(text):
+        chunks = [_ascii(c) for c in _CHUNK_RE.findall(group.group())]
+        # Every contiguous span of whole chunks totalling 13–19 digits: a PAN written "exp 12 25 4111 1111 …"
+        # or glued to a date is still found, and a chunk is never cut (20 unbroken digits are not a PAN).
+        for i in range(len(chunks)):
+            total = 0
+            for j in range(i, len(chunks)):
+                total += len(chunks[j])
+                if total > PAN_MAX_DIGITS:
+                    break
+                if total >= PAN_MIN_DIGITS and is_card_number("".join(chunks[i : j + 1])):
+                    return True
+    return False
+
+
+def card_data_in(value: object) -> bool:
+    """True when any string (key or value) or 13–19 digit integer in a decoded JSON value holds a card number."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if has_card_number(v):
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif type(v) is int and _INT_LOW <= abs(v) < _INT_HIGH and is_card_number(str(abs(v))):
+            return True  # a counter that large is implausible anyway; floats are never searched
+    return False
+
+
+def _may_hold_card(payload: bytes) -> bool:
+    return b"\\" in payload or not payload.isascii() or _RAW_PREFILTER.search(payload) is not None
+
+
+def find_card_number(payload: bytes) -> bool:
+    """True when a JSON payload holds a card number anywhere; text that is not JSON is searched as one string."""
+    if not _may_hold_card(payload):
+        return False
+    try:
+        value = msgspec.json.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
+        # A broken payload is rejected anyway; searching its text keeps a PAN in it counted as card data.
+        return has_card_number(payload.decode("utf-8", "replace"))
+    return card_data_in(value)
+
+
+# ---- messages ----------------------------------------------------------------------------------------------
 
 
 class Net(Struct, frozen=True):
@@ -123,24 +284,38 @@ class UpstreamTxn(Struct, frozen=True):
 
     tid: Id
     txn_id: Annotated[str, Meta(min_length=1, max_length=64)]
-    ts: Ts
+    ts: DateTs
+
+
+class UpstreamBody(Struct, frozen=True):
+    """`acquirer/v1/{acquirer_id}/transactions` or the same body POSTed to the API (what the acquirer sends)."""
+
+    ts: DateTs
+    txns: Annotated[list[UpstreamTxn], Meta(max_length=MAX_UPSTREAM_TXNS)]
 
 
 class UpstreamBatch(Struct, frozen=True):
-    """`acquirer/v1/{acquirer_id}/transactions` or the same body POSTed to the API."""
+    """A decoded feed body: the transactions kept, the acquirer from the topic or URL, one reason per drop."""
 
-    ts: Ts
-    txns: Annotated[list[UpstreamTxn], Meta(max_length=10_000)]
+    ts: DateTs
+    txns: list[UpstreamTxn]
     acquirer: str = ""  # filled from the topic or URL
+    dropped: tuple[str, ...] = ()  # one REJECT_REASONS entry per transaction left out
+
+
+class _Envelope(Struct, frozen=True):
+    # Each transaction stays raw so one bad transaction drops only itself.
+    ts: DateTs
+    txns: Annotated[list[msgspec.Raw], Meta(max_length=MAX_UPSTREAM_TXNS)]
 
 
 class TxnReceipt(Struct, frozen=True):
     """`pos/v1/{tid}/txn`: a transaction the terminal completed (never card data)."""
 
     txn_id: Annotated[str, Meta(min_length=1, max_length=64)]
-    ts: Ts
+    ts: DateTs
     amount_minor: Counter
-    currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}$")]
+    currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}(?!\n)$")]
     status: Literal["approved", "declined", "reversed", "pending"]
     tid: str = ""
 
@@ -152,36 +327,10 @@ _DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
     "status": msgspec.json.Decoder(Status),
     "txn": msgspec.json.Decoder(TxnReceipt),
 }
-_UPSTREAM_DECODER: Final = msgspec.json.Decoder(UpstreamBatch)
-
-# 13–19 digits, optionally grouped by single spaces or dashes, not part of a longer digit run. The cheap
-# prefilter (a 13+ character run of digits, spaces and dashes) rejects ordinary payloads in ~2 µs.
-_PAN_PREFILTER: Final = re.compile(rb"[0-9][0-9 -]{11,}[0-9]")
-_PAN_CANDIDATE: Final = re.compile(rb"(?<![0-9])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])")
+_BODY_DECODER: Final = msgspec.json.Decoder(UpstreamBody)
+_ENVELOPE_DECODER: Final = msgspec.json.Decoder(_Envelope)
+_TXN_DECODER: Final = msgspec.json.Decoder(UpstreamTxn)
 _MAX_NESTING: Final = 16
-
-
-def luhn_ok(digits: bytes) -> bool:
-    """True when the ASCII digit string passes the Luhn check."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ch - 48
-        if i % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
-
-
-def find_card_number(payload: bytes) -> bool:
-    """True when the payload holds anything that looks like a card number (Luhn-valid 13–19 digits)."""
-    for run in _PAN_PREFILTER.finditer(payload):
-        for m in _PAN_CANDIDATE.finditer(run.group()):
-            digits = m.group().replace(b" ", b"").replace(b"-", b"")
-            if 13 <= len(digits) <= 19 and luhn_ok(digits):
-                return True
-    return False
 
 
 def _nesting_too_deep(payload: bytes) -> bool:
@@ -219,13 +368,10 @@ def _classify(err: msgspec.ValidationError | msgspec.DecodeError) -> DecodeError
     return DecodeError("bad_json")
 
 
-MAX_UPSTREAM_BYTES: Final = 1_048_576  # a feed batch may hold many transactions; still bounded
-
-
 def _check_id(value: str, what: str) -> None:
-    if not _ID_RE.match(value):
+    if not valid_id(value):
         raise DecodeError("bad_id", what)
-    if find_card_number(value.encode()):  # an id must never carry a card number into state, labels or logs
+    if has_card_number(value):  # an id must never carry a card number into state, labels or logs
         raise DecodeError("card_data", what)
 
 
@@ -238,19 +384,74 @@ def _check_payload(payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         raise DecodeError("not_utf8") from None
     if _nesting_too_deep(payload):
         raise DecodeError("too_deep")
-    if find_card_number(payload):
+
+
+def _decode_txn(raw: msgspec.Raw) -> UpstreamTxn:
+    if _may_hold_card(bytes(raw)) and card_data_in(msgspec.json.decode(raw)):
         raise DecodeError("card_data")
+    try:
+        return _TXN_DECODER.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as err:
+        raise _classify(err) from None
+
+
+def _decode_upstream_body(payload: bytes) -> tuple[float, list[UpstreamTxn], tuple[str, ...]]:
+    _check_payload(payload, MAX_UPSTREAM_BYTES)
+    try:
+        envelope = _ENVELOPE_DECODER.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as err:
+        if find_card_number(payload):  # e.g. a PAN where `ts` or `txns` should be: still card data
+            raise DecodeError("card_data") from None
+        raise _classify(err) from None
+    suspect = _may_hold_card(payload)
+    if suspect:
+        # Card data outside the transactions (the envelope's own fields) rejects the whole body.
+        doc = msgspec.json.decode(payload)
+        if card_data_in({k: v for k, v in doc.items() if k != "txns"}):
+            raise DecodeError("card_data")
+    else:
+        try:  # the common case: nothing to search and every transaction valid, in one pass in C
+            return envelope.ts, _BODY_DECODER.decode(payload).txns, ()
+        except msgspec.ValidationError:
+            pass  # some transaction is bad: find which, one by one
+    kept: list[UpstreamTxn] = []
+    dropped: list[str] = []
+    for raw in envelope.txns:
+        try:
+            kept.append(_decode_txn(raw))
+        except DecodeError as err:
+            dropped.append(err.reason)
+    return envelope.ts, kept, tuple(dropped)
 
 
 def decode_upstream(acquirer: str, payload: bytes) -> UpstreamBatch:
-    """Decode an acquirer feed body (MQTT or HTTP); the acquirer id comes from the topic or URL."""
+    """Decode an acquirer feed body (MQTT or HTTP); a bad transaction is dropped, a bad envelope raises."""
     _check_id(acquirer, "acquirer")
-    _check_payload(payload, MAX_UPSTREAM_BYTES)
     try:
-        batch = _UPSTREAM_DECODER.decode(payload)
+        ts, txns, dropped = _decode_upstream_body(payload)
+    except DecodeError as err:
+        err.acquirer = acquirer
+        raise
+    return UpstreamBatch(ts=ts, txns=txns, acquirer=acquirer, dropped=dropped)
+
+
+def _decode_terminal(tid: str, kind: str, payload: bytes) -> Heartbeat | Status | TxnReceipt:
+    _check_payload(payload)
+    if find_card_number(payload):
+        raise DecodeError("card_data")
+    try:
+        msg: Heartbeat | Status | TxnReceipt = _DECODERS[kind].decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as err:
         raise _classify(err) from None
-    return msgspec.structs.replace(batch, acquirer=acquirer)
+    if isinstance(msg, Heartbeat):
+        if msg.tid != tid:
+            raise DecodeError("tid_mismatch")
+        if not math.isfinite(msg.ts):
+            raise DecodeError("out_of_range", "ts")
+        if msg.queue_depth > msg.txn_count:
+            raise DecodeError("out_of_range", "queue_depth exceeds txn_count")
+        return msg
+    return msgspec.structs.replace(msg, tid=tid)
 
 
 def decode(topic: str, payload: bytes, prefix: str = "pos/v1", upstream_prefix: str = "acquirer/v1") -> Message:
@@ -267,20 +468,11 @@ def decode(topic: str, payload: bytes, prefix: str = "pos/v1", upstream_prefix: 
         raise DecodeError("bad_topic")
     tid, kind = parts
     _check_id(tid, "topic")
-    _check_payload(payload)
     try:
-        msg: Heartbeat | Status | TxnReceipt = _DECODERS[kind].decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as err:
-        raise _classify(err) from None
-    if isinstance(msg, Heartbeat):
-        if msg.tid != tid:
-            raise DecodeError("tid_mismatch")
-        if not math.isfinite(msg.ts):
-            raise DecodeError("out_of_range", "ts")
-        if msg.queue_depth > msg.txn_count:
-            raise DecodeError("out_of_range", "queue_depth exceeds txn_count")
-        return msg
-    return msgspec.structs.replace(msg, tid=tid)
+        return _decode_terminal(tid, kind, payload)
+    except DecodeError as err:
+        err.tid = tid  # a valid id without card data (checked above): safe to name the sender
+        raise
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
@@ -289,5 +481,5 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         "heartbeat": msgspec.json.schema(Heartbeat),
         "status": msgspec.json.schema(Status),
         "txn": msgspec.json.schema(TxnReceipt),
-        "upstream": msgspec.json.schema(UpstreamBatch),
+        "upstream": msgspec.json.schema(UpstreamBody),
     }

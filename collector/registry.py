@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 
-from .protocol import _ID_RE
+from .protocol import valid_id
 
 __all__ = ["Registry", "RegistryEntry", "RegistryError", "load_registry"]
 
@@ -79,7 +79,7 @@ def load_registry(path: str | os.PathLike[str] | None) -> Registry:
             for c in COLUMNS:
                 values.setdefault(c, "")
             for col in ("terminal_id", "merchant_id", "acquirer"):
-                if not _ID_RE.match(values[col]):
+                if not valid_id(values[col]):
                     problems.append(f"line {lineno}: {col} must match [A-Za-z0-9_-]{{1,64}}")
             if values["terminal_id"] in entries:
                 problems.append(f"line {lineno}: duplicate terminal_id {values['terminal_id']}")
