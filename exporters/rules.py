@@ -441,6 +441,8 @@ _OTHER_ALERTS: Final = (
     "PosCollectorSnapshotFailing",
     "PosCollectorProblemSeriesCapped",
     "PosCollectorRegistryReloadFailing",
+    "PosCollectorSnapshotCorrupt",
+    "PosCollectorTaskRestarting",
     "PosWatchdog",
 )
 
@@ -681,6 +683,30 @@ def _collector_rules(ctx: _Ctx) -> list[dict[str, Any]]:
             "The collector {{ $labels.instance }} failed to reload the terminal registry. It keeps using the last "
             "good registry: terminals added since are reported as unregistered.",
             "The registry file has a syntax error, a duplicate terminal id or bad encoding, or is unreadable.",
+        ),
+        _rule(
+            ctx, "PosCollectorSnapshotCorrupt",
+            f"{ctx.held('posfleet_snapshot_corrupt_files')} > 0",
+            "warning",
+            "posfleet collector found a corrupt state snapshot and started without it.",
+            "The collector {{ $labels.instance }} set {{ $value }} corrupt state snapshot file(s) aside "
+            "(<snapshot path>.corrupt-*) and restored from the previous snapshot generation or an empty state "
+            "(see posfleet_snapshot_restore). Terminal state since then was lost: a wave of offline alerts for "
+            "terminals that are merely quiet is possible in the next minutes.",
+            "The disk or file system corrupted the file (full disk or power loss during a write on storage that "
+            "ignores fsync, a failing disk), or something else wrote to the snapshot path.",
+        ),
+        _rule(
+            ctx, "PosCollectorTaskRestarting",
+            f'sum by ({on}, task) (increase(posfleet_task_restarts_total{{{sel}}}[{w}])) > 0',
+            "warning",
+            "A background task of the posfleet collector died and was restarted.",
+            "The background task {{ $labels.task }} of collector {{ $labels.instance }} died with an exception "
+            "and was restarted in the last {w}. While it is down its work stops (tick: offline detection; "
+            "consume: all messages; snapshot: state saving; registry: registry reloads) and /readyz says not "
+            "ready. If it keeps dying the collector exits and PosCollectorDown takes over.".replace("{w}", w),
+            "A bug in the collector hit by unusual data or state (the traceback is in the collector's log), or "
+            "a resource it needs failing (disk, memory).",
         ),
     ]
 
