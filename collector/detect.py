@@ -3,7 +3,9 @@
 Two kinds of conditions:
 - heartbeat-driven (hardware, backlog, registry, software, signal, skew) are observed once per accepted
   heartbeat and pass through count-based hysteresis (`Thresholds.default`, `Thresholds.weak_signal`);
-- time-driven (offline, upstream_missing, flapping) are evaluated on every tick from receive times.
+- time-driven (offline, messages_rejected, upstream_missing, flapping) are evaluated on every tick from receive
+  times only. The terminal's own clock (`ts`) is never used for liveness or ordering: it is only compared with
+  the receive time to report `clock_skew`, and with itself for the age of the upload queue.
 Nothing here reads the wall clock: `now` is always passed in.
 """
 
@@ -38,8 +40,11 @@ HEARTBEAT_CONDITIONS: Final = (
     "weak_signal",
     "clock_skew",
 )
-TIME_CONDITIONS: Final = ("offline", "upstream_missing", "flapping")
-CONDITIONS: Final = TIME_CONDITIONS[:2] + HEARTBEAT_CONDITIONS + TIME_CONDITIONS[2:]
+TIME_CONDITIONS: Final = ("offline", "messages_rejected", "upstream_missing", "flapping")
+# The order of /metrics and the API's lists; messages_rejected goes last so existing series keep their order.
+CONDITIONS: Final = (
+    "offline", "upstream_missing", *HEARTBEAT_CONDITIONS, "flapping", "messages_rejected"
+)
 
 # Severity when a condition is active; hardware_fault is downgraded to warning for paper_out alone.
 SEVERITY: Final = {
@@ -53,6 +58,8 @@ SEVERITY: Final = {
     "weak_signal": "warning",
     "clock_skew": "warning",
     "flapping": "warning",
+    # Never critical: the collector itself refused these messages, the terminal is alive (see time_conditions).
+    "messages_rejected": "warning",
 }
 
 # condition -> (severity, detail)
@@ -94,7 +101,7 @@ def heartbeat_conditions(
     if registry_loaded and reg is None:
         raw["unregistered"] = ("warning", "")
     if reg is not None and t.mid is not None and t.mid != reg.merchant_id:
-        raw["merchant_mismatch"] = ("critical", "")
+        raw["merchant_mismatch"] = ("critical", t.mid)  # what the terminal reports, for the alert and support
     model = t.model or (reg.model if reg else "")
     if _outdated(t.app_version, model, policy):
         raw["outdated_software"] = ("warning", "")
@@ -123,21 +130,31 @@ def time_conditions(
     started_at: float,
     offline_active: bool,
 ) -> Raw:
-    """Time-driven conditions, evaluated from receive times only."""
+    """Time-driven conditions, evaluated from receive times only.
+
+    Offline is silence of accepted heartbeats for `offline_factor` intervals (measured from the collector's start
+    at the earliest). Rejected messages prove the terminal is alive: while they keep arriving (the last one
+    within that period), the terminal is `messages_rejected` (warning) instead of `offline`, even if it was
+    offline before; once they stop too, it is offline.
+    """
     raw: Raw = {}
     interval = t.interval_s or th.default_interval_s
-    if offline_active:
-        # Once offline, only a heartbeat or a clean shutdown (handled on those messages) brings it back.
-        pass
-    elif t.status != "shutdown":
+    period = th.offline_factor * interval
+    rejecting = t.rejected_rx is not None and now - t.rejected_rx <= period
+    if t.status != "shutdown":
         # Silence is measured from the collector's start at the earliest: after a restart every terminal
         # gets a full offline period to be heard again before it is called offline (no false storm).
         ref = max(t.last_rx if t.last_rx is not None else started_at, started_at)
         silent = now - ref
-        limit = th.offline_factor * interval
+        limit = period
         if t.status == "offline":  # the last will arrived: confirmed by one missed heartbeat, not three
             limit = min(limit, th.will_confirm_factor * interval + th.will_confirm_slack_s)
-        if silent > limit:
+        if rejecting and (silent > limit or offline_active):
+            raw["messages_rejected"] = ("warning", t.rejected_last)
+        elif offline_active:
+            # Once offline, only a heartbeat, a clean shutdown or rejected messages (above) bring it back.
+            raw["offline"] = ("critical", "")
+        elif silent > limit:
             detail = "last_will" if t.status == "offline" else ("silent" if t.last_rx is not None else "never_seen")
             raw["offline"] = ("critical", detail)
     if (
@@ -181,6 +198,13 @@ _CAUSES: Final = {
     "its records appear at the wrong time.",
     ("flapping", ""): "The terminal keeps rebooting or reconnecting: unstable power supply, failing battery or "
     "intermittent network.",
+    ("messages_rejected", ""): "The terminal is alive, but the collector rejects its messages (the reason is the "
+    "detail): its firmware sends something protocol v1 does not allow, so its health cannot be judged.",
+    ("messages_rejected", "card_data"): "The terminal is alive, but its messages are rejected because they "
+    "appear to contain a card number: a firmware or configuration fault that must be fixed (PCI), not a "
+    "network problem.",
+    ("messages_rejected", "counter_backwards"): "The terminal is alive, but its transaction counters went "
+    "backwards (reset or replaced device under the same id), so its heartbeats are rejected.",
 }
 
 

@@ -2,6 +2,12 @@
 
 `Fleet` applies decoded messages with the receive time they came with, runs detection (collector.detect)
 and keeps condition counts per (acquirer, site) incrementally, so /metrics never walks the whole fleet.
+
+Two invariants hold whatever senders do:
+- Order and liveness come from seq and arrival, never from the terminal's clock (`classify`): a clock decades
+  ahead, reset to 0 or stepping back is reported as `clock_skew` and can never freeze a terminal's state.
+- Every map keyed by something a sender chooses (unknown terminal ids, feeds, software versions, reject reasons,
+  shared floats) is bounded, and what a bound refused is counted in `Fleet.refused` by bound name.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ import enum
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from typing import Final, overload
+from typing import Final
 
 import msgspec
 
@@ -18,6 +24,7 @@ from .config import Config
 from .detect import (
     CONDITIONS,
     HEARTBEAT_CONDITIONS,
+    TIME_CONDITIONS,
     Raw,
     heartbeat_conditions,
     parse_version,
@@ -26,34 +33,51 @@ from .detect import (
 from .protocol import Heartbeat, Status, UpstreamBatch
 from .registry import EMPTY, Registry, RegistryEntry
 
-__all__ = ["Active", "FeedState", "Fleet", "HeartbeatResult", "Terminal", "Transition"]
+__all__ = [
+    "BOUNDS",
+    "MAX_FEEDS",
+    "MAX_REJECT_REASONS",
+    "MAX_VERSIONS",
+    "Active",
+    "FeedState",
+    "Fleet",
+    "HeartbeatResult",
+    "Recount",
+    "Terminal",
+    "Transition",
+    "UpstreamResult",
+    "classify",
+]
 
 UNKNOWN: Final = "unknown"
 MAX_EVENTS: Final = 8  # reboot/reconnect times kept for flapping detection
-
+# Without a registry (demo) any acquirer id can start a feed; a real deployment has a handful of acquirers, 256
+# is far above that and keeps a topic-spraying sender from adding thousands of feeds and their series.
+MAX_FEEDS: Final = 256
+# Distinct (acquirer, model, app_version) series: a real fleet runs a few hundred; 10,000 bounds what terminals
+# that report a new version string on every heartbeat can add to /metrics.
+MAX_VERSIONS: Final = 10_000
+# Reject reasons are a small fixed set (protocol.REJECT_REASONS and a few of the collector's); the bound only
+# guards against a caller passing free text.
+MAX_REJECT_REASONS: Final = 32
+# Shared float objects (interval, signal, battery): bounded by the values' range on a real fleet, by this number
+# against a sender cycling through values.
+MAX_FLOATS: Final = 100_000
+# A redelivered heartbeat may reach us this long after the newest one was sent (broker and network transit).
+TRANSIT_SLACK_S: Final = 5.0
+# Names of the bounds counted in Fleet.refused (label values of posfleet_state_refused_total).
+BOUNDS: Final = ("unregistered", "feeds", "versions", "reject_reasons", "floats")
 
 _FLOATS: dict[float, float] = {}
-
-
-@overload
-def _shared(value: float) -> float: ...
-@overload
-def _shared(value: None) -> None: ...
-def _shared(value: float | None) -> float | None:
-    """One float object per distinct value for fields that repeat across the fleet (interval, signal, battery):
-    24 bytes per terminal and field saved; the table is bounded by the values' range, not the fleet."""
-    if value is None or len(_FLOATS) >= 100_000:
-        return value
-    return _FLOATS.setdefault(value, value)
 
 
 class HeartbeatResult(enum.Enum):
     """What a heartbeat did to the state."""
 
     ACCEPTED = "accepted"
-    REBOOT = "reboot"  # accepted, seq went back to a lower value on a newer clock: the terminal restarted
+    REBOOT = "reboot"  # accepted, seq went back (or repeated with other content): the terminal restarted
     DUPLICATE = "duplicate"
-    STALE = "stale"  # older than what we have: out of order or replayed; state does not move back
+    STALE = "stale"  # evidently an older message of a boot still running: state does not move back
     BACKWARDS = "counter_backwards"  # newer, but a cumulative counter decreased: rejected
 
 
@@ -117,6 +141,60 @@ class Terminal(msgspec.Struct, array_like=True, gc=False):
     events: list[float] | None = None  # recent reboots / offline->online cycles (flapping)
     conds: dict[str, Active] | None = None  # active conditions
     streaks: dict[str, int] | None = None  # hysteresis counters of conditions about to change
+    rejected: dict[str, int] | None = None  # messages the collector rejected, by reason (bounded)
+    rejected_rx: float | None = None  # receive time of the last rejected message
+    rejected_last: str = ""  # reason of the last rejected message
+
+
+def classify(t: Terminal, hb: Heartbeat, rx: float) -> HeartbeatResult:
+    """Where a heartbeat received at `rx` stands against the terminal's newest one: by seq and arrival, never `ts`.
+
+    - The first heartbeat, or a higher seq: ACCEPTED (newer).
+    - The same seq, ts and uptime: DUPLICATE (a QoS 1 redelivery is byte-identical).
+    - A lower seq, or the same seq with other content: REBOOT, whatever the terminal clock says (a clock reset to
+      1970 or corrected from decades ahead is no evidence of age) ...
+    - ... unless it arrives within one interval of the newest heartbeat and is evidently an older message:
+      a cumulative counter is lower (a reboot keeps them), or both carry `uptime_s` and this one's is lower and
+      larger than the time since the newest heartbeat arrived plus transit slack (its boot began before that
+      heartbeat, which a reboot since cannot have): STALE. The one-interval clause bounds a wrong guess (a
+      reset device, an odd uptime): the next heartbeat an interval later is judged a reboot (and a reset
+      device's lower counters then make it BACKWARDS, a visible reject), so no terminal is ever frozen.
+    Counters are checked after this (BACKWARDS), for newer heartbeats and reboots alike.
+    """
+    if t.last_rx is None or hb.seq > t.seq:
+        return HeartbeatResult.ACCEPTED
+    if hb.seq == t.seq and hb.ts == t.last_ts and hb.uptime_s == t.uptime_s:
+        return HeartbeatResult.DUPLICATE
+    since = rx - t.last_rx
+    if since <= max(hb.interval_s, t.interval_s):
+        if hb.txn_count < t.txn_count or hb.uploaded_count < t.uploaded_count:
+            return HeartbeatResult.STALE
+        if (
+            hb.uptime_s is not None
+            and t.uptime_s is not None
+            and since + TRANSIT_SLACK_S < hb.uptime_s < t.uptime_s
+        ):
+            return HeartbeatResult.STALE
+    return HeartbeatResult.REBOOT
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResult:
+    """What an acquirer's batch did: refused (unknown acquirer, or too many feeds), or how its records matched."""
+
+    refused: bool = False
+    matched: int = 0  # records of this acquirer's own terminals: applied
+    foreign: int = 0  # records naming another acquirer's (or an unregistered) terminal: ignored
+    unknown: int = 0  # records naming a terminal id the fleet does not know: ignored
+
+
+@dataclass(frozen=True, slots=True)
+class Recount:
+    """The derived counts recomputed from scratch (to check the incremental ones)."""
+
+    counts: dict[tuple[str, str, str], int]
+    problem: set[str]
+    versions: dict[tuple[str, str, str], int]
 
 
 class FeedState:
@@ -156,13 +234,19 @@ class Fleet:
         self.feeds: dict[str, FeedState] = {f.acquirer: f for f in restored[1]}
         self.registry = EMPTY
         self.registry_loaded = False
+        self._registry_acquirers: frozenset[str] = frozenset()
         # (acquirer, site, condition) -> terminals; the pseudo-conditions "_known", "_online" and "_shutdown"
         # ride along, so /metrics never walks the fleet.
         self.counts: Counter[tuple[str, str, str]] = Counter()
         self.problem: set[str] = set()  # terminals with at least one active condition
-        self.versions: Counter[tuple[str, str, str]] = Counter()  # (acquirer, model, app_version)
+        self.versions: Counter[tuple[str, str, str]] = Counter()  # (acquirer, model, app_version), no zero keys
+        # Terminals whose version is not in `versions` because MAX_VERSIONS keys were taken when it changed.
+        self.versions_uncounted: set[str] = set()
+        self.max_versions = MAX_VERSIONS
+        self.max_feeds = MAX_FEEDS
         self.unregistered_seen = 0
         self.max_unregistered = 10_000  # bounds state and series that unknown ids can create
+        self.refused: Counter[str] = Counter(dict.fromkeys(BOUNDS, 0))  # what each bound refused
         self.set_registry(registry)
 
     # ---- registry -------------------------------------------------------------------------------------
@@ -170,6 +254,7 @@ class Fleet:
         """Install a (re)loaded registry: relabel terminals and rebuild the counts."""
         self.registry = registry
         self.registry_loaded = registry is not EMPTY
+        self._registry_acquirers = frozenset(registry.acquirers())
         for tid in registry.entries:
             if tid not in self.terminals:
                 self.terminals[tid] = Terminal(tid)
@@ -184,28 +269,92 @@ class Fleet:
             t.acquirer, t.site, t.merchant = UNKNOWN, UNKNOWN, t.mid or ""
 
     def _rebuild_counts(self) -> None:
+        # Which terminals' versions fit under the cap is decided again, in fleet order (a relabel may merge or
+        # split keys); everything else is the plain recount.
+        self.versions_uncounted = set()
+        keys: set[tuple[str, str, str]] = set()
+        for t in self.terminals.values():
+            if t.app_version is not None:
+                key = (t.acquirer, t.model or "", t.app_version)
+                if key not in keys and len(keys) >= self.max_versions:
+                    self.versions_uncounted.add(t.tid)
+                else:
+                    keys.add(key)
+        again = self.recount()
+        self.counts = Counter(again.counts)
+        self.problem = again.problem
+        self.versions = Counter(again.versions)
+        self.unregistered_seen = sum(1 for t in self.terminals.values() if t.acquirer == UNKNOWN)
+
+    def recount(self) -> Recount:
+        """Counts, problem set and versions recomputed from the terminals (what the incremental ones must equal)."""
         counts: Counter[tuple[str, str, str]] = Counter()
         for acq, site in self.registry.sites():
             for c in CONDITIONS:
                 counts[(acq, site, c)] += 0
-        self.problem = set()
-        self.versions = Counter()
-        self.unregistered_seen = 0
+        problem: set[str] = set()
+        versions: Counter[tuple[str, str, str]] = Counter()
         for t in self.terminals.values():
             if t.acquirer == UNKNOWN:
-                self.unregistered_seen += 1
+                for c in CONDITIONS:
+                    counts[(UNKNOWN, UNKNOWN, c)] += 0
             counts[(t.acquirer, t.site, "_known")] += 1
             if t.status == "shutdown":
                 counts[(t.acquirer, t.site, "_shutdown")] += 1
             if self._online(t):
                 counts[(t.acquirer, t.site, "_online")] += 1
-            if t.app_version is not None:
-                self.versions[(t.acquirer, t.model or "", t.app_version)] += 1
+            if t.app_version is not None and t.tid not in self.versions_uncounted:
+                versions[(t.acquirer, t.model or "", t.app_version)] += 1
             if t.conds:
-                self.problem.add(t.tid)
+                problem.add(t.tid)
                 for c in t.conds:
                     counts[(t.acquirer, t.site, c)] += 1
-        self.counts = counts
+        return Recount(dict(counts), problem, dict(versions))
+
+    # ---- bounded maps ----------------------------------------------------------------------------------
+    def _shared(self, value: float) -> float:
+        """One float object per distinct value for fields that repeat across the fleet (interval, signal, battery):
+        24 bytes per terminal and field saved; past MAX_FLOATS values the value is kept unshared (counted)."""
+        shared = _FLOATS.get(value)
+        if shared is not None:
+            return shared
+        if len(_FLOATS) >= MAX_FLOATS:
+            self.refused["floats"] += 1
+            return value
+        _FLOATS[value] = value
+        return value
+
+    def _set_version(self, t: Terminal, model: str | None, version: str | None) -> None:
+        """Move the terminal between version keys; zero keys are deleted and new keys are capped."""
+        if t.app_version is not None and t.tid not in self.versions_uncounted:
+            old = (t.acquirer, t.model or "", t.app_version)
+            left = self.versions[old] - 1
+            if left > 0:
+                self.versions[old] = left
+            else:
+                del self.versions[old]
+        self.versions_uncounted.discard(t.tid)
+        if version is not None:
+            new = (t.acquirer, model or "", version)
+            if new in self.versions or len(self.versions) < self.max_versions:
+                self.versions[new] += 1
+            else:
+                self.versions_uncounted.add(t.tid)
+                self.refused["versions"] += 1
+        t.model, t.app_version = model, version
+
+    def feed_allowed(self, acquirer: str) -> bool:
+        """Whether a feed of this acquirer may be applied: registry acquirers only, else at most MAX_FEEDS feeds."""
+        if not acquirer or acquirer == UNKNOWN:
+            return False  # "unknown" labels unregistered terminals: no feed may speak for them
+        if self.registry_loaded:
+            return acquirer in self._registry_acquirers
+        return acquirer in self.feeds or len(self.feeds) < self.max_feeds
+
+    def owns(self, acquirer: str, tid: str) -> bool:
+        """True when the terminal belongs to this acquirer by the registry (what a feed may apply to)."""
+        t = self.terminals.get(tid)
+        return t is not None and acquirer != UNKNOWN and t.acquirer == acquirer
 
     # ---- conditions -----------------------------------------------------------------------------------
     def _raise(self, t: Terminal, cond: str, severity: str, detail: str, now: float, out: list[Transition]) -> None:
@@ -258,24 +407,36 @@ class Fleet:
             t.streaks = streaks or None
 
     def _time_step(self, t: Terminal, now: float, out: list[Transition]) -> None:
+        was_online = self._online(t)
         offline_active = t.conds is not None and "offline" in t.conds
         feed = self.feeds.get(t.acquirer)
         raw = time_conditions(t, feed, self.th, now, self.started_at, offline_active)
-        for cond in ("offline", "upstream_missing", "flapping"):
+        for cond in TIME_CONDITIONS:
             active = t.conds is not None and cond in t.conds
             hit = raw.get(cond)
-            if cond == "offline" and offline_active:
-                continue
             if hit is not None and not active:
-                if cond == "offline" and self._online(t):
-                    self.counts[(t.acquirer, t.site, "_online")] -= 1
                 self._raise(t, cond, hit[0], hit[1], now, out)
             elif hit is None and active:
                 self._clear(t, cond, now, out)
+            elif hit is not None and t.conds is not None and cond != "offline" and t.conds[cond].detail != hit[1]:
+                self._update(t, cond, hit)  # e.g. messages_rejected names the latest reason
+        self._sync_online(t, was_online)
 
     @staticmethod
     def _online(t: Terminal) -> bool:
         return t.last_rx is not None and t.status != "shutdown" and not (t.conds and "offline" in t.conds)
+
+    def _sync_online(self, t: Terminal, was_online: bool) -> None:
+        is_online = self._online(t)
+        if is_online != was_online:
+            self.counts[(t.acquirer, t.site, "_online")] += 1 if is_online else -1
+
+    def _set_status(self, t: Terminal, new: str) -> None:
+        if t.status == "shutdown" and new != "shutdown":
+            self.counts[(t.acquirer, t.site, "_shutdown")] -= 1
+        elif new == "shutdown" and t.status != "shutdown":
+            self.counts[(t.acquirer, t.site, "_shutdown")] += 1
+        t.status = new
 
     def _event(self, t: Terminal, at: float) -> None:
         events = t.events or []
@@ -287,6 +448,7 @@ class Fleet:
         t = self.terminals.get(tid)
         if t is None:
             if self.unregistered_seen >= self.max_unregistered:
+                self.refused["unregistered"] += 1
                 return None
             t = self.terminals[tid] = Terminal(tid)
             self.unregistered_seen += 1
@@ -296,26 +458,24 @@ class Fleet:
         return t
 
     def on_heartbeat(self, hb: Heartbeat, rx: float, out: list[Transition]) -> HeartbeatResult | None:
-        """Apply a heartbeat received at `rx`; None when the fleet is full of unknown terminals."""
+        """Apply a heartbeat received at `rx`; None when the fleet is full of unknown terminals.
+
+        A BACKWARDS heartbeat is recorded as a rejected message of the terminal (reason counter_backwards):
+        callers must not report it to `on_rejected` again.
+        """
         t = self._terminal_for(hb.tid)
         if t is None:
             return None
-        result = HeartbeatResult.ACCEPTED
+        result = classify(t, hb, rx)
+        if result in (HeartbeatResult.DUPLICATE, HeartbeatResult.STALE):
+            return result
         first = t.last_rx is None
+        if not first and (hb.txn_count < t.txn_count or hb.uploaded_count < t.uploaded_count):
+            self._reject(t, "counter_backwards", rx, out)
+            return HeartbeatResult.BACKWARDS
         was_online = self._online(t)
-        if not first:
-            if hb.seq == t.seq and hb.ts == t.last_ts:
-                return HeartbeatResult.DUPLICATE
-            # Ordered by the terminal's clock, then seq; the next seq of the same boot is accepted even when
-            # the clock stepped back (an NTP correction of a skewed clock must not freeze the terminal).
-            newer = hb.ts > t.last_ts or (hb.ts == t.last_ts and hb.seq > t.seq) or hb.seq == t.seq + 1
-            if not newer:
-                return HeartbeatResult.STALE
-            if hb.txn_count < t.txn_count or hb.uploaded_count < t.uploaded_count:
-                return HeartbeatResult.BACKWARDS
-            if hb.seq < t.seq:
-                result = HeartbeatResult.REBOOT
-                self._event(t, rx)
+        if result is HeartbeatResult.REBOOT:
+            self._event(t, rx)
         # The feed may beat the heartbeat that reports the same upload: a record within two intervals before
         # counts as covering it.
         if (
@@ -327,8 +487,9 @@ class Fleet:
             t.pending_upload_since = rx
         t.seq, t.last_ts = hb.seq, hb.ts
         if hb.interval_s != t.interval_s:
-            t.interval_s = _shared(hb.interval_s)
-        t.last_rx = rx if t.last_rx is None else max(t.last_rx, rx)
+            t.interval_s = self._shared(hb.interval_s)
+        # Arrival order is the truth: a host clock stepping back must not leave last_rx in the future.
+        t.last_rx = rx
         t.txn_count, t.uploaded_count = hb.txn_count, hb.uploaded_count
         t.queue_depth, t.oldest_queued_ts = hb.queue_depth, hb.oldest_queued_ts
         if hb.mid is not None and hb.mid != t.mid:
@@ -337,35 +498,28 @@ class Fleet:
                 t.merchant = t.mid
         model, version = hb.model or t.model, hb.app_version or t.app_version
         if (model, version) != (t.model, t.app_version):
-            model = sys.intern(model) if model else model
-            version = sys.intern(version) if version else version
-            if t.app_version is not None:
-                self.versions[(t.acquirer, t.model or "", t.app_version)] -= 1
-            if version is not None:
-                self.versions[(t.acquirer, model or "", version)] += 1
-            t.model, t.app_version = model, version
+            self._set_version(
+                t, sys.intern(model) if model else model, sys.intern(version) if version else version
+            )
         if hb.os_version and hb.os_version != t.os_version:
             t.os_version = sys.intern(hb.os_version)
         t.uptime_s = hb.uptime_s
         if hb.net is not None:
             if hb.net.rssi_dbm != t.rssi_dbm:
-                t.rssi_dbm = _shared(hb.net.rssi_dbm)
+                t.rssi_dbm = None if hb.net.rssi_dbm is None else self._shared(hb.net.rssi_dbm)
             t.net_type = hb.net.type
         if hb.power is not None:
             if hb.power.battery_pct != t.battery_pct:
-                t.battery_pct = _shared(hb.power.battery_pct)
+                t.battery_pct = None if hb.power.battery_pct is None else self._shared(hb.power.battery_pct)
             t.power_source = hb.power.source
         if hb.hw is not None:
             t.printer, t.display, t.card_reader = hb.hw.printer, hb.hw.display, hb.hw.card_reader
         if t.status in ("offline", "shutdown"):
-            if t.status == "shutdown":
-                self.counts[(t.acquirer, t.site, "_shutdown")] -= 1
-            t.status = "online"
+            self._set_status(t, "online")
         if t.conds is not None and "offline" in t.conds:
             self._clear(t, "offline", rx, out)
             self._event(t, rx)  # an offline -> online cycle counts towards flapping
-        if not was_online:
-            self.counts[(t.acquirer, t.site, "_online")] += 1
+        self._sync_online(t, was_online)
         raw = heartbeat_conditions(
             t, self.registry.get(t.tid), self.th, self.policy, self.registry_loaded, rx
         )
@@ -374,41 +528,76 @@ class Fleet:
         return result
 
     def on_status(self, st: Status, rx: float, retained: bool, out: list[Transition]) -> bool:
-        """Apply a status message; False when it was stale or a replay."""
+        """Apply a status message; False when it was a replay of the current status.
+
+        The status's own `ts` is not compared with anything: the terminal clock may be reset or decades ahead.
+        A retained status replays whatever was published last, possibly long ago; a stale last will is harmless
+        because a will only becomes `offline` after a heartbeat is missed as well (time_conditions).
+        """
         t = self._terminal_for(st.tid)
         if t is None:
             return False
-        if st.ts is not None and t.last_rx is not None and st.ts < t.last_ts:
-            return False  # older than the last heartbeat (e.g. a retained status from before a restart)
         new = "online" if st.state == "online" else ("shutdown" if st.reason == "shutdown" else "offline")
         if retained and new == t.status:
             return False  # replayed to us on (re)subscribe
         was_online = self._online(t)
-        if t.status == "shutdown" and new != "shutdown":
-            self.counts[(t.acquirer, t.site, "_shutdown")] -= 1
-        if new == "shutdown" and t.status != "shutdown":
-            self.counts[(t.acquirer, t.site, "_shutdown")] += 1
-            if t.conds is not None and "offline" in t.conds:
-                self._clear(t, "offline", rx, out)
-        t.status, t.status_rx = new, rx
-        if self._online(t) != was_online:
-            self.counts[(t.acquirer, t.site, "_online")] += 1 if not was_online else -1
+        self._set_status(t, new)
+        if new == "shutdown" and t.conds is not None and "offline" in t.conds:
+            self._clear(t, "offline", rx, out)
+        t.status_rx = rx
+        self._sync_online(t, was_online)
         self._time_step(t, rx, out)
         return True
 
+    def _reject(self, t: Terminal, reason: str, rx: float, out: list[Transition]) -> None:
+        counts = t.rejected if t.rejected is not None else {}
+        if reason not in counts and len(counts) >= MAX_REJECT_REASONS:
+            self.refused["reject_reasons"] += 1
+            reason = "other"
+        counts[reason] = counts.get(reason, 0) + 1
+        t.rejected = counts
+        t.rejected_rx, t.rejected_last = rx, reason
+        self._time_step(t, rx, out)
+
+    def on_rejected(self, tid: str, reason: str, rx: float, out: list[Transition]) -> None:
+        """A message of terminal `tid` (a valid id) was rejected for `reason`: count it, and let it prove life.
+
+        A terminal whose messages all arrive but are rejected becomes `messages_rejected` (warning), never
+        `offline`: the collector, not the terminal, refused them.
+        """
+        t = self._terminal_for(tid)
+        if t is not None:
+            self._reject(t, reason, rx, out)
+
     def on_upstream(self, batch: UpstreamBatch, rx: float, out: list[Transition]) -> int:
-        """Apply a batch the acquirer recorded; returns how many transactions named known terminals."""
-        feed = self.feeds.get(batch.acquirer)
+        """`on_feed`, returning only how many records matched (the collector's call until it takes the result)."""
+        return self.on_feed(batch, rx, out).matched
+
+    def on_feed(self, batch: UpstreamBatch, rx: float, out: list[Transition]) -> UpstreamResult:
+        """Apply a batch the acquirer recorded, to that acquirer's own terminals only; refuse unknown acquirers."""
+        acquirer = batch.acquirer
+        feed = self.feeds.get(acquirer)
         if feed is None:
-            feed = self.feeds[batch.acquirer] = FeedState(batch.acquirer)
+            if not self.feed_allowed(acquirer):
+                self.refused["feeds"] += 1
+                return UpstreamResult(refused=True)
+            feed = self.feeds[acquirer] = FeedState(acquirer)
+        elif self.registry_loaded and acquirer not in self._registry_acquirers:
+            # A feed restored from a snapshot (or kept across a reload) whose acquirer left the registry.
+            self.refused["feeds"] += 1
+            return UpstreamResult(refused=True)
         if feed.stale(rx, self.th.feed_stale_s):
             feed.alive_since = rx
         feed.last_rx = rx
         feed.txns += len(batch.txns)
-        matched = 0
+        matched = foreign = unknown = 0
         for txn in batch.txns:
             t = self.terminals.get(txn.tid)
             if t is None:
+                unknown += 1
+                continue
+            if t.acquirer != acquirer:
+                foreign += 1  # another acquirer's terminal: this feed cannot vouch for its uploads
                 continue
             matched += 1
             t.upstream_rx = rx
@@ -416,7 +605,7 @@ class Fleet:
             t.pending_upload_since = None
             if t.conds is not None and "upstream_missing" in t.conds:
                 self._clear(t, "upstream_missing", rx, out)
-        return matched
+        return UpstreamResult(False, matched, foreign, unknown)
 
     def tick(self, now: float) -> list[Transition]:
         """Evaluate time-driven conditions for every terminal."""

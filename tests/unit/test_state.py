@@ -80,7 +80,7 @@ def test_healthy_heartbeats_raise_nothing(clock: Clock) -> None:
         ({"hw": {"printer": "fault", "card_reader": "fault"}}, "hardware_fault", "printer+card_reader_fault"),
         ({"hw": {"display": "fault"}}, "hardware_fault", "display_fault"),
         ({"queue_depth": 25, "txn_count": 1000}, "upload_backlog", "queue_depth"),
-        ({"mid": "M9"}, "merchant_mismatch", ""),
+        ({"mid": "M9"}, "merchant_mismatch", "M9"),  # the merchant id the terminal reports
         ({"app_version": "2.9.9"}, "outdated_software", ""),
         ({"app_version": "garbage"}, "outdated_software", ""),
         ({"clock_offset": 3600}, "clock_skew", "ahead"),
@@ -163,9 +163,10 @@ def test_reboot_is_recognised_not_treated_as_replay(clock: Clock) -> None:
     clock.hb(seq=100, txn_count=100, uploaded_count=100)
     assert clock.hb(seq=0, txn_count=101, uploaded_count=101, uptime_s=5) is HeartbeatResult.REBOOT
     assert clock.fleet.terminals["T1"].seq == 0
-    # A replayed heartbeat from before the reboot is older by the terminal's clock: stale.
+    # A replayed heartbeat from before the reboot has a higher seq but lower counters: refused, state kept.
     old = beat(seq=99, ts=clock.now - 60, txn_count=99, uploaded_count=99)
-    assert clock.fleet.on_heartbeat(old, clock.now, clock.out) is HeartbeatResult.STALE
+    assert clock.fleet.on_heartbeat(old, clock.now, clock.out) is HeartbeatResult.BACKWARDS
+    assert (clock.fleet.terminals["T1"].seq, clock.fleet.terminals["T1"].txn_count) == (0, 101)
 
 
 def test_counters_going_backwards_are_rejected(clock: Clock) -> None:
@@ -210,11 +211,27 @@ def test_clean_shutdown_is_not_offline(clock: Clock) -> None:
     assert clock.fleet.counts[("acq", "s1", "_online")] == 0
 
 
-def test_retained_stale_status_is_ignored(clock: Clock) -> None:
+def test_retained_stale_will_never_raises_offline_while_heartbeats_arrive(clock: Clock) -> None:
     clock.hb(seq=0)
-    old = Status("offline", clock.now - 3600, "connection_lost", "T1")
-    assert clock.fleet.on_status(old, clock.now, True, clock.out) is False
-    assert clock.fleet.terminals["T1"].status != "offline"
+    assert clock.fleet.on_status(Status("offline", clock.now, "connection_lost", "T1"), clock.now, True, clock.out)
+    assert clock.fleet.on_status(Status("offline", clock.now, "connection_lost", "T1"), clock.now, True,
+                                 clock.out) is False, "a replay of the current status changes nothing"
+    for seq in range(1, 10):
+        clock.hb(seq=seq, advance=30)
+        clock.tick(0)
+    assert clock.fleet.terminals["T1"].status == "online"
+    assert conds(clock.fleet) == set() and [tr for tr in clock.out if tr.tid == "T1"] == []
+
+
+def test_status_with_a_broken_clock_is_applied(clock: Clock) -> None:
+    """Before: a status was dropped when its ts was below the last heartbeat's, so one heartbeat decades ahead
+    made every later clean shutdown invisible and the shut-down terminal was raised offline."""
+    clock.hb(seq=0, ts=T0 + 30 * 365 * 86400)
+    assert clock.hb(seq=2) is HeartbeatResult.ACCEPTED  # seq 1 was lost
+    clock.now += 1
+    assert clock.fleet.on_status(Status("offline", clock.now, "shutdown", "T1"), clock.now, False, clock.out)
+    clock.tick(3600)
+    assert conds(clock.fleet) == set() and clock.fleet.counts[("acq", "s1", "_shutdown")] == 1
 
 
 def test_flapping_on_repeated_reboots_then_clears(clock: Clock) -> None:
@@ -304,3 +321,199 @@ def test_counts_stay_consistent_through_registry_reload(clock: Clock) -> None:
     clock.hb(seq=3, mid="M9")
     assert conds(clock.fleet) == set()
     assert clock.fleet.counts[("acq2", "s9", "merchant_mismatch")] == 0
+
+
+# ---- issue 9: real-world clocks, rejects, foreign feeds, bounded maps -------------------------------------------
+DECADES = 30 * 365 * 86400.0
+
+
+def raw_beat(**over: Any) -> Heartbeat:
+    """A heartbeat with any finite ts (the decoder accepts ts >= 0): built past msgspec's range check."""
+    ts = over.pop("ts")
+    return msgspec.structs.replace(beat(ts=T0, **over), ts=ts)
+
+
+def run_heartbeats(clock: Clock, ts_of: list[float], start_seq: int = 0) -> list[HeartbeatResult | None]:
+    """One heartbeat every interval with the given terminal clocks, ticking in between."""
+    results = []
+    for n, ts in enumerate(ts_of):
+        clock.now += 30
+        hb = raw_beat(seq=start_seq + n, ts=ts, txn_count=7, uploaded_count=7)  # counters survive reboots
+        results.append(clock.fleet.on_heartbeat(hb, clock.now, clock.out))
+        clock.tick(0)
+    return results
+
+
+def raised(clock: Clock, cond: str, tid: str = "T1") -> list[Transition]:
+    return [tr for tr in clock.out if tr.tid == tid and tr.condition == cond and tr.raised]
+
+
+@pytest.mark.parametrize(
+    ("name", "bad_ts", "detail"),
+    [
+        ("decades ahead (RTC battery died, then NTP)", T0 + DECADES, "ahead"),
+        ("one day ahead", T0 + 86400, "ahead"),
+        ("reset to the epoch", 0.0, "behind"),
+        ("a year behind", T0 - 365 * 86400, "behind"),
+    ],
+)
+def test_a_broken_clock_is_clock_skew_and_never_freezes_the_terminal(
+    clock: Clock, name: str, bad_ts: float, detail: str
+) -> None:
+    """Before: after one heartbeat decades (or a day) ahead every later normal heartbeat was STALE and the
+    terminal was raised offline while it heartbeated; ts=0 was not reported as skew."""
+    bad = run_heartbeats(clock, [bad_ts + 30 * n for n in range(3)])
+    assert bad == [HeartbeatResult.ACCEPTED] * 3, name
+    assert conds(clock.fleet) == {"clock_skew"}
+    assert clock.fleet.terminals["T1"].conds["clock_skew"].detail == detail  # type: ignore[index]
+    clock.now += 30  # seq 3 is lost on the way: the next seq is not the consecutive one
+    good = run_heartbeats(clock, [clock.now + 30 * (n + 1) for n in range(10)], start_seq=4)
+    assert good == [HeartbeatResult.ACCEPTED] * 10, "normal heartbeats after the bad clock are accepted"
+    assert clock.fleet.terminals["T1"].seq == 13 and clock.fleet.terminals["T1"].last_rx == clock.now
+    assert conds(clock.fleet) == set(), "clock_skew cleared once the clock is right"
+    assert raised(clock, "offline") == [] and len(raised(clock, "clock_skew")) == 1
+
+
+def test_a_reboot_with_the_clock_behind_is_a_reboot(clock: Clock) -> None:
+    """Before: a lower seq on an older terminal clock was STALE, so a terminal that rebooted with its clock reset
+    froze until its seq overtook the old one (days at one heartbeat per 30 s)."""
+    run_heartbeats(clock, [clock.now + 30 * (n + 1) for n in range(5)], start_seq=5000)
+    after = run_heartbeats(clock, [0.0 + 30 * n for n in range(4)], start_seq=0)
+    assert after[0] is HeartbeatResult.REBOOT and after[1:] == [HeartbeatResult.ACCEPTED] * 3
+    t = clock.fleet.terminals["T1"]
+    assert t.seq == 3 and t.events is not None and len(t.events) == 1
+    assert raised(clock, "offline") == []
+
+
+def test_a_redelivered_older_heartbeat_of_the_same_boot_is_stale_not_a_reboot(clock: Clock) -> None:
+    for seq in range(5):
+        clock.hb(seq=seq, uptime_s=3600 + 30 * seq)
+    t = clock.fleet.terminals["T1"]
+    late = beat(seq=2, ts=0.0 + 1, uptime_s=3660)  # any clock: the uptime says it is older, same boot
+    assert clock.fleet.on_heartbeat(late, clock.now + 1, clock.out) is HeartbeatResult.STALE
+    assert (t.seq, t.events) == (4, None)
+    # A real reboot: uptime restarted after the newest heartbeat arrived.
+    assert clock.hb(seq=0, uptime_s=10, txn_count=4, uploaded_count=4) is HeartbeatResult.REBOOT
+
+
+def test_host_clock_stepping_back_does_not_leave_last_rx_in_the_future(clock: Clock) -> None:
+    clock.hb(seq=0)
+    clock.now -= 3600  # the collector host's clock was corrected backwards
+    assert clock.hb(seq=1, advance=30) is HeartbeatResult.ACCEPTED
+    assert clock.fleet.terminals["T1"].last_rx == clock.now
+
+
+def reject_every_interval(clock: Clock, n: int, tid: str = "T1", reason: str = "card_data") -> None:
+    for _ in range(n):
+        clock.now += 30
+        clock.fleet.on_rejected(tid, reason, clock.now, clock.out)
+        clock.tick(0)
+
+
+def test_a_terminal_whose_heartbeats_are_all_rejected_is_messages_rejected_not_offline(clock: Clock) -> None:
+    """Before: every heartbeat rejected (e.g. a battery float read as a card number) made the terminal offline
+    (critical) while it heartbeated every 30 s."""
+    clock.hb(seq=0)
+    reject_every_interval(clock, 10)
+    assert conds(clock.fleet) == {"messages_rejected"}
+    active = clock.fleet.terminals["T1"].conds["messages_rejected"]  # type: ignore[index]
+    assert (active.severity, active.detail) == ("warning", "card_data")
+    assert raised(clock, "offline") == []
+    assert clock.fleet.terminals["T1"].rejected == {"card_data": 10}
+    assert clock.fleet.counts[("acq", "s1", "messages_rejected")] == 1
+    reject_every_interval(clock, 1, reason="bad_type")
+    assert clock.fleet.terminals["T1"].conds["messages_rejected"].detail == "bad_type"  # type: ignore[index]
+    assert clock.hb(seq=1) is HeartbeatResult.ACCEPTED
+    assert conds(clock.fleet) == set(), "an accepted heartbeat clears it"
+
+
+def test_rejects_from_a_terminal_that_was_offline_bring_it_back_as_messages_rejected(clock: Clock) -> None:
+    clock.hb(seq=0)
+    clock.tick(100)
+    assert conds(clock.fleet) == {"offline"}
+    assert clock.fleet.counts[("acq", "s1", "_online")] == 0
+    reject_every_interval(clock, 1)
+    assert conds(clock.fleet) == {"messages_rejected"}
+    assert clock.fleet.counts[("acq", "s1", "_online")] == 1
+    clock.tick(91)  # the rejects stopped too: now it is silent
+    assert conds(clock.fleet) == {"offline"}
+
+
+def test_occasional_rejects_between_accepted_heartbeats_raise_nothing(clock: Clock) -> None:
+    for seq in range(10):
+        clock.hb(seq=seq, advance=15)
+        reject_every_interval(clock, 1)
+    assert conds(clock.fleet) == set()
+
+
+def test_rejects_from_unknown_ids_respect_the_unregistered_bound(clock: Clock) -> None:
+    clock.fleet.max_unregistered = 2
+    for i in range(5):
+        clock.fleet.on_rejected(f"X{i}", "bad_json", clock.now, clock.out)
+    assert len(clock.fleet.terminals) == 2 + 2 and clock.fleet.refused["unregistered"] == 3
+
+
+def test_counters_going_backwards_are_a_visible_reject(clock: Clock) -> None:
+    clock.hb(seq=1, txn_count=10, uploaded_count=10)
+    for seq in range(2, 8):
+        assert clock.hb(seq=seq, txn_count=0, uploaded_count=0) is HeartbeatResult.BACKWARDS
+        clock.tick(0)
+    assert conds(clock.fleet) == {"messages_rejected"}
+    assert clock.fleet.terminals["T1"].rejected == {"counter_backwards": 6}
+
+
+REG3 = Registry({**REG.entries, "B1": RegistryEntry("B1", "M3", "acq-b", "A920", "s2", "r")})
+
+
+def test_a_feed_applies_only_to_its_own_acquirers_terminals() -> None:
+    """Before: acquirer acq-b's feed naming acq's terminal T1 cleared T1's upstream_missing."""
+    clock = Clock(Fleet(CFG, started_at=T0, registry=REG3))
+    clock.hb(seq=0, uploaded_count=0, txn_count=0)
+    feed(clock.fleet, clock.now)
+    clock.hb(seq=1, uploaded_count=1, txn_count=1)
+    for seq in range(2, 6):
+        feed(clock.fleet, clock.now + 1)
+        clock.hb(seq=seq, uploaded_count=1, txn_count=1, advance=20)
+    assert conds(clock.fleet) == {"upstream_missing"}
+    foreign = UpstreamBatch(clock.now, [UpstreamTxn("T1", "x1", clock.now), UpstreamTxn("B1", "x2", clock.now),
+                                        UpstreamTxn("NOPE", "x3", clock.now)], "acq-b")
+    result = clock.fleet.on_feed(foreign, clock.now, clock.out)
+    assert (result.refused, result.matched, result.foreign, result.unknown) == (False, 1, 1, 1)
+    assert conds(clock.fleet) == {"upstream_missing"}, "another acquirer's record does not clear it"
+    assert clock.fleet.terminals["T1"].upstream_txns == 0 and clock.fleet.terminals["B1"].upstream_txns == 1
+
+
+def test_feeds_of_acquirers_outside_the_registry_are_refused(clock: Clock) -> None:
+    batch = UpstreamBatch(clock.now, [UpstreamTxn("T1", "x1", clock.now)], "acq-evil")
+    result = clock.fleet.on_feed(batch, clock.now, clock.out)
+    assert result.refused and "acq-evil" not in clock.fleet.feeds and clock.fleet.refused["feeds"] == 1
+    assert clock.fleet.terminals["T1"].upstream_txns == 0
+    assert not clock.fleet.feed_allowed("unknown") and clock.fleet.feed_allowed("acq")
+
+
+def test_feeds_without_a_registry_are_capped() -> None:
+    """Before: 20,000 distinct acquirer topics made 20,000 feeds (and ~60,000 series)."""
+    fleet = Fleet(CFG, started_at=T0)
+    for i in range(20_000):
+        fleet.on_feed(UpstreamBatch(T0, [], f"acq{i}"), T0 + i, [])
+    assert len(fleet.feeds) == fleet.max_feeds == 256
+    assert fleet.refused["feeds"] == 20_000 - 256
+    assert not fleet.on_feed(UpstreamBatch(T0, [], "acq0"), T0, []).refused, "a known feed keeps working"
+
+
+def test_one_terminal_cycling_through_50000_versions_stays_bounded(clock: Clock) -> None:
+    """Before: zero-count version keys were never deleted: 50,000 keys for one terminal."""
+    for n in range(50_000):
+        clock.fleet.on_heartbeat(beat(seq=n, app_version=f"9.{n}"), clock.now + n, clock.out)
+    assert dict(clock.fleet.versions) == {("acq", "", "9.49999"): 1}
+
+
+def test_distinct_versions_are_capped_and_the_overflow_counted(clock: Clock) -> None:
+    clock.fleet.max_unregistered = 100
+    clock.fleet.max_versions = 5
+    for i in range(20):
+        clock.fleet.on_heartbeat(beat(tid=f"X{i}", seq=0, app_version=f"v{i}"), clock.now, clock.out)
+    assert len(clock.fleet.versions) == 5 and clock.fleet.refused["versions"] == 15
+    again = clock.fleet.recount()
+    assert {k: v for k, v in clock.fleet.counts.items() if v} == {k: v for k, v in again.counts.items() if v}
+    assert dict(clock.fleet.versions) == again.versions
