@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -19,9 +20,23 @@ from .state import Terminal
 if TYPE_CHECKING:
     from .app import Collector
 
-__all__ = ["build_app", "terminal_view"]
+__all__ = ["build_app", "build_metrics_app", "json_response", "strict_dumps", "terminal_view"]
+
+log = logging.getLogger(__name__)
 
 COLLECTOR: web.AppKey[Collector] = web.AppKey("collector")
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
+
+# Strict JSON only: NaN and Infinity are not JSON, browsers' JSON.parse rejects them. A value that slipped
+# through validation fails loudly here (a logged 500) rather than handing clients a body they cannot read.
+def strict_dumps(obj: Any, **kwargs: Any) -> str:
+    """json.dumps refusing NaN and Infinity."""
+    return json.dumps(obj, allow_nan=False, **kwargs)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """A JSON response that is always valid JSON (no NaN/Infinity)."""
+    return web.json_response(data, status=status, dumps=strict_dumps)
 
 
 def terminal_view(t: Terminal, now: float) -> dict[str, Any]:
@@ -66,20 +81,33 @@ def terminal_view(t: Terminal, now: float) -> dict[str, Any]:
 
 def principal_of(request: web.Request) -> Principal:
     """The principal the auth middleware attached to this API request."""
-    p: Principal = request["principal"]
-    return p
+    return request[PRINCIPAL]
 
 
 def json_error(cls: type[web.HTTPException], message: str, **extra: Any) -> web.HTTPException:
     """An HTTP error with a JSON body `{"error": message, ...}`."""
-    return cls(text=json.dumps({"error": message, **extra}), content_type="application/json")
+    return cls(text=strict_dumps({"error": message, **extra}), content_type="application/json")
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """An unexpected error is logged with its traceback and answered as a JSON 500, never an HTML page."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("internal error answering %s %s", request.method, request.path)
+        raise json_error(web.HTTPInternalServerError, "internal error") from None
 
 
 @web.middleware
 async def auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Reads need a token when tokens are configured; the upstream POST always needs write:upstream."""
+    """Reads need a token when tokens are configured; the upstream POST always needs a write scope."""
     collector = request.app[COLLECTOR]
     path = request.path
     # The /support page's files hold no data (all it shows comes from /api/ with the user's token), and a
@@ -94,19 +122,19 @@ async def auth_middleware(
             err.headers["WWW-Authenticate"] = 'Bearer realm="posfleet"'
             raise err
         principal = OPEN
-    request["principal"] = principal
+    request[PRINCIPAL] = principal
     return await handler(request)
 
 
 async def healthz(_request: web.Request) -> web.Response:
     """Liveness: the event loop answers."""
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: subscribed to the broker and paho's thread alive."""
     problems = request.app[COLLECTOR].readiness_problems()
-    return web.json_response(
+    return json_response(
         {"status": "ready" if not problems else "not ready", "problems": problems}, status=503 if problems else 200
     )
 
@@ -146,7 +174,7 @@ async def list_terminals(request: web.Request) -> web.Response:
             continue
         matched.append(t)
     page = matched[offset : offset + limit]
-    return web.json_response(
+    return json_response(
         {"total": len(matched), "offset": offset, "limit": limit, "terminals": [terminal_view(t, now) for t in page]}
     )
 
@@ -162,35 +190,51 @@ def visible_terminal(request: web.Request) -> Terminal:
 
 async def get_terminal(request: web.Request) -> web.Response:
     """One terminal's state and conditions."""
-    return web.json_response(terminal_view(visible_terminal(request), time.time()))
+    return json_response(terminal_view(visible_terminal(request), time.time()))
 
 
 async def post_upstream(request: web.Request) -> web.Response:
     """The acquirer feed over HTTP: same body as the MQTT topic."""
-    if not principal_of(request).write_upstream:
-        raise json_error(web.HTTPForbidden, "token lacks write:upstream")
-    collector = request.app[COLLECTOR]
-    body = await request.read()
+    principal = principal_of(request)
     acquirer = request.match_info["acquirer_id"]
+    if not principal.can_write_upstream(acquirer):
+        scope = f"write:upstream:{acquirer}" if principal.writes_upstream else "write:upstream"
+        raise json_error(web.HTTPForbidden, f"token lacks {scope}")
+    collector = request.app[COLLECTOR]
+    # Known acquirers only (the registry's when one is loaded): a feed for a name nobody configured is a typo or
+    # a probe, and each new name would add a feed entry and series for ever.
+    feed_allowed: Callable[[str], bool] = getattr(collector.fleet, "feed_allowed", lambda _a: True)
+    if not feed_allowed(acquirer):
+        raise json_error(web.HTTPNotFound, "unknown acquirer")
+    body = await request.read()
     try:
         batch = decode_upstream(acquirer, body)
     except DecodeError as err:
         collector.count_reject("upstream", err)
         raise json_error(web.HTTPBadRequest, "rejected", reason=err.reason, detail=err.detail) from None
     matched = collector.apply_upstream(batch, time.time())
-    return web.json_response({"accepted": len(batch.txns), "matched_terminals": matched}, status=202)
+    return json_response({"accepted": len(batch.txns), "matched_terminals": matched}, status=202)
 
 
 def build_app(collector: Collector) -> web.Application:
     """The aiohttp application; routes only, the logic lives in the pipeline stages."""
-    app = web.Application(middlewares=[auth_middleware], client_max_size=2 * 1024 * 1024)
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=2 * 1024 * 1024)
     app[COLLECTOR] = collector
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    if collector.cfg.metrics.port is None:  # else only on its own listener (build_metrics_app)
+        app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/terminals", list_terminals)
     app.router.add_get("/api/v1/terminals/{terminal_id}", get_terminal)
     app.router.add_post("/api/v1/upstream/{acquirer_id}/transactions", post_upstream)
     for extra in collector.route_hooks:
         extra(app)
+    return app
+
+
+def build_metrics_app(collector: Collector) -> web.Application:
+    """/metrics alone, for its own listener (`metrics.port`): it names problem terminals of every acquirer."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024)
+    app[COLLECTOR] = collector
+    app.router.add_get("/metrics", metrics)
     return app

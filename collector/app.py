@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from exporters.history import HistoryRecorder
 from exporters.influx import InfluxWriter
 
-from .api import build_app
+from .api import build_app, build_metrics_app
 from .auth import Tokens, load_tokens
 from .clockjump import ClockWatch, rebase_after_jump
 from .config import Config
@@ -159,15 +159,23 @@ class Collector:
                 self.transition_hooks.append(recorder.on_transitions)
             self.ingest = await self._stack.enter_async_context(MqttIngest(self.cfg.mqtt, self.metrics, loop))
             self._stack.push_async_callback(self._final_snapshot)
-            runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
-            await runner.setup()
-            self._stack.push_async_callback(runner.cleanup)
-            site = web.TCPSite(runner, self.cfg.http.host, self.cfg.http.port)
-            await site.start()
-            server = getattr(site, "_server", None)
-            sockets = getattr(server, "sockets", None) or []
-            self.http_port = sockets[0].getsockname()[1] if sockets else self.cfg.http.port
-            log.info("HTTP API and /metrics on http://%s:%s", self.cfg.http.host, self.http_port)
+
+            async def serve(app: web.Application, host: str, port: int) -> int:
+                runner = web.AppRunner(app, access_log=None, handle_signals=False)
+                await runner.setup()
+                self._stack.push_async_callback(runner.cleanup)
+                await web.TCPSite(runner, host, port).start()
+                return int(runner.addresses[0][1])  # the bound port (the real one when configured as 0)
+
+            http, mc = self.cfg.http, self.cfg.metrics
+            self.http_port = await serve(build_app(self), http.host, http.port)
+            self.metrics_port: int | None = None
+            if mc.port is None:
+                log.info("HTTP API and /metrics on http://%s:%s", http.host, self.http_port)
+            else:  # /metrics names every acquirer's problem terminals: only on the listener Prometheus reaches
+                self.metrics_port = await serve(build_metrics_app(self), mc.host or http.host, mc.port)
+                log.info("HTTP API on http://%s:%s, /metrics only on http://%s:%s", http.host, self.http_port,
+                         mc.host or http.host, self.metrics_port)
             self._stack.push_async_callback(self.supervisor.aclose)
             for name, factory in (
                 ("consume", self._consume), ("tick", self._ticker), ("snapshot", self._snapshotter),

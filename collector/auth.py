@@ -1,4 +1,10 @@
-"""API tokens and their scopes: `read:<acquirer>`, `read:*`, `write:upstream`.
+"""API tokens and their scopes: `read:<acquirer>`, `read:*`, `write:upstream:<acquirer>`, `write:upstream`.
+
+- `read:<acquirer>` sees that acquirer's terminals; `read:*` sees all of them.
+- `write:upstream:<acquirer>` may post that acquirer's feed only: an acquirer's host holds a token that cannot
+  speak for another acquirer. `write:upstream` (no acquirer) keeps its original meaning, every acquirer, for
+  one trusted gateway that relays all feeds; give acquirers the scoped form.
+- Write scopes read nothing, read scopes write nothing.
 
 Tokens come from a file (`http.tokens_file`, one `token scope[,scope...]` per line, `#` comments) and/or the
 environment variable POSFLEET_API_TOKENS (same format, entries separated by `;`). Tokens are compared in
@@ -22,14 +28,24 @@ class Principal:
     name: str
     read_all: bool
     read: frozenset[str]
-    write_upstream: bool
+    write_all: bool = False  # `write:upstream`: the feed of every acquirer
+    write: frozenset[str] = frozenset()  # `write:upstream:<acquirer>`
 
     def can_read(self, acquirer: str) -> bool:
         """May this token see terminals of `acquirer`?"""
         return self.read_all or acquirer in self.read
 
+    def can_write_upstream(self, acquirer: str) -> bool:
+        """May this token post the feed of `acquirer`?"""
+        return self.write_all or acquirer in self.write
 
-OPEN = Principal("anonymous", True, frozenset(), False)
+    @property
+    def writes_upstream(self) -> bool:
+        """Does this token hold any upstream write scope?"""
+        return self.write_all or bool(self.write)
+
+
+OPEN = Principal("anonymous", True, frozenset())
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +60,27 @@ class Tokens:
         return bool(self.by_token)
 
     def lookup(self, header: str | None) -> Principal | None:
-        """The principal for an `Authorization: Bearer …` header, or None."""
-        if not header or not header.startswith("Bearer "):
+        """The principal for an `Authorization: Bearer …` header (the scheme in any case), or None."""
+        # RFC 7235: the auth-scheme is case-insensitive and one or more spaces separate it from the token.
+        scheme, _, credentials = (header or "").strip().partition(" ")
+        given = credentials.strip().encode()
+        if scheme.lower() != "bearer" or not given:
             return None
-        given = header[7:].strip().encode()
         found = None
         for token, principal in self.by_token.items():
             if hmac.compare_digest(token.encode(), given):
                 found = principal
         return found
+
+
+WRITE_ALL = "write:upstream"
+WRITE_ONE = "write:upstream:"
+
+
+def _known_scope(scope: str) -> bool:
+    # `read:` and `write:upstream:` need a name after the colon: `read:` alone would silently grant nothing.
+    return (scope.startswith("read:") and len(scope) > 5) or scope == WRITE_ALL or (
+        scope.startswith(WRITE_ONE) and len(scope) > len(WRITE_ONE) and scope[len(WRITE_ONE):] != "*")
 
 
 def _parse(lines: list[str], source: str) -> dict[str, Principal]:
@@ -67,7 +95,7 @@ def _parse(lines: list[str], source: str) -> dict[str, Principal]:
         token, scopes = parts[0], [s.strip() for s in parts[1].split(",") if s.strip()]
         if len(token) < 16:
             raise ValueError(f"{source} entry {n}: token shorter than 16 characters")
-        bad = [s for s in scopes if not (s.startswith("read:") or s == "write:upstream")]
+        bad = [s for s in scopes if not _known_scope(s)]
         if bad:
             raise ValueError(f"{source} entry {n}: unknown scope(s) {', '.join(bad)}")
         reads = {s[5:] for s in scopes if s.startswith("read:")}
@@ -75,7 +103,8 @@ def _parse(lines: list[str], source: str) -> dict[str, Principal]:
             name=f"{source}#{n}",
             read_all="*" in reads,
             read=frozenset(reads - {"*"}),
-            write_upstream="write:upstream" in scopes,
+            write_all=WRITE_ALL in scopes,
+            write=frozenset(s[len(WRITE_ONE):] for s in scopes if s.startswith(WRITE_ONE)),
         )
     return out
 

@@ -6,9 +6,12 @@ problem it finds at once, not just the first.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlparse
 
 import msgspec
 import yaml
@@ -16,7 +19,9 @@ from msgspec import Meta, Struct
 
 from exporters.influx import InfluxConfig, resolve_token
 
-__all__ = ["Config", "ConfigError", "Hysteresis", "Thresholds", "load_config"]
+__all__ = ["Config", "ConfigError", "Hysteresis", "MqttTls", "Thresholds", "config_warnings", "load_config"]
+
+log = logging.getLogger(__name__)
 
 Positive = Annotated[float, Meta(gt=0)]
 Count = Annotated[int, Meta(ge=1)]
@@ -73,6 +78,16 @@ class Thresholds(Struct, frozen=True, forbid_unknown_fields=True):
     default: Hysteresis = Hysteresis()
 
 
+class MqttTls(Struct, frozen=True, forbid_unknown_fields=True):
+    """TLS for an `mqtts://` broker: a private CA and/or a client certificate (PEM files)."""
+
+    # Unset: the system's trust store, which is right for a broker with a public certificate.
+    ca_file: str | None = None
+    # Both or neither: a broker that requires client certificates (`require_certificate true`).
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
 class MqttConfig(Struct, frozen=True, forbid_unknown_fields=True):
     """Broker connection and topics."""
 
@@ -89,6 +104,7 @@ class MqttConfig(Struct, frozen=True, forbid_unknown_fields=True):
     # Queue between paho's network thread and the asyncio loop. When full, paho stops acknowledging and the
     # broker holds the rest (backpressure instead of unbounded memory).
     queue_size: Count = 10_000  # ~0.4 s of a 25k/s stream; ~4 MB of payloads at most
+    tls: MqttTls | None = None  # only with mqtts:// (which without it verifies against the system's CAs)
 
 
 class HttpConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -124,6 +140,12 @@ class MetricsConfig(Struct, frozen=True, forbid_unknown_fields=True):
 
     # 5,000 problem series render in ~50 ms; a whole-fleet outage is told by the aggregates, not 100k series.
     max_problem_series: Count = 5000
+    # /metrics names the problem terminals of every acquirer, with no token. Setting `port` serves it ONLY on
+    # its own listener (`host`, default http.host), which a firewall or network can keep to Prometheus; the
+    # API listener then answers 404 for /metrics. Unset (default): served on the API listener as before, so
+    # existing scrape configs and single-listener setups keep working; bind http.host to a trusted network.
+    host: str | None = None
+    port: Annotated[int, Meta(ge=0, le=65535)] | None = None
 
 
 class Config(Struct, frozen=True, forbid_unknown_fields=True):
@@ -140,10 +162,42 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True):
     influx: InfluxConfig = InfluxConfig()  # history writer; off unless influx.enabled
 
 
+def _unreadable(path: str) -> str | None:
+    """Why a file cannot be read, or None."""
+    if not os.path.isfile(path):
+        return f"no such file {path!r}"
+    if not os.access(path, os.R_OK):
+        return f"cannot read {path!r}"
+    return None
+
+
+def _tls_problems(cfg: MqttConfig) -> list[str]:
+    tls = cfg.tls
+    if tls is None:
+        return []
+    problems = []
+    if not cfg.url.startswith("mqtts://"):
+        problems.append("mqtt.tls: needs an mqtts:// url (mqtt:// is plain TCP)")
+    if (tls.cert_file is None) != (tls.key_file is None):
+        problems.append("mqtt.tls: cert_file and key_file go together (a client certificate needs its key)")
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, key)
+        why = _unreadable(path) if path is not None else None
+        if why:
+            problems.append(f"mqtt.tls.{key}: {why}")
+    return problems
+
+
 def _semantic_problems(cfg: Config) -> list[str]:
     problems = []
     if not cfg.mqtt.url.startswith(("mqtt://", "mqtts://")):
         problems.append(f"mqtt.url: must start with mqtt:// or mqtts://, got {cfg.mqtt.url!r}")
+    problems += _tls_problems(cfg.mqtt)
+    if cfg.metrics.host is not None and cfg.metrics.port is None:
+        problems.append("metrics.host: needs metrics.port (without a port /metrics stays on the API listener)")
+    if (cfg.metrics.port and cfg.metrics.port == cfg.http.port
+            and (cfg.metrics.host or cfg.http.host) == cfg.http.host):
+        problems.append("metrics.port: must differ from http.port on the same host")
     if cfg.mqtt.reconnect_min_s > cfg.mqtt.reconnect_max_s:
         problems.append("mqtt.reconnect_min_s: must not exceed mqtt.reconnect_max_s")
     if cfg.thresholds.will_confirm_factor > cfg.thresholds.offline_factor:
@@ -165,6 +219,30 @@ def _semantic_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def config_warnings(cfg: Config, env: dict[str, str] | None = None) -> list[str]:
+    """What is valid but unsafe: a broker password sent in clear text over the network."""
+    env = dict(os.environ) if env is None else env
+    warnings = []
+    url = urlparse(cfg.mqtt.url)
+    has_password = bool(cfg.mqtt.password_file or env.get("POSFLEET_MQTT_PASSWORD"))
+    # On loopback the password never crosses a network; anywhere else anyone on the path can read it.
+    if url.scheme == "mqtt" and cfg.mqtt.username and has_password and not _loopback(url.hostname or ""):
+        warnings.append(
+            f"mqtt: username and password are sent in clear text over {cfg.mqtt.url}; use mqtts:// "
+            "(mqtt.tls for a private CA or client certificate)"
+        )
+    return warnings
+
+
 def load_config(path: str | os.PathLike[str] | None) -> Config:
     """Load and validate the YAML file (or defaults when path is None)."""
     raw: object = {}
@@ -182,4 +260,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     problems = _semantic_problems(cfg)
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
+    # Logged, not raised: `posfleet run` and `posfleet check-config` both show it (at WARNING) and still start.
+    for warning in config_warnings(cfg):
+        log.warning("%s", warning)
     return cfg

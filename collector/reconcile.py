@@ -159,27 +159,43 @@ def iso(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Times the reports can name: 1970 up to the last whole day datetime can represent (a window ends one day
+# later). Anything outside is a typo or a probe, and would otherwise fail deep inside datetime as a 500.
+TIME_MIN: Final = 0.0
+TIME_MAX: Final = datetime(9999, 12, 31, tzinfo=UTC).timestamp()
+
+
+def _in_range(value: float, text: str) -> float:
+    if not (math.isfinite(value) and TIME_MIN <= value <= TIME_MAX):
+        raise ValueError(f"not a time between 1970-01-01 and 9999-12-31: {text!r}")
+    return value
+
+
 def parse_time(text: str) -> float:
-    """Unix seconds, or ISO 8601 (a naive time is UTC); ValueError otherwise."""
+    """Unix seconds, or ISO 8601 (a naive time is UTC), between 1970 and 9999-12-31; ValueError otherwise."""
     text = text.strip()
     try:
         value = float(text)
     except ValueError:
         pass
     else:
-        if not math.isfinite(value):
-            raise ValueError(f"not a time: {text!r}")
-        return value
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+        return _in_range(value, text)
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        return _in_range(dt.timestamp(), text)
+    except OverflowError:  # e.g. 9999-12-31T23:00-05:00 is past what datetime holds in UTC
+        raise ValueError(f"not a time between 1970-01-01 and 9999-12-31: {text!r}") from None
 
 
 def day_window(day: str) -> Window:
-    """A UTC calendar day 'YYYY-MM-DD' as a window."""
+    """A UTC calendar day 'YYYY-MM-DD' (1970-01-01 to 9999-12-30) as a window; ValueError otherwise."""
     start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
-    return Window(start.timestamp(), (start + timedelta(days=1)).timestamp())
+    begin = _in_range(start.timestamp(), day)
+    if begin >= TIME_MAX:  # the window's end, a day later, would not be a representable time
+        raise ValueError(f"not a day between 1970-01-01 and 9999-12-30: {day!r}")
+    return Window(begin, (start + timedelta(days=1)).timestamp())
 
 
 def reconcile(

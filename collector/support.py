@@ -9,7 +9,6 @@ token's acquirers the same way `api.visible_terminal` does: a terminal the token
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector as MetricsCollector
 
-from .api import COLLECTOR, json_error, principal_of, visible_terminal
+from .api import COLLECTOR, json_error, json_response, principal_of, strict_dumps, visible_terminal
 from .detect import CONDITIONS
 from .diagnose import LedgerFacts, diagnose, facts_from
 from .ledger import Ledger, LedgerLimits, condition_intervals
@@ -36,6 +35,8 @@ __all__ = ["LEDGER", "install", "ledger_facts"]
 LEDGER: web.AppKey[Ledger] = web.AppKey("ledger")
 STATIC: Final = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 # No inline script, no third-party origin: a token sits in sessionStorage, so injected script must not run.
+# A grace period longer than the ledger could ever hold (a year) is a typo, not a question.
+MAX_GRACE_S: Final = 366 * 86_400.0
 CSP: Final = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
 
 
@@ -133,8 +134,9 @@ def _window(request: web.Request, now: float) -> Window:
             return day_window(q["day"])
         start = parse_time(q["from"]) if q.get("from") else now - 86_400
         end = parse_time(q["to"]) if q.get("to") else now + 1
-    except ValueError:
-        raise json_error(web.HTTPBadRequest, "day must be YYYY-MM-DD; from/to Unix seconds or ISO 8601") from None
+    except ValueError as err:
+        raise json_error(web.HTTPBadRequest, "day must be YYYY-MM-DD; from/to Unix seconds or ISO 8601",
+                         detail=str(err)) from None
     if end <= start:
         raise json_error(web.HTTPBadRequest, "to must be after from")
     return Window(start, end)
@@ -184,7 +186,7 @@ async def get_diagnosis(request: web.Request) -> web.Response:
         t, fleet.registry.get(t.tid), fleet.registry_loaded, fleet.feeds.get(t.acquirer), th,
         collector.cfg.software_policy, now, ledger_facts(t, request.app[LEDGER], th.upstream_grace_s, now),
     )
-    return web.json_response(diagnose(facts, now).to_dict())
+    return json_response(diagnose(facts, now).to_dict())
 
 
 async def get_timeline(request: web.Request) -> web.Response:
@@ -202,7 +204,7 @@ async def get_timeline(request: web.Request) -> web.Response:
     start = now - hours * 3600
     transitions = ledger.transitions(t.tid, now)
     active = {c: (a.since, a.severity, a.detail) for c, a in (t.conds or {}).items()}
-    return web.json_response({
+    return json_response({
         "terminal_id": t.tid, "from": start, "to": now,
         "intervals": condition_intervals(transitions, active, start, now),
         "transitions": [{"condition": x.condition, "raised": x.raised, "at": x.at, "severity": x.severity,
@@ -220,9 +222,12 @@ async def get_reconcile(request: web.Request) -> web.Response:
     grace = collector.cfg.thresholds.upstream_grace_s
     if request.query.get("grace_s"):
         try:
-            grace = max(float(request.query["grace_s"]), 0.0)
+            grace = float(request.query["grace_s"])
         except ValueError:
             raise json_error(web.HTTPBadRequest, "grace_s must be a number") from None
+        # nan would compare false with every age (nothing ever missing) and cannot be written as JSON.
+        if not (math.isfinite(grace) and 0 <= grace <= MAX_GRACE_S):
+            raise json_error(web.HTTPBadRequest, f"grace_s must be a number of seconds from 0 to {MAX_GRACE_S:.0f}")
     # Only terminals with ledger entries can contribute. The entries are copied on the loop (which owns the
     # ledger), yielding every few hundred terminals, and compared in a thread: a whole acquirer's day must not
     # stall MQTT ingest (about 1 s per 100,000 receipts).
@@ -239,7 +244,7 @@ async def get_reconcile(request: web.Request) -> web.Response:
         body = reconcile(completed, recorded, window, now, grace, limit).to_dict()
         body["scope"] = scope
         body["terminals"] = len(terminals)
-        return json.dumps(body)
+        return strict_dumps(body)
 
     return web.Response(text=await asyncio.to_thread(compare), content_type="application/json")
 
@@ -258,7 +263,7 @@ async def get_receipts(request: web.Request) -> web.StreamResponse:
             continue
         for c in _completed(t, ledger, now):
             if c.at in window:
-                chunk.append(json.dumps({
+                chunk.append(strict_dumps({
                     "terminal_id": c.terminal_id, "merchant_id": c.merchant_id, "acquirer": c.acquirer,
                     "txn_id": c.txn_id, "ts": c.ts, "received_at": c.received_at,
                     "amount_minor": c.amount_minor, "currency": c.currency, "status": c.status,
@@ -286,7 +291,7 @@ async def get_facets(request: web.Request) -> web.Response:
             sites.setdefault(acq, set()).add(site)
         elif cond in by_condition:
             by_condition[cond] += n
-    return web.json_response({
+    return json_response({
         "acquirers": sorted(sites),
         "sites": {a: sorted(s) for a, s in sorted(sites.items())},
         "conditions": list(CONDITIONS),

@@ -12,7 +12,7 @@ import pytest
 
 from collector.api import build_app
 from collector.app import Collector
-from collector.config import Config
+from collector.config import Config, HttpConfig, RegistryConfig, StateConfig
 from collector.simulator import Simulator, make_fleet
 from tests.integration.test_support_stack import ENV_TOKEN, TOKENS, all_heard, get_json, post, start_stack
 from tests.services import Process, http_get, wait_until
@@ -132,3 +132,46 @@ async def test_tokens_scope_every_endpoint_and_the_page(tmp_path: Path, mosquitt
     log = collector.log_text()
     assert "Traceback" not in log
     assert not any(token in log for token in (*TOKENS.values(), ENV_TOKEN))  # tokens are never logged
+
+
+WRITE_ALL, WRITE_A, READ_ALL = "tok-write-all-0123456789", "tok-write-acq-a-0123456789", "tok-read-all-0123456789"
+
+
+async def test_upstream_scopes_per_acquirer_and_any_case_bearer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`write:upstream:<acquirer>` posts that acquirer's feed only; `write:upstream` any known acquirer; an
+    acquirer nobody configured is 404; the bearer scheme is accepted in any case (RFC 7235)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    monkeypatch.delenv("POSFLEET_API_TOKENS", raising=False)
+    registry = tmp_path / "terminals.csv"
+    registry.write_text("terminal_id,merchant_id,acquirer,model,site,region\n"
+                        f"{A_TID},M1,acq-a,A920,s0,r\n{B_TID},M1,acq-b,A920,s0,r\n")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{WRITE_ALL} write:upstream\n{WRITE_A} write:upstream:acq-a\n{READ_ALL} read:*\n")
+    cfg = Config(registry=RegistryConfig(path=str(registry)), http=HttpConfig(tokens_file=str(tokens)),
+                 state=StateConfig(snapshot_path=None))
+    body = json.dumps({"ts": 1_800_000_000, "txns": [{"tid": A_TID, "txn_id": "x1", "ts": 1_800_000_000}]})
+
+    async with TestClient(TestServer(build_app(Collector(cfg)))) as client:
+        async def post_as(token: str, acquirer: str, scheme: str = "Bearer") -> tuple[int, dict[str, object]]:
+            resp = await client.post(f"/api/v1/upstream/{acquirer}/transactions", data=body,
+                                     headers={"Authorization": f"{scheme} {token}"})
+            return resp.status, await resp.json()
+
+        assert (await post_as(WRITE_A, "acq-a"))[0] == 202
+        assert (await post_as(WRITE_A, "acq-a", scheme="bearer"))[0] == 202
+        status, err = await post_as(WRITE_A, "acq-b")
+        assert (status, err) == (403, {"error": "token lacks write:upstream:acq-b"})
+        assert (await post_as(WRITE_A, "acq-zzz"))[0] == 403  # a scoped token learns nothing of other names
+        assert (await post_as(WRITE_ALL, "acq-b"))[0] == 202
+        assert await post_as(WRITE_ALL, "acq-zzz") == (404, {"error": "unknown acquirer"})
+        status, err = await post_as(READ_ALL, "acq-a")
+        assert (status, err) == (403, {"error": "token lacks write:upstream"})
+        for scheme in ("bearer", "BEARER", "Bearer"):
+            resp = await client.get("/api/v1/terminals?all=1", headers={"Authorization": f"{scheme} {READ_ALL}"})
+            assert resp.status == 200, scheme
+            assert (await resp.json())["total"] == 2
+        resp = await client.get("/api/v1/terminals", headers={"Authorization": f"Basic {READ_ALL}"})
+        assert resp.status == 401
