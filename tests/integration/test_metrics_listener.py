@@ -1,0 +1,44 @@
+"""`metrics.port`: /metrics only on its own listener (404 on the API's), nothing but /metrics on that one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.services import Process, free_port, http_get, running, start_collector, write_collector_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_metrics_on_its_own_listener_only(tmp_path: Path, mosquitto: Process) -> None:
+    (tmp_path / "terminals.csv").write_text(
+        "terminal_id,merchant_id,acquirer,model,site,region\nT00001,M1,acq-a,A920,s0,r\n")
+    http_port, metrics_port = free_port(), free_port()
+    config = write_collector_config(tmp_path, mosquitto.port, http_port,
+                                    metrics={"host": "127.0.0.1", "port": metrics_port})
+    with running(start_collector(tmp_path, config, http_port)) as collector:
+        status, body = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert status == 200
+        assert b"posfleet_up 1.0" in body and b"# TYPE posfleet_terminal_problem gauge" in body
+        assert b'posfleet_fleet_terminals{acquirer="acq-a",site="s0"} 1.0' in body
+
+        status, body = http_get(f"http://127.0.0.1:{http_port}/metrics")
+        assert status == 404 and b"posfleet_" not in body
+        assert http_get(f"http://127.0.0.1:{http_port}/readyz")[0] == 200  # the API listener is unchanged
+        assert http_get(f"http://127.0.0.1:{http_port}/api/v1/terminals?all=1")[0] == 200
+        for path in ("/api/v1/terminals?all=1", "/healthz", "/support", "/api/v1/reconcile"):
+            assert http_get(f"http://127.0.0.1:{metrics_port}{path}")[0] == 404, path
+    log = collector.log_text()
+    assert f"/metrics only on http://127.0.0.1:{metrics_port}" in log
+    assert "Traceback" not in log
+
+
+def test_default_keeps_metrics_on_the_api_listener(tmp_path: Path, mosquitto: Process) -> None:
+    (tmp_path / "terminals.csv").write_text("terminal_id,merchant_id,acquirer,model,site,region\n")
+    http_port = free_port()
+    config = write_collector_config(tmp_path, mosquitto.port, http_port)
+    with running(start_collector(tmp_path, config, http_port)) as collector:
+        status, body = http_get(f"http://127.0.0.1:{http_port}/metrics")
+        assert status == 200 and b"posfleet_up 1.0" in body
+    assert f"HTTP API and /metrics on http://127.0.0.1:{http_port}" in collector.log_text()
