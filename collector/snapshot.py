@@ -1,8 +1,9 @@
 """Per-terminal state persisted across restarts: checksummed, written atomically, two generations kept.
 
 A snapshot file is a fixed header (magic, format number, body length, CRC-32 of the body) followed by the
-msgpack body. Writing goes to `<path>.tmp` (fsync), the current file becomes `<path>.prev`, the tmp file
-becomes `<path>` and the directory is fsynced: at every instant one complete, verified generation is on disk.
+msgpack body. Writing goes to `<path>.tmp` (fsync), the current file is hard-linked as `<path>.prev`, the tmp
+file is renamed over `<path>` and the directory is fsynced: `<path>` always exists and is complete, and the
+generation before it is kept.
 
 Reading never stops the collector from starting: a corrupt, truncated or empty file is moved aside as
 `<path>.corrupt-<unix time>` (a few kept for a post-mortem), then the previous generation is tried, then an empty
@@ -113,6 +114,20 @@ def _encode(fleet: Fleet) -> bytes:
     return _HEADER.pack(MAGIC, FORMAT, len(body), zlib.crc32(body)) + body
 
 
+def _keep_previous(target: Path) -> None:
+    """Make the current file `.prev` while it stays in place: a hard link, renamed over the old `.prev`."""
+    link = target.with_name(target.name + ".prev.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(target, link)
+    except OSError:
+        # No hard links on this file system: rename instead. A crash before the next rename then leaves no
+        # current file but a complete `.prev`, which load uses.
+        os.replace(target, _prev(target))
+        return
+    os.replace(link, _prev(target))
+
+
 def save_snapshot(fleet: Fleet, path: str | os.PathLike[str]) -> int:
     """Write the fleet's state to `path` atomically, keeping the previous file as `.prev`; returns bytes written."""
     data = _encode(fleet)
@@ -124,9 +139,8 @@ def save_snapshot(fleet: Fleet, path: str | os.PathLike[str]) -> int:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        # A crash between these two renames leaves no current file but a complete `.prev`: load uses it.
         if target.exists():
-            os.replace(target, _prev(target))
+            _keep_previous(target)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as err:

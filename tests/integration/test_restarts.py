@@ -125,3 +125,44 @@ async def test_collector_restart_restores_state_without_false_offline(
         finally:
             collector.stop()
     assert "Traceback" not in collector.log_text()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "bit_flip"])
+async def test_a_corrupt_snapshot_no_longer_stops_the_collector_from_starting(
+    tmp_path: Path, mosquitto: Process, damage: str
+) -> None:
+    """It used to exit 2 on every start (under Restart=on-failure: no monitoring until a person moved the file).
+    Now the file is set aside, the previous generation is used, and /metrics and the log say so."""
+    specs = make_fleet(4)
+    sim = Simulator(f"mqtt://127.0.0.1:{mosquitto.port}", specs, INTERVAL, receipts=False)
+    sim.write_registry(tmp_path / "terminals.csv")
+    http_port = free_port()
+    config = write_collector_config(tmp_path, mosquitto.port, http_port, mqtt={
+        "url": f"mqtt://127.0.0.1:{mosquitto.port}", "client_id": f"corrupt-{damage}"})
+    snapshot = tmp_path / "state.snapshot"
+    collector = start_collector(tmp_path, config, http_port)
+    async with sim:
+        sim.set_fault(specs[0].tid, "printer_fault")
+        await asyncio.to_thread(wait_until, lambda: views(http_port)[specs[0].tid]["conditions"], 20, "fault named")
+        # Two periodic snapshots after the fault was named: the previous generation holds it too.
+        await asyncio.to_thread(wait_until, snapshot.exists, 10, "a first snapshot")
+        first = snapshot.stat().st_mtime_ns
+        await asyncio.to_thread(wait_until, lambda: snapshot.stat().st_mtime_ns != first, 10, "one more snapshot")
+    assert collector.stop() == 0
+    data = snapshot.read_bytes()
+    snapshot.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
+                          "bit_flip": data[:-40] + bytes([data[-40] ^ 1]) + data[-39:]}[damage])
+    collector = start_collector(tmp_path, config, http_port)  # ready: it started
+    try:
+        assert metric_value(http_port, 'posfleet_snapshot_restore{source="previous"}') == 1
+        assert metric_value(http_port, 'posfleet_snapshot_restore{source="current"}') == 0
+        assert metric_value(http_port, "posfleet_snapshot_corrupt_files") == 1
+        first = views(http_port)
+        assert [c["condition"] for c in first[specs[0].tid]["conditions"]] == ["hardware_fault"], "state restored"
+        assert all(not first[s.tid]["conditions"] for s in specs[1:]), "no false offline after the restore"
+        [aside] = list(tmp_path.glob("state.snapshot.corrupt-*"))
+        log = collector.log_text()
+        assert f"state snapshot {snapshot} is corrupt" in log and str(aside) in log
+        assert "restoring state from the previous snapshot generation" in log
+    finally:
+        collector.stop()
