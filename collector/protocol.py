@@ -32,6 +32,7 @@ __all__ = [
     "UpstreamBody",
     "UpstreamTxn",
     "card_data_in",
+    "check_id",
     "decode",
     "decode_upstream",
     "find_card_number",
@@ -368,7 +369,8 @@ def _classify(err: msgspec.ValidationError | msgspec.DecodeError) -> DecodeError
     return DecodeError("bad_json")
 
 
-def _check_id(value: str, what: str) -> None:
+def check_id(value: str, what: str) -> None:
+    """Raise DecodeError (`bad_id`, or `card_data` for an id holding a card number) unless value is a safe id."""
     if not valid_id(value):
         raise DecodeError("bad_id", what)
     if has_card_number(value):  # an id must never carry a card number into state, labels or logs
@@ -426,7 +428,7 @@ def _decode_upstream_body(payload: bytes) -> tuple[float, list[UpstreamTxn], tup
 
 def decode_upstream(acquirer: str, payload: bytes) -> UpstreamBatch:
     """Decode an acquirer feed body (MQTT or HTTP); a bad transaction is dropped, a bad envelope raises."""
-    _check_id(acquirer, "acquirer")
+    check_id(acquirer, "acquirer")
     try:
         ts, txns, dropped = _decode_upstream_body(payload)
     except DecodeError as err:
@@ -467,7 +469,7 @@ def decode(topic: str, payload: bytes, prefix: str = "pos/v1", upstream_prefix: 
     if len(parts) != 2 or parts[1] not in _DECODERS:
         raise DecodeError("bad_topic")
     tid, kind = parts
-    _check_id(tid, "topic")
+    check_id(tid, "topic")
     try:
         return _decode_terminal(tid, kind, payload)
     except DecodeError as err:
