@@ -118,6 +118,7 @@ class Collector:
         """Load the newest good snapshot generation; say loudly what was set aside and what is used instead."""
         path = self.cfg.state.snapshot_path
         if not path:
+            self.metrics.snapshot_restore.labels(Source.EMPTY.value).set(1)
             return Restored([], [], Source.EMPTY)
         restored = load_snapshot(path, self.clock())
         for bad in restored.set_aside:

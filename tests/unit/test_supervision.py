@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,22 @@ def test_small_drift_is_not_a_jump(host: Host) -> None:
 def test_clock_watch_measures_the_difference_of_the_advances(wall: float, mono: float, jump: float) -> None:
     watch = ClockWatch(T0, 500.0, tolerance_s=10)
     assert watch.check(T0 + wall, 500.0 + mono) == jump
+
+
+# ---- the self-metrics above exist from the first scrape ------------------------------------------------------
+
+
+def test_new_self_metrics_are_pre_initialised_and_bound_refusals_exported() -> None:
+    c = Host().c
+    value = c.registry.get_sample_value
+    assert [value("posfleet_task_restarts_total", {"task": t}) for t in ("consume", "tick", "snapshot", "registry")] \
+        == [0, 0, 0, 0]
+    assert [value("posfleet_clock_jumps_total", {"direction": d}) for d in ("forward", "backward")] == [0, 0]
+    assert [value("posfleet_snapshot_restore", {"source": s}) for s in ("current", "previous", "empty")] == [0, 0, 1]
+    assert value("posfleet_snapshot_corrupt_files") == 0
+    assert [value("posfleet_bound_refused_total", {"bound": b}) for b in ("feeds", "versions", "unregistered")] \
+        == [0, 0, 0]
+    c.fleet.refused = collections.Counter({"feeds": 3, "terminal_rejects": 2})  # type: ignore[attr-defined]
+    assert value("posfleet_bound_refused_total", {"bound": "feeds"}) == 3
+    assert value("posfleet_bound_refused_total", {"bound": "terminal_rejects"}) == 2, "bounds added later show too"
+    assert value("posfleet_bound_refused_total", {"bound": "versions"}) == 0
