@@ -86,8 +86,10 @@ class Collector:
         self.metrics = SelfMetrics(self.registry)
         self.metrics.snapshot_enabled = bool(cfg.state.snapshot_path)
         self.registry_file = self._load_registry()
-        self.restored = self._restore()
-        self.fleet = Fleet(cfg, started_at=clock(), registry=self.registry_file, restored=self.restored.state)
+        restored = self._restore()
+        self.fleet = Fleet(cfg, started_at=clock(), registry=self.registry_file, restored=restored.state)
+        # What happened at restore, without a second reference to every restored terminal (8 B each).
+        self.restored = restored._replace(terminals=[], feeds=[])
         # A wall-clock step beyond two evaluation rounds (10 s at least: NTP slews smaller offsets) is a jump.
         self.clock_watch = ClockWatch(clock(), monotonic(), max(10.0, 2 * cfg.state.eval_interval_s))
         self.exit_code = 0
@@ -124,7 +126,7 @@ class Collector:
         for bad in restored.set_aside:
             where = f"moved to {bad.moved_to}" if bad.moved_to else "left in place"
             log.error("state snapshot %s is corrupt (%s): %s", bad.original, bad.reason, where)
-        if restored.set_aside or restored.source is not Source.CURRENT:
+        if restored.set_aside or restored.source is Source.PREVIOUS:
             used = {
                 Source.CURRENT: f"the current snapshot {path}",
                 Source.PREVIOUS: f"the previous snapshot generation {path}.prev",
