@@ -313,6 +313,8 @@ class Collector:
         path = self.cfg.state.snapshot_path
         if not path:
             return False
+        # Recounted on every round: a person moving the corrupt files away resolves PosCollectorSnapshotCorrupt.
+        self.metrics.snapshot_corrupt_files.set(len(corrupt_files(path)))
         try:
             save_snapshot(self.fleet, path)
         except SnapshotError as err:
@@ -326,8 +328,6 @@ class Collector:
         while True:
             await asyncio.sleep(self.cfg.state.snapshot_interval_s)
             self.snapshot_now()
-            if self.cfg.state.snapshot_path:  # a person moving the corrupt files away resolves the alert
-                self.metrics.snapshot_corrupt_files.set(len(corrupt_files(self.cfg.state.snapshot_path)))
             self.supervisor.progress("snapshot")
 
     def reload_registry(self) -> bool:

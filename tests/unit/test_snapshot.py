@@ -246,6 +246,13 @@ def test_the_collector_starts_from_the_previous_generation_and_says_so(
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("corrupt (truncated: body is" in m and f"corrupt-{int(T0 + 50)}" in m for m in errors), errors
     assert any("restoring state from the previous snapshot generation" in m for m in errors), errors
+    # A person looked at the corrupt file and moved it away: the gauge (and the alert) go back to 0.
+    inspected = two_generations.parent / "inspected"
+    inspected.mkdir()
+    for bad in corrupt_files(two_generations):
+        bad.rename(inspected / bad.name)
+    assert collector.snapshot_now()
+    assert sample("posfleet_snapshot_corrupt_files") == 0
 
 
 def test_a_clean_start_reports_the_current_generation(two_generations: Path) -> None:
