@@ -6,6 +6,9 @@
   between receive and processing makes the broker redeliver instead of losing it.
 - The paho thread never does work: on_message appends to a deque. When the queue is full it waits (bounded)
   for room, which stops reading from the socket: the broker holds the rest (backpressure, not memory growth).
+- A broker that cannot be reached is retried with backoff for ever, and said so: every failed attempt (refused,
+  TLS handshake, certificate, bad credentials) is logged with its cause, at most one line per 30 s with the
+  number of attempts left out, so a collector that never connects is never silent.
 """
 
 from __future__ import annotations
@@ -16,19 +19,76 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .config import MqttConfig
 from .metrics import SelfMetrics
 from .pahofast import BufferedClient
 
-__all__ = ["Inbound", "MqttIngest"]
+__all__ = ["FailureLog", "Inbound", "MqttIngest"]
 
 log = logging.getLogger(__name__)
+# paho's own error lines (e.g. "failed to receive on socket: [SSL: ...] certificate required"): WARNING and up
+# only, so its per-packet debug lines cost a level check and nothing else; rate limited by the filter below.
+paho_log = logging.getLogger(__name__ + ".paho")
+paho_log.setLevel(logging.WARNING)
+
+
+class FailureLog:
+    """Connection failures as log lines: the first at once, then at most one per period with the number left
+    out since. Called from paho's thread; time is injectable."""
+
+    def __init__(self, logger: logging.Logger, where: str = "", period_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.where, self.period, self.clock = logger, where, period_s, clock
+        self.failures = 0  # since the last successful connection
+        self.quiet = False  # set while closing: paho's complaints about a disconnect we asked for are noise
+        self._last: float | None = None
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def failed(self, msg: str, *args: object) -> bool:
+        """Count a failure; log it unless one was logged within the period. Returns whether it logged."""
+        with self._lock:
+            self.failures += 1
+            now = self.clock()
+            if self._last is not None and now - self._last < self.period:
+                self._suppressed += 1
+                return False
+            self._last, n, self._suppressed = now, self._suppressed, 0
+        self.logger.warning(msg + (f" (+{n} more failures not logged)" if n else ""), *args)
+        return True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """A logging.Filter for paho's logger: its error lines count as failures and share the rate limit."""
+        if record.levelno >= logging.WARNING and not self.quiet:
+            self.failed("MQTT %s: %s", self.where, record.getMessage())
+        return False
+
+    def succeeded(self) -> int:
+        """A connection worked: the next failure logs at once. Returns the failures before it."""
+        with self._lock:
+            n, self.failures, self._last, self._suppressed = self.failures, 0, None, 0
+        return n
+
+
+class _Client(BufferedClient):
+    """Remembers why the last connection attempt failed: paho's on_connect_fail is not told."""
+
+    connect_error: BaseException | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        """paho's reconnect, keeping the error (refused, DNS, TLS handshake, certificate) for the log."""
+        try:
+            return super().reconnect()
+        except OSError as err:
+            self.connect_error = err
+            raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +118,13 @@ class MqttIngest:
         self._consumer_waiting = False
         self._closing = False
         self.subscribed = False
+        self._connected = False  # the broker accepted this connection (CONNACK success)
         self.last_message = 0.0
         url = urlparse(cfg.url)
         self.host = url.hostname or "127.0.0.1"
         self.port = url.port or (8883 if url.scheme == "mqtts" else 1883)
-        client = BufferedClient(
+        self._failures = FailureLog(log, f"{self.host}:{self.port}")
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             clean_session=False,
@@ -70,7 +132,10 @@ class MqttIngest:
             manual_ack=True,
         )
         if url.scheme == "mqtts":
-            client.tls_set()
+            tls = cfg.tls
+            # Without mqtt.tls: the system's CAs, no client certificate. Hostname checking stays on either way.
+            client.tls_set(ca_certs=tls.ca_file if tls else None, certfile=tls.cert_file if tls else None,
+                           keyfile=tls.key_file if tls else None)
         password = os.environ.get("POSFLEET_MQTT_PASSWORD")
         if cfg.password_file:
             with open(cfg.password_file, encoding="utf-8") as fh:
@@ -83,6 +148,11 @@ class MqttIngest:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe  # type: ignore[assignment]
         client.on_message = self._on_message
+        client.on_connect_fail = self._on_connect_fail
+        for f in list(paho_log.filters):  # one ingest per process; a restarted one replaces the filter
+            paho_log.removeFilter(f)
+        paho_log.addFilter(self._failures)
+        client.enable_logger(paho_log)
         self.client = client
         self.topics = [
             (f"{cfg.topic_prefix}/+/heartbeat", 1),
@@ -96,12 +166,21 @@ class MqttIngest:
     # ---- paho thread -----------------------------------------------------------------------------------
     def _on_connect(self, client: paho.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         if getattr(reason, "is_failure", False):
-            log.error("MQTT connect to %s:%s refused: %s", self.host, self.port, reason)
+            self._failures.failed("MQTT connect to %s:%s refused by the broker: %s; retrying with backoff",
+                                  self.host, self.port, reason)
             return
-        log.info("MQTT connected to %s:%s; subscribing", self.host, self.port)
+        self._connected = True
+        failed = self._failures.succeeded()
+        log.info("MQTT connected to %s:%s%s; subscribing", self.host, self.port,
+                 f" after {failed} failed attempts" if failed else "")
         self.metrics.mqtt_connects.inc()
         # Always subscribe: a persistent session may have been lost with the broker's state (paho #375).
         client.subscribe(self.topics)
+
+    def _on_connect_fail(self, client: paho.Client, _u: object) -> None:
+        err = getattr(client, "connect_error", None)
+        self._failures.failed("MQTT connect to %s:%s failed: %s; retrying with backoff (at most %ss apart)",
+                              self.host, self.port, err or "unknown error", self.cfg.reconnect_max_s)
 
     def _on_subscribe(self, _c: paho.Client, _u: object, _mid: int, codes: list[object], _p: object) -> None:
         failed = [t for (t, _q), rc in zip(self.topics, codes, strict=False) if getattr(rc, "is_failure", False)]
@@ -114,10 +193,14 @@ class MqttIngest:
     def _on_disconnect(self, _c: paho.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         self.subscribed = False
         self.metrics.mqtt_connected.set(0)
+        was_connected, self._connected = self._connected, False
         if self._closing:
             log.info("MQTT disconnected from %s:%s", self.host, self.port)
-        else:
+        elif was_connected:
             log.warning("MQTT connection to %s:%s lost (%s); reconnecting with backoff", self.host, self.port, reason)
+        else:  # closed before the broker accepted us (TLS alert, refused): a failed attempt, rate limited
+            self._failures.failed("MQTT connection to %s:%s closed before it was accepted (%s); retrying with backoff",
+                                  self.host, self.port, reason)
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         rx = time.time()
@@ -173,6 +256,7 @@ class MqttIngest:
 
     async def __aexit__(self, *exc: object) -> None:
         self._closing = True
+        self._failures.quiet = True
         self.client.disconnect()
         await asyncio.to_thread(self.client.loop_stop)
         self.metrics.mqtt_connected.set(0)
