@@ -7,7 +7,7 @@ terminals (capped), so its cost does not grow with the fleet. See docs/metrics.m
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .protocol import REJECT_REASONS
-from .state import Fleet
+from .state import BOUNDS, Fleet
 
 __all__ = ["FleetCollector", "SelfMetrics"]
 
@@ -24,8 +24,6 @@ RESULTS = ("accepted", "rejected", "duplicate", "stale")
 EXTRA_REASONS = ("unknown_terminal_overflow", "internal_error")
 SNAPSHOT_SOURCES = ("current", "previous", "empty")
 TASKS = ("consume", "tick", "snapshot", "registry")  # the supervised background tasks (collector/app.py)
-# What each bound on sender-chosen keys refused (state.Fleet.refused); pre-initialised so a refusal is a rise.
-BOUNDS = ("feeds", "versions", "unregistered")
 PROBLEM_LABELS = ["terminal_id", "merchant_id", "acquirer", "site", "model", "condition", "severity", "detail"]
 
 
@@ -200,7 +198,8 @@ class FleetCollector(Collector):
         refused = CounterMetricFamily(
             "posfleet_bound_refused", "Things refused by a bound on what senders choose, by bound", labels=["bound"]
         )
-        counts: Mapping[str, int] = getattr(fleet, "refused", {})
+        # Every known bound pre-initialised, so the first refusal is a rise and not a new series.
+        counts = fleet.refused
         for bound in sorted({*BOUNDS, *counts}):
             refused.add_metric([bound], counts.get(bound, 0))
         yield refused

@@ -17,7 +17,7 @@ from collector.clockjump import ClockWatch
 from collector.config import Config
 from collector.protocol import Heartbeat
 from collector.registry import Registry, RegistryEntry
-from collector.state import Transition
+from collector.state import BOUNDS, Transition
 from collector.supervise import RestartPolicy, Supervisor, backoff_delay
 from tests.services import Process, http_get, wait_until
 
@@ -296,8 +296,8 @@ def test_new_self_metrics_are_pre_initialised_and_bound_refusals_exported() -> N
     assert [value("posfleet_clock_jumps_total", {"direction": d}) for d in ("forward", "backward")] == [0, 0]
     assert [value("posfleet_snapshot_restore", {"source": s}) for s in ("current", "previous", "empty")] == [0, 0, 1]
     assert value("posfleet_snapshot_corrupt_files") == 0
-    assert [value("posfleet_bound_refused_total", {"bound": b}) for b in ("feeds", "versions", "unregistered")] \
-        == [0, 0, 0]
+    assert [value("posfleet_bound_refused_total", {"bound": b}) for b in BOUNDS] == [0] * len(BOUNDS)
+    assert {"feeds", "versions", "unregistered"} <= set(BOUNDS)
     c.fleet.refused = collections.Counter({"feeds": 3, "terminal_rejects": 2})  # type: ignore[attr-defined]
     assert value("posfleet_bound_refused_total", {"bound": "feeds"}) == 3
     assert value("posfleet_bound_refused_total", {"bound": "terminal_rejects"}) == 2, "bounds added later show too"
