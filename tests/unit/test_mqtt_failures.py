@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from collector.mqtt import FailureLog
+from collector.mqtt import FailureLog, PahoLog
 
 
 class Clock:
@@ -47,16 +47,14 @@ def test_success_resets_so_the_next_failure_logs_at_once(caplog: pytest.LogCaptu
 def test_paho_error_lines_share_the_limit_and_are_silent_while_closing(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     flog = FailureLog(logging.getLogger("t.mqtt"), "b:1", period_s=30, clock=clock)
-    paho = logging.getLogger("t.mqtt.paho.test")
-    paho.propagate = False
-    paho.addFilter(flog)
+    paho = PahoLog(flog)  # what paho's enable_logger() calls: log(level, fmt, *args)
     with caplog.at_level(logging.DEBUG, logger="t.mqtt"):
-        paho.debug("Received PUBLISH")  # debug lines are not failures
-        paho.error("failed to receive on socket: %s", "[SSL] certificate required")
-        paho.error("failed to receive on socket: again")
+        paho.log(logging.DEBUG, "Received PUBLISH (d%d, q%d)", 0, 1)  # debug lines are not failures
+        paho.log(logging.ERROR, "failed to receive on socket: %s", "[SSL] certificate required")
+        paho.log(logging.ERROR, "failed to receive on socket: again")
         flog.quiet = True
         clock.now += 60
-        paho.error("Client is not connected")
+        paho.log(logging.ERROR, "Client is not connected")
     assert [r.getMessage() for r in caplog.records] == [
         "MQTT b:1: failed to receive on socket: [SSL] certificate required"]
     assert flog.failures == 2
