@@ -166,7 +166,8 @@ def classify(t: Terminal, hb: Heartbeat, rx: float) -> HeartbeatResult:
     if hb.seq == t.seq and hb.ts == t.last_ts and hb.uptime_s == t.uptime_s:
         return HeartbeatResult.DUPLICATE
     since = rx - t.last_rx
-    if since <= max(hb.interval_s, t.interval_s):
+    # A negative `since` is the collector host's clock stepping back: no evidence either way, so a reboot.
+    if 0 <= since <= max(hb.interval_s, t.interval_s):
         if hb.txn_count < t.txn_count or hb.uploaded_count < t.uploaded_count:
             return HeartbeatResult.STALE
         if (
