@@ -31,7 +31,7 @@ from collector.snapshot import (
     load_snapshot,
     save_snapshot,
 )
-from collector.state import Fleet, Transition
+from collector.state import Fleet, Terminal, Transition
 
 T0 = 1_764_510_000.0
 CFG = msgspec.convert({"software_policy": {"*": "3.0.0"}}, Config)
@@ -170,6 +170,20 @@ def test_format_2_files_without_a_header_still_load(tmp_path: Path) -> None:
     path.write_bytes(legacy[:-7])  # a truncated old file is caught by decoding
     restored = load_snapshot(path, T0)
     assert restored.source is Source.EMPTY and "does not decode" in restored.set_aside[0].reason
+
+
+def test_format_2_files_written_before_later_terminal_fields_still_load(tmp_path: Path) -> None:
+    """Terminal fields are appended at the end: an old file's shorter rows decode with the new fields' defaults."""
+    fields = Terminal.__struct_fields__
+    old_width = fields.index("streaks") + 1  # the last field when format 2 was current
+    rows = [msgspec.to_builtins(t)[:old_width] for t in fleet_with(5).terminals.values()]
+    path = tmp_path / "old.snapshot"
+    path.write_bytes(msgspec.msgpack.encode({"format": LEGACY_FORMAT, "terminals": rows, "feeds": []}))
+    restored = load_snapshot(path, T0)
+    assert restored.source is Source.CURRENT and seqs(restored.terminals) == {5}
+    fresh = Terminal("x")
+    for t in restored.terminals:
+        assert all(getattr(t, f) == getattr(fresh, f) for f in fields[old_width:])
 
 
 def test_only_a_few_corrupt_files_are_kept(tmp_path: Path) -> None:
