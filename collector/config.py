@@ -112,7 +112,8 @@ class HttpConfig(Struct, frozen=True, forbid_unknown_fields=True):
 
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 9108
-    # File with one `token scope[,scope...]` per line; scopes: `read:<acquirer>`, `read:*`, `write:upstream`.
+    # File with one `token scope[,scope...]` per line; scopes: `read:<acquirer>`, `read:*`,
+    # `write:upstream:<acquirer>` and `write:upstream` (every acquirer); see collector/auth.py.
     tokens_file: str | None = None
 
 

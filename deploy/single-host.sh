@@ -24,6 +24,7 @@ usage: $(basename "$0") [options] up|down|status
   --mqtt-port N            terminals, feeds, collector (default 1883)
   --mqtt-gateway-port N    gateways such as the simulator (default 1884)
   --collector-port N       (default 9108)
+  --metrics-port N         serve the collector's /metrics only on this port (default: on --collector-port)
   --prometheus-port N      (default 9090)      --alertmanager-port N  (default 9093)
   --vm-port N              VictoriaMetrics (default 8428)
   --scrape-interval DUR    Prometheus scrape interval (default 30s, as the alert rules assume)
@@ -48,6 +49,7 @@ MQTT_BIND=0.0.0.0
 MQTT_PORT=1883
 MQTT_GATEWAY_PORT=1884
 COLLECTOR_PORT=9108
+METRICS_PORT=""
 PROMETHEUS_PORT=9090
 ALERTMANAGER_PORT=9093
 VM_PORT=8428
@@ -69,6 +71,7 @@ while (($#)); do
     --mqtt-port) MQTT_PORT="$2"; shift 2 ;;
     --mqtt-gateway-port) MQTT_GATEWAY_PORT="$2"; shift 2 ;;
     --collector-port) COLLECTOR_PORT="$2"; shift 2 ;;
+    --metrics-port) METRICS_PORT="$2"; shift 2 ;;
     --prometheus-port) PROMETHEUS_PORT="$2"; shift 2 ;;
     --alertmanager-port) ALERTMANAGER_PORT="$2"; shift 2 ;;
     --vm-port) VM_PORT="$2"; shift 2 ;;
@@ -250,7 +253,7 @@ alerting:
 scrape_configs:
   - job_name: posfleet
     static_configs:
-      - targets: ['$host:$COLLECTOR_PORT']
+      - targets: ['$host:${METRICS_PORT:-$COLLECTOR_PORT}']
   - job_name: prometheus
     static_configs:
       - targets: ['$host:$PROMETHEUS_PORT']
@@ -275,6 +278,11 @@ EOF
       echo "http:"
       echo "  host: $BIND"
       echo "  port: $COLLECTOR_PORT"
+      if [[ -n "$METRICS_PORT" ]]; then
+        echo "metrics:"
+        echo "  host: $BIND"
+        echo "  port: $METRICS_PORT"
+      fi
       if [[ -n "$REGISTRY" ]]; then
         echo "registry:"
         echo "  path: $(realpath "$REGISTRY")"
@@ -296,6 +304,7 @@ MQTT_BIND=$MQTT_BIND
 MQTT_PORT=$MQTT_PORT
 MQTT_GATEWAY_PORT=$MQTT_GATEWAY_PORT
 COLLECTOR_PORT=$COLLECTOR_PORT
+METRICS_PORT=$METRICS_PORT
 PROMETHEUS_PORT=$PROMETHEUS_PORT
 ALERTMANAGER_PORT=$ALERTMANAGER_PORT
 VM_PORT=$VM_PORT
