@@ -92,7 +92,9 @@ class Supervisor:
                 while recent and now - recent[0] > self.policy.window_s:
                     recent.popleft()
                 self.restarts.labels(name).inc()
-                self.failing[name] = f"background task {name} died ({type(err).__name__}: {err}); restarting"
+                # Only the exception's type: /readyz is unauthenticated and a message may quote data (the log
+                # has the full traceback).
+                self.failing[name] = f"background task {name} died ({type(err).__name__}); restarting"
                 if len(recent) >= self.policy.max_failures:
                     self.fatal = (
                         f"background task {name} died {len(recent)} times within {self.policy.window_s:g}s"
