@@ -203,8 +203,7 @@ async def post_upstream(request: web.Request) -> web.Response:
     collector = request.app[COLLECTOR]
     # Known acquirers only (the registry's when one is loaded): a feed for a name nobody configured is a typo or
     # a probe, and each new name would add a feed entry and series for ever.
-    feed_allowed: Callable[[str], bool] = getattr(collector.fleet, "feed_allowed", lambda _a: True)
-    if not feed_allowed(acquirer):
+    if not collector.fleet.feed_allowed(acquirer):
         raise json_error(web.HTTPNotFound, "unknown acquirer")
     body = await request.read()
     try:
