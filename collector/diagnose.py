@@ -47,6 +47,9 @@ RANK: Final = (
     "upload_backlog",
     "upstream_missing",
     "unrecorded_transactions",
+    # The terminal is alive but its reports are refused: nothing it says can be checked (queue, hardware,
+    # software), so this comes before every finding that rests on its reports.
+    "messages_rejected",
     "merchant_mismatch",
     "unregistered",
     "outdated_software",
@@ -61,7 +64,8 @@ RANK: Final = (
 STEP_OF: Final = {
     "offline": "network_power", "weak_signal": "network_power", "flapping": "network_power",
     "shutdown": "network_power", "hardware_fault": "hardware", "outdated_software": "software",
-    "clock_skew": "software", "unregistered": "registration", "merchant_mismatch": "registration",
+    "clock_skew": "software", "messages_rejected": "software", "unregistered": "registration",
+    "merchant_mismatch": "registration",
     "upload_backlog": "local_records", "upstream_missing": "acquirer_records",
     "unrecorded_transactions": "acquirer_records", "acquirer_maintenance": "acquirer_host",
     "acquirer_feed_unknown": "acquirer_host",
@@ -119,6 +123,8 @@ class Facts:
     feed_last_at: float | None = None
     feed_stale: bool = False
     ledger: LedgerFacts | None = None
+    rejected: Mapping[str, int] = field(default_factory=dict)  # messages the collector rejected, by reason
+    last_rejected_at: float | None = None
     # Thresholds, copied so the evidence can say what a value was compared with.
     offline_factor: float = 3.0
     backlog_queue_depth: int = 20
@@ -181,14 +187,27 @@ class Diagnosis:
         }
 
 
+def _datetime(t: float) -> datetime | None:
+    # A terminal clock may be anything finite (reset to 0, decades or millennia ahead): beyond year 9999 there is
+    # no datetime, and that must not turn a diagnosis into a server error.
+    try:
+        return datetime.fromtimestamp(t, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
 def iso(t: float | None) -> str | None:
-    """Unix seconds -> ISO 8601 UTC."""
-    return None if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Unix seconds -> ISO 8601 UTC (None when absent or beyond what a date can express)."""
+    d = None if t is None else _datetime(t)
+    return None if d is None else d.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def human(t: float | None) -> str:
     """Unix seconds -> '2026-11-30 14:03 UTC' for sentences."""
-    return "never" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if t is None:
+        return "never"
+    d = _datetime(t)
+    return f"{t:.0f} (Unix seconds, out of range)" if d is None else d.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _age(now: float, t: float | None) -> float | None:
@@ -211,7 +230,8 @@ def facts_from(
         terminal_id=t.tid, merchant_id=t.merchant, acquirer=t.acquirer, site=t.site, model=model,
         registry_loaded=registry_loaded, registry_merchant_id=reg.merchant_id if reg else None,
         heartbeat_mid=t.mid, status=t.status, status_at=t.status_rx or None, last_heartbeat_at=t.last_rx,
-        terminal_clock=t.last_ts or None, interval_s=t.interval_s or None, uptime_s=t.uptime_s,
+        # ts = 0 is a clock reset to the epoch, a fact worth showing: "no clock" is only "never heard".
+        terminal_clock=None if t.last_rx is None else t.last_ts, interval_s=t.interval_s or None, uptime_s=t.uptime_s,
         app_version=t.app_version, min_app_version=policy.get(model or "") or policy.get("*"),
         net_type=t.net_type, rssi_dbm=t.rssi_dbm, power_source=t.power_source, battery_pct=t.battery_pct,
         printer=t.printer, display=t.display, card_reader=t.card_reader,
@@ -221,7 +241,7 @@ def facts_from(
         conditions={c: (a.since, a.severity, a.detail) for c, a in (t.conds or {}).items()},
         feed_last_at=(feed.last_rx or None) if feed else None,
         feed_stale=feed is None or feed.stale(now, th.feed_stale_s),
-        ledger=ledger,
+        ledger=ledger, rejected=dict(t.rejected or {}), last_rejected_at=t.rejected_rx,
         offline_factor=th.offline_factor, backlog_queue_depth=th.backlog_queue_depth,
         backlog_oldest_age_s=th.backlog_oldest_age_s, upstream_grace_s=th.upstream_grace_s,
         feed_stale_s=th.feed_stale_s, weak_signal_rssi_dbm=th.weak_signal_rssi_dbm, clock_skew_s=th.clock_skew_s,
@@ -287,6 +307,10 @@ def _evidence(code: str, f: Facts, now: float) -> dict[str, Any]:
         recent = [t for t in f.restarts if now - t <= f.flapping_window_s]
         return {"restarts_or_reconnects": [iso(t) for t in recent], "window_s": f.flapping_window_s,
                 "threshold": f.flapping_events, "uptime_s": f.uptime_s}
+    if code == "messages_rejected":
+        return {"rejected_by_reason": dict(sorted(f.rejected.items())), "last_rejected_at": iso(f.last_rejected_at),
+                "last_heartbeat_at": iso(f.last_heartbeat_at),
+                "last_heartbeat_age_s": _age(now, f.last_heartbeat_at), "interval_s": f.interval_s}
     if code == "acquirer_feed_unknown":
         return {"acquirer": f.acquirer, "feed_last_message_at": None}
     if code == "shutdown":
@@ -394,6 +418,21 @@ def _next_steps(code: str, f: Facts, day: str) -> list[str]:
     if code == "flapping":
         return ["Check the power supply (charger, socket, battery) and the network; replace the battery if "
                 "reboots continue."]
+    if code == "messages_rejected":
+        reason = f.conditions.get("messages_rejected", (0.0, "", ""))[2]
+        first = (f"The terminal is alive but the collector rejects its messages ({reason or 'see the counts'}; "
+                 f"{sum(f.rejected.values())} rejected, the last at {human(f.last_rejected_at)}): its health cannot "
+                 "be judged. The collector's log names the reason per message (never the content).")
+        if reason == "card_data":
+            fix = ("Treat it as a PCI incident: the terminal's telemetry appears to contain a card number. Ask the "
+                   "vendor to fix the firmware or configuration; the rejected content was not stored.")
+        elif reason == "counter_backwards":
+            fix = ("Its transaction counters went backwards: the device was reset or replaced under the same id. "
+                   "Confirm with the merchant, then reconcile before and after the reset: " + reconcile)
+        else:
+            fix = ("Compare the terminal's firmware and configuration with protocol v1 (docs/protocol.md) and ask the "
+                   "vendor for a fix; payments themselves are not refused by this.")
+        return [first, fix]
     if code == "acquirer_feed_unknown":
         return [f"Check that acquirer {f.acquirer}'s feed is configured and publishing."]
     return []
@@ -468,6 +507,12 @@ _MESSAGES: Final = {
     "flapping": (
         "Your terminal {tid} keeps restarting. Please check the charger, power socket and battery.",
         "您的POS终端 {tid} 频繁重启。请检查充电器、电源插座和电池。",
+    ),
+    "messages_rejected": (
+        "Your terminal {tid} is switched on, but since {since} our monitoring cannot read the status reports it "
+        "sends. This alone does not stop payments; we are working with the terminal's vendor to fix it.",
+        "您的POS终端 {tid} 已开机，但自 {since} 起我们的监控系统无法读取它发送的状态报告。"
+        "这本身不影响收款；我们正在与终端厂商一起处理。",
     ),
     "acquirer_feed_unknown": (
         "Your terminal {tid} is working. We cannot confirm yet that the payment institution received its "

@@ -239,3 +239,55 @@ def test_facts_from_real_state() -> None:
     d = diagnose(facts, NOW)
     assert d.primary is not None and d.primary.code == "outdated_software"
     assert [f.code for f in d.others] == ["weak_signal"]
+
+
+def test_rejected_messages_are_named_with_their_reasons_and_a_pci_step() -> None:
+    facts = healthy(last_heartbeat_at=NOW - 900, rejected={"card_data": 30, "bad_json": 1},
+                    last_rejected_at=NOW - 20, conditions=cond("messages_rejected", "warning", "card_data"))
+    d = diagnose(facts, NOW)
+    assert d.primary is not None and (d.primary.code, d.primary.step) == ("messages_rejected", "software")
+    assert d.primary.severity == "warning" and d.primary.detail == "card_data"
+    assert d.primary.evidence["rejected_by_reason"] == {"bad_json": 1, "card_data": 30}
+    assert d.primary.evidence["last_rejected_at"] == "2027-01-15T07:59:40Z"
+    assert "31 rejected" in d.next_steps[0] and "PCI" in d.next_steps[1]
+    assert "T1" in d.merchant_message["en"] and "T1" in d.merchant_message["zh-CN"]
+    assert "alive" in d.primary.cause
+
+
+@pytest.mark.parametrize(
+    ("conds", "primary"),
+    [
+        ({"messages_rejected": ("warning", "bad_type"), "outdated_software": ("warning", "")}, "messages_rejected"),
+        ({"messages_rejected": ("warning", "bad_type"), "upstream_missing": ("critical", "")}, "upstream_missing"),
+    ],
+)
+def test_rejected_messages_rank_below_acquirer_evidence_above_terminal_reports(
+    conds: dict[str, tuple[str, str]], primary: str
+) -> None:
+    d = diagnose(healthy(conditions={c: (SINCE, s, det) for c, (s, det) in conds.items()}), NOW)
+    assert d.primary is not None and d.primary.code == primary
+
+
+@pytest.mark.parametrize("clock", [0.0, 1e15, 1e300])
+def test_any_finite_terminal_clock_gives_a_diagnosis(clock: float) -> None:
+    """Before: a terminal clock past year 9999 raised ValueError in the diagnosis (a 500 for support)."""
+    d = diagnose(healthy(terminal_clock=clock, oldest_queued_ts=clock, queue_depth=25,
+                         conditions={**cond("clock_skew", "warning", "behind" if clock == 0 else "ahead"),
+                                     **cond("upload_backlog", detail="queue_depth")}), NOW)
+    assert d.primary is not None and d.primary.code == "upload_backlog"
+    skew = next(f for f in d.others if f.code == "clock_skew")
+    assert skew.evidence["skew_s"] == round(clock - (NOW - 1), 1)
+    assert skew.evidence["terminal_clock"] == ("1970-01-01T00:00:00Z" if clock == 0 else None)
+    assert d.to_dict()["primary_cause"]["code"] == "upload_backlog"
+
+
+def test_facts_from_copy_rejects_and_a_clock_reset_to_the_epoch() -> None:
+    cfg = Config(software_policy={"*": "3.0.0"})
+    reg = Registry({"T1": RegistryEntry("T1", "M1", "acq-a", "A920", "s1", "r1")})
+    fleet = Fleet(cfg, started_at=NOW - 100, registry=reg)
+    hb = Heartbeat(tid="T1", ts=0.0, seq=0, interval_s=10, txn_count=0, uploaded_count=0, queue_depth=0,
+                   oldest_queued_ts=None, mid="M1", app_version="3.1.0")
+    fleet.on_heartbeat(hb, NOW - 50, [])
+    fleet.on_rejected("T1", "card_data", NOW - 5, [])
+    facts = facts_from(fleet.terminals["T1"], reg.get("T1"), True, None, Thresholds(), cfg.software_policy, NOW)
+    assert facts.terminal_clock == 0.0 and facts.rejected == {"card_data": 1} and facts.last_rejected_at == NOW - 5
