@@ -311,15 +311,11 @@ def fill_disk(directory: Path) -> Path:
     """Fill the filesystem holding `directory` to the last byte; delete the returned file to free it."""
     filler = directory / ".filler"
     chunk = b"\0" * 65536
-    with open(filler, "wb") as fh:
-        with contextlib.suppress(OSError):
-            while True:
-                fh.write(chunk)
-                fh.flush()
-        with contextlib.suppress(OSError):  # the last partial chunk
-            while True:
-                fh.write(b"\0" * 512)
-                fh.flush()
+    with open(filler, "wb", buffering=0) as fh:  # unbuffered: nothing left to fail at close
+        for size in (len(chunk), 4096, 1):  # then the last partial blocks
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(chunk[:size])
     return filler
 
 
