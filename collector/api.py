@@ -54,7 +54,7 @@ def terminal_view(t: Terminal, now: float) -> dict[str, Any]:
         "status": t.status or ("unknown" if t.last_rx is None else "online"),
         "last_heartbeat_received": t.last_rx,
         "last_heartbeat_age_s": None if t.last_rx is None else round(now - t.last_rx, 3),
-        "terminal_clock": t.last_ts or None,
+        "terminal_clock": None if t.last_rx is None else t.last_ts,  # 0 is a clock reset to the epoch, shown
         "seq": t.seq if t.seq >= 0 else None,
         "interval_s": t.interval_s or None,
         "txn_count": t.txn_count,
@@ -76,6 +76,9 @@ def terminal_view(t: Terminal, now: float) -> dict[str, Any]:
             }
             for c, a in sorted(conds.items())
         ],
+        # Messages the collector rejected (counts by reason only: rejected content is never kept).
+        "rejected": dict(sorted((t.rejected or {}).items())),
+        "last_rejected_received": t.rejected_rx,
     }
 
 

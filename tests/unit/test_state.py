@@ -517,3 +517,15 @@ def test_distinct_versions_are_capped_and_the_overflow_counted(clock: Clock) -> 
     again = clock.fleet.recount()
     assert {k: v for k, v in clock.fleet.counts.items() if v} == {k: v for k, v in again.counts.items() if v}
     assert dict(clock.fleet.versions) == again.versions
+
+
+def test_terminal_view_shows_rejects_and_a_clock_reset_to_the_epoch(clock: Clock) -> None:
+    from collector.api import terminal_view
+
+    clock.fleet.on_heartbeat(raw_beat(seq=0, ts=0.0), clock.now, clock.out)
+    clock.fleet.on_rejected("T1", "card_data", clock.now + 5, clock.out)
+    clock.fleet.on_rejected("T1", "card_data", clock.now + 6, clock.out)
+    view = terminal_view(clock.fleet.terminals["T1"], clock.now + 10)
+    assert view["rejected"] == {"card_data": 2} and view["last_rejected_received"] == clock.now + 6
+    assert view["terminal_clock"] == 0.0, "ts=0 is a fact (clock reset), not 'no clock'"
+    assert terminal_view(clock.fleet.terminals["T2"], clock.now)["rejected"] == {}
