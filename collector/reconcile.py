@@ -378,6 +378,14 @@ def read_settlement(
             progress.update(counter.count, rows, final=True)
 
 
+def _finite(value: object) -> float:
+    """A float that is a real number: json.loads takes NaN and Infinity, which would reach the report."""
+    out = float(value)  # type: ignore[arg-type]  # TypeError/ValueError are the caller's "bad line"
+    if not math.isfinite(out):
+        raise ValueError("not a finite number")
+    return out
+
+
 def read_receipts(lines: Iterable[str | bytes]) -> Iterator[Completed]:
     """Receipts exported by `GET /api/v1/receipts` (JSON lines)."""
     for n, line in enumerate(lines, start=1):
@@ -386,8 +394,8 @@ def read_receipts(lines: Iterable[str | bytes]) -> Iterator[Completed]:
         try:
             d = json.loads(line)
             yield Completed(
-                str(d["terminal_id"]), str(d["txn_id"]), float(d["ts"]),
-                None if d.get("received_at") is None else float(d["received_at"]),
+                str(d["terminal_id"]), str(d["txn_id"]), _finite(d["ts"]),
+                None if d.get("received_at") is None else _finite(d["received_at"]),
                 int(d["amount_minor"]), str(d["currency"]), str(d["status"]),
                 str(d.get("merchant_id") or ""), str(d.get("acquirer") or ""),
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -72,11 +73,33 @@ def _get(args: argparse.Namespace, path: str, params: dict[str, str] | None = No
         raise CliError(f"cannot reach the collector at {args.url}: {getattr(err, 'reason', err)}") from None
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, not negative (nan and inf would reach JSON and urllib)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=os.environ.get("POSFLEET_URL", DEFAULT_URL),
                    help=f"collector API base URL (default $POSFLEET_URL or {DEFAULT_URL})")
     p.add_argument("--token-file", help="file holding the API token (else $POSFLEET_TOKEN)")
-    p.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds (default 30)")
+    p.add_argument("--timeout", type=_seconds, default=30.0, help="HTTP timeout in seconds (default 30)")
     p.add_argument("--json", action="store_true", help="print the JSON answer instead of text")
 
 
@@ -285,9 +308,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--settlement", help="offline: the acquirer's settlement CSV (terminal_id, txn_id[, ts, ...])")
     p.add_argument("--receipts", help="offline: receipts as JSON lines (from --export-receipts)")
     p.add_argument("--export-receipts", metavar="FILE", help="save the collector's receipts to FILE and exit")
-    p.add_argument("--grace", type=float, help="grace period in seconds (default: thresholds.upstream_grace_s)")
+    p.add_argument("--grace", type=_seconds, help="grace period in seconds (default: thresholds.upstream_grace_s)")
     p.add_argument("--config", help="offline: collector config to take the grace period from")
-    p.add_argument("--limit", type=int, default=1000, help="list at most this many items per direction")
+    p.add_argument("--limit", type=_count, default=1000, help="list at most this many items per direction")
     p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a tty")
     _add_client_args(p)
     p.set_defaults(handler=_reconcile)
