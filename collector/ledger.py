@@ -5,7 +5,8 @@ Everything is bounded per terminal by count and by age, and the receipt side als
 chatty or hostile terminal cannot grow the collector's memory. Evictions are counted by kind and reason
 (`posfleet_ledger_evictions_total`). A receipt and the acquirer's record of the same transaction live in one
 entry, so they are always evicted together: eviction can never turn a matched transaction into a "missing" one.
-Nothing here reads the clock; times are receive times passed in.
+Nothing here reads the clock; times are receive times passed in. An acquirer's feed is applied only to its own
+terminals (`add_batch`): another acquirer's records can neither mark a receipt recorded nor evict one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from .protocol import UpstreamBatch
 from .state import Transition
 
 __all__ = ["EVICTION_KINDS", "EVICTION_REASONS", "Entry", "Ledger", "LedgerLimits", "condition_intervals"]
@@ -65,6 +67,7 @@ class Ledger:
         self.txns: dict[str, dict[str, Entry]] = {}
         self.history: dict[str, deque[Transition]] = {}
         self.total_txns = 0
+        self.foreign = 0  # feed records skipped because the terminal is not the feed's acquirer's
         self.evictions: Counter[tuple[str, str]] = Counter()
         for kind in EVICTION_KINDS:
             for reason in EVICTION_REASONS:
@@ -134,6 +137,21 @@ class Ledger:
             entry.recorded_at = rx
         entry.recorded_ts = ts
         self.sweep(rx)
+
+    def add_batch(self, batch: UpstreamBatch, rx: float, owns: Callable[[str, str], bool]) -> int:
+        """An acquirer's feed batch: records of terminals `owns(acquirer, tid)` accepts; returns how many it skipped.
+
+        A record naming another acquirer's terminal is not this acquirer's to vouch for: kept, it would mark a
+        receipt recorded that its own acquirer never saw, or evict real receipts through the per-terminal bound.
+        """
+        skipped = 0
+        for txn in batch.txns:
+            if owns(batch.acquirer, txn.tid):
+                self.add_recorded(txn.tid, txn.txn_id, txn.ts, rx)
+            else:
+                skipped += 1
+        self.foreign += skipped
+        return skipped
 
     def add_transitions(self, transitions: list[Transition]) -> None:
         """Condition changes, for the timeline."""

@@ -118,3 +118,32 @@ def test_intervals_pairs_active_and_clipping() -> None:
 def test_interval_active_since_before_window_starts_at_window() -> None:
     got = condition_intervals([], {"outdated_software": (T0 - 5000, "warning", "")}, T0, T0 + 10)
     assert got == [{"condition": "outdated_software", "severity": "warning", "detail": "", "from": T0, "to": None}]
+
+
+def test_a_feed_marks_and_evicts_only_its_own_acquirers_receipts() -> None:
+    """Before: records naming another acquirer's terminal marked its receipts recorded (hiding a missing
+    transaction) and, past the per-terminal bound, evicted its real receipts."""
+    from collector.config import Config
+    from collector.protocol import UpstreamBatch, UpstreamTxn
+    from collector.registry import Registry, RegistryEntry
+    from collector.state import Fleet
+
+    fleet = Fleet(Config(), T0, Registry({"A1": RegistryEntry("A1", "M1", "acq-a", "A920", "s", "r"),
+                                          "B1": RegistryEntry("B1", "M2", "acq-b", "A920", "s", "r")}))
+    owns = fleet.owns
+
+    ledger = Ledger(LedgerLimits(max_txns_per_terminal=3))
+    for n in range(3):
+        receipt(ledger, "A1", n, T0 + n)
+    hostile = UpstreamBatch(T0, [UpstreamTxn("A1", f"A1-{n}", T0) for n in range(2)]
+                            + [UpstreamTxn("A1", f"evict-{n}", T0) for n in range(5)]
+                            + [UpstreamTxn("B1", "B1-1", T0)], "acq-b")
+    assert ledger.add_batch(hostile, T0 + 10, owns) == 7 and ledger.foreign == 7
+    entries = ledger.entries("A1", T0 + 11)
+    assert [i for i, _e in entries] == ["A1-0", "A1-1", "A1-2"], "nothing evicted"
+    assert all(e.recorded_at is None for _i, e in entries), "nothing marked recorded by another acquirer"
+    assert [i for i, _e in ledger.entries("B1", T0 + 11)] == ["B1-1"]
+    own = UpstreamBatch(T0, [UpstreamTxn("A1", "A1-1", T0)], "acq-a")
+    assert ledger.add_batch(own, T0 + 12, owns) == 0
+    assert dict(ledger.entries("A1", T0 + 13))["A1-1"].recorded_at == T0 + 12
+    assert ledger.evictions[("txn", "count")] == 0
