@@ -142,11 +142,14 @@ PAN_MAX_DIGITS: Final = 19
 # "4111.1111", "4111_1111", "4111\t1111". A group is a maximal run of such digit chunks with at least 13 digits.
 _GROUP_RE: Final = re.compile(r"\d(?:[\W_]{0,3}\d){12,}")
 _CHUNK_RE: Final = re.compile(r"\d+")
-# Prefilter on raw bytes, a superset of what the guard can find: without a backslash (JSON escape) or a
-# non-ASCII byte, every decoded string is its raw bytes, and a 13-digit group in it (or a 13+ digit integer)
-# shows as 13 digits with ≤3 non-alphanumerics between them. A quote cannot sit inside a group (it would be
-# escaped), so "1,"2 across two fields does not link. Ordinary heartbeats skip the slow path.
-_RAW_PREFILTER: Final = re.compile(rb'[0-9](?:[^A-Za-z0-9"]{0,3}[0-9]){12}')
+# Prefilter on raw bytes, so ordinary heartbeats skip the slow path (a generic decode and a walk). Without a
+# backslash (JSON escape) or a non-ASCII byte every decoded string is its raw bytes and every quote delimits a
+# string, so quote parity tells whether a run of digits and punctuation lies inside a string or between values.
+# Inside a string, a group shows as 13 digits with ≤3 non-alphanumerics between them; between values only an
+# integer of 13+ digits can hold a card number — never the fraction of a float (`8.285714285714285`).
+_RAW_RUN: Final = re.compile(rb'[0-9][^A-Za-z"]{11,}[0-9]')  # one character class: fast in `re`
+_RAW_GROUP: Final = re.compile(rb'[0-9](?:[^A-Za-z0-9"]{0,3}[0-9]){12}')
+_RAW_INTEGER: Final = re.compile(rb"(?<![.0-9])[0-9]{13}")
 _INT_LOW: Final = 10 ** (PAN_MIN_DIGITS - 1)
 _INT_HIGH: Final = 10**PAN_MAX_DIGITS
 _DOUBLED: Final = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # Luhn: 2·d with its digits summed
@@ -196,13 +199,14 @@ def card_data_in(value: object) -> bool:
     stack = [value]
     while stack:
         v = stack.pop()
-        if isinstance(v, str):
-            if has_card_number(v):
+        # Exact types (a generic msgspec decode builds nothing else; bool is not an int here), most common first.
+        if type(v) is str:
+            if len(v) >= PAN_MIN_DIGITS and has_card_number(v):  # most keys and values are short
                 return True
-        elif isinstance(v, dict):
+        elif type(v) is dict:
             stack.extend(v)
             stack.extend(v.values())
-        elif isinstance(v, list):
+        elif type(v) is list:
             stack.extend(v)
         elif type(v) is int and _INT_LOW <= abs(v) < _INT_HIGH and is_card_number(str(abs(v))):
             return True  # a counter that large is implausible anyway; floats are never searched
@@ -210,18 +214,37 @@ def card_data_in(value: object) -> bool:
 
 
 def _may_hold_card(payload: bytes) -> bool:
-    return b"\\" in payload or not payload.isascii() or _RAW_PREFILTER.search(payload) is not None
+    if b"\\" in payload or not payload.isascii():
+        return True  # JSON escapes or Unicode digits: only the decoded strings tell
+    for run in _RAW_RUN.finditer(payload):
+        inside_string = payload.count(b'"', 0, run.start()) % 2 == 1
+        if (_RAW_GROUP if inside_string else _RAW_INTEGER).search(run.group()):
+            return True
+    return False
 
 
-def find_card_number(payload: bytes) -> bool:
-    """True when a JSON payload holds a card number anywhere; text that is not JSON is searched as one string."""
+def _text_has_card(payload: bytes) -> bool:
+    # A payload that is not JSON is rejected anyway; searching its text keeps a PAN in it counted as card data.
+    return has_card_number(payload.decode("utf-8", "replace"))
+
+
+def _json_has_card(payload: bytes) -> bool:
+    """find_card_number with the raw-bytes prefilter first: exact for well-formed JSON, the hot path."""
     if not _may_hold_card(payload):
         return False
     try:
         value = msgspec.json.decode(payload)
-    except (msgspec.DecodeError, RecursionError):
-        # A broken payload is rejected anyway; searching its text keeps a PAN in it counted as card data.
-        return has_card_number(payload.decode("utf-8", "replace"))
+    except msgspec.DecodeError:
+        return _text_has_card(payload)
+    return card_data_in(value)
+
+
+def find_card_number(payload: bytes) -> bool:
+    """True when a JSON payload holds a card number anywhere; text that is not JSON is searched as one string."""
+    try:
+        value = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return _text_has_card(payload)
     return card_data_in(value)
 
 
@@ -389,7 +412,7 @@ def _check_payload(payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
 
 
 def _decode_txn(raw: msgspec.Raw) -> UpstreamTxn:
-    if _may_hold_card(bytes(raw)) and card_data_in(msgspec.json.decode(raw)):
+    if _json_has_card(bytes(raw)):
         raise DecodeError("card_data")
     try:
         return _TXN_DECODER.decode(raw)
@@ -402,7 +425,7 @@ def _decode_upstream_body(payload: bytes) -> tuple[float, list[UpstreamTxn], tup
     try:
         envelope = _ENVELOPE_DECODER.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as err:
-        if find_card_number(payload):  # e.g. a PAN where `ts` or `txns` should be: still card data
+        if find_card_number(payload):  # e.g. a PAN where `ts` or `txns` should be, or in broken JSON
             raise DecodeError("card_data") from None
         raise _classify(err) from None
     suspect = _may_hold_card(payload)
@@ -439,12 +462,14 @@ def decode_upstream(acquirer: str, payload: bytes) -> UpstreamBatch:
 
 def _decode_terminal(tid: str, kind: str, payload: bytes) -> Heartbeat | Status | TxnReceipt:
     _check_payload(payload)
-    if find_card_number(payload):
+    if _json_has_card(payload):
         raise DecodeError("card_data")
     try:
         msg: Heartbeat | Status | TxnReceipt = _DECODERS[kind].decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as err:
+    except msgspec.ValidationError as err:
         raise _classify(err) from None
+    except msgspec.DecodeError as err:  # not JSON: the prefilter's quote parity meant nothing
+        raise DecodeError("card_data") if _text_has_card(payload) else _classify(err) from None
     if isinstance(msg, Heartbeat):
         if msg.tid != tid:
             raise DecodeError("tid_mismatch")

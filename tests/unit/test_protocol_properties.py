@@ -23,7 +23,9 @@ from collector.protocol import (
     Heartbeat,
     UpstreamBatch,
     UpstreamTxn,
+    _json_has_card,  # the hot path's prefilter, checked against the full search
     decode,
+    find_card_number,
     has_card_number,
     is_card_number,
     luhn_ok,
@@ -39,6 +41,7 @@ BASE: dict[str, Any] = {
 DIGIT_SCRIPTS = ("0123456789", "０１２３４５６７８９", "٠١٢٣٤٥٦٧٨٩", "۰۱۲۳۴۵۶۷۸۹", "०१२३४५६७८९", "০১২৩৪৫৬৭৮৯",
                  "๐๑๒๓๔๕๖๗๘๙", "𝟎𝟏𝟐𝟑𝟒𝟓𝟔𝟕𝟖𝟗")
 SEPARATORS = " -._:/\t\n*|+,;~\u00a0\u2009\u200b\u2013"
+PLAIN_SEPARATORS = " -._:/*|+,;~[]{}"
 
 
 def complete(body: str) -> str:
@@ -57,16 +60,19 @@ def pans(draw: st.DrawFn) -> str:
 
 
 @st.composite
-def written(draw: st.DrawFn, number: str) -> str:
-    """number as a person or a program might write it: any grouping, short separators, any digit script."""
-    script = draw(st.sampled_from(DIGIT_SCRIPTS))
+def written(draw: st.DrawFn, number: str, plain: bool = False) -> str:
+    """number as a person or a program might write it: any grouping, short separators, any digit script.
+
+    plain: ASCII digits and separators JSON writes as they are (no escapes), the raw prefilter's own ground.
+    """
+    script = "0123456789" if plain else draw(st.sampled_from(DIGIT_SCRIPTS))
     digits = number.translate(str.maketrans("0123456789", script))
     out, i = [], 0
     while i < len(digits):
         size = draw(st.integers(1, len(digits) - i))
         out.append(digits[i : i + size])
         i += size
-    seps = [draw(st.text(SEPARATORS, min_size=1, max_size=3)) for _ in out[1:]]
+    seps = [draw(st.text(PLAIN_SEPARATORS if plain else SEPARATORS, min_size=1, max_size=3)) for _ in out[1:]]
     return "".join(chunk + sep for chunk, sep in zip(out, [*seps, ""], strict=True))
 
 
@@ -185,6 +191,27 @@ def test_decode_raises_nothing_but_decode_error(topic: str, payload: bytes) -> N
     except DecodeError as err:
         assert err.tid is None or valid_id(err.tid)
         assert err.acquirer is None or valid_id(err.acquirer)
+
+
+LEAVES = st.one_of(
+    st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False), st.integers(),
+    st.integers(10**12, 10**19), pans().map(int), pans().map(lambda n: -int(n)), pans().map(lambda n: int(n) / 10),
+    st.text(max_size=20), st.from_regex(r"[0-9 .:_\-/,\t]{10,40}", fullmatch=True),
+    pans().flatmap(written), pans().flatmap(lambda n: written(n, plain=True).map(lambda w: f"x{w}y")),
+    pans().flatmap(lambda n: written(n, plain=True)), pans(),
+)
+DOCS = st.recursive(LEAVES, lambda children: st.lists(children, max_size=4)
+                    | st.dictionaries(st.one_of(st.text(max_size=8), pans()), children, max_size=4), max_leaves=12)
+
+
+@SETTINGS
+@given(DOCS, st.booleans(), st.booleans())
+@example("4222222222222", True, True)  # 13 digits, the shortest run
+@example(["4111:::1111---1111...1111", 1.5], True, True)  # three-character separators
+@example({"a": [4222222222222]}, True, True)
+def test_the_raw_prefilter_never_hides_what_the_full_search_finds(doc: Any, ascii_only: bool, compact: bool) -> None:
+    payload = json.dumps(doc, ensure_ascii=ascii_only, separators=(",", ":") if compact else None).encode()
+    assert _json_has_card(payload) is find_card_number(payload)
 
 
 @given(st.text(max_size=70))
