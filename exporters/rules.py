@@ -365,8 +365,8 @@ TERMINAL_ALERTS: Final = (
         "merchant_mismatch",
         "critical",
         "POS terminal is configured for a different merchant than registered.",
-        "reports a merchant id that differs from the registry's merchant {{ $labels.merchant_id }}. Its "
-        "payments are booked to the wrong merchant or refused by the host.",
+        "reports merchant id{{ with $detail }} {{ . }}{{ end }}, which differs from the registry's merchant "
+        "{{ $labels.merchant_id }}. Its payments are booked to the wrong merchant or refused by the host.",
         "The terminal was moved between merchants or re-parameterised without updating the registration; "
         "or the registry is out of date.",
     ),
