@@ -216,9 +216,11 @@ def card_data_in(value: object) -> bool:
 def _may_hold_card(payload: bytes) -> bool:
     if b"\\" in payload or not payload.isascii():
         return True  # JSON escapes or Unicode digits: only the decoded strings tell
+    quotes, counted_to = 0, 0  # quotes before the current run, counted incrementally: linear in the payload
     for run in _RAW_RUN.finditer(payload):
-        inside_string = payload.count(b'"', 0, run.start()) % 2 == 1
-        if (_RAW_GROUP if inside_string else _RAW_INTEGER).search(run.group()):
+        quotes += payload.count(b'"', counted_to, run.start())
+        counted_to = run.start()
+        if (_RAW_GROUP if quotes % 2 else _RAW_INTEGER).search(run.group()):
             return True
     return False
 
@@ -411,42 +413,52 @@ def _check_payload(payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         raise DecodeError("too_deep")
 
 
-def _decode_txn(raw: msgspec.Raw) -> UpstreamTxn:
-    if _json_has_card(bytes(raw)):
-        raise DecodeError("card_data")
-    try:
-        return _TXN_DECODER.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as err:
-        raise _classify(err) from None
+def _decode_txns(raws: list[msgspec.Raw], holds_card: list[bool]) -> tuple[list[UpstreamTxn], tuple[str, ...]]:
+    kept: list[UpstreamTxn] = []
+    dropped: list[str] = []
+    for raw, card in zip(raws, holds_card, strict=True):
+        try:
+            if card:
+                raise DecodeError("card_data")
+            kept.append(_TXN_DECODER.decode(raw))
+        except (msgspec.ValidationError, msgspec.DecodeError) as err:
+            dropped.append(_classify(err).reason)
+        except DecodeError as err:
+            dropped.append(err.reason)
+    return kept, tuple(dropped)
 
 
 def _decode_upstream_body(payload: bytes) -> tuple[float, list[UpstreamTxn], tuple[str, ...]]:
     _check_payload(payload, MAX_UPSTREAM_BYTES)
+    suspect = _may_hold_card(payload)
+    if not suspect:
+        try:  # the common case: nothing to search and every transaction valid, in one pass in C
+            body = _BODY_DECODER.decode(payload)
+            return body.ts, body.txns, ()
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            pass  # a bad envelope or some bad transactions: told apart below
     try:
         envelope = _ENVELOPE_DECODER.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as err:
-        if find_card_number(payload):  # e.g. a PAN where `ts` or `txns` should be, or in broken JSON
+        if suspect and find_card_number(payload):  # e.g. a PAN where `ts` or `txns` should be, or broken JSON
             raise DecodeError("card_data") from None
         raise _classify(err) from None
-    suspect = _may_hold_card(payload)
+    holds_card = [False] * len(envelope.txns)
     if suspect:
-        # Card data outside the transactions (the envelope's own fields) rejects the whole body.
         doc = msgspec.json.decode(payload)
+        # Card data outside the transactions (the envelope's own fields) rejects the whole body.
         if card_data_in({k: v for k, v in doc.items() if k != "txns"}):
             raise DecodeError("card_data")
-    else:
-        try:  # the common case: nothing to search and every transaction valid, in one pass in C
-            return envelope.ts, _BODY_DECODER.decode(payload).txns, ()
-        except msgspec.ValidationError:
-            pass  # some transaction is bad: find which, one by one
-    kept: list[UpstreamTxn] = []
-    dropped: list[str] = []
-    for raw in envelope.txns:
-        try:
-            kept.append(_decode_txn(raw))
-        except DecodeError as err:
-            dropped.append(err.reason)
-    return envelope.ts, kept, tuple(dropped)
+        holds_card = [card_data_in(txn) for txn in doc["txns"]]
+        if len(holds_card) != len(envelope.txns):  # both decoders keep the last of duplicate keys; never trust it
+            raise DecodeError("bad_json", "txns")
+        if not any(holds_card):
+            try:  # numeric txn ids made the prefilter look closer, but nothing is card data
+                return envelope.ts, _BODY_DECODER.decode(payload).txns, ()
+            except msgspec.ValidationError:
+                pass
+    kept, dropped = _decode_txns(envelope.txns, holds_card)
+    return envelope.ts, kept, dropped
 
 
 def decode_upstream(acquirer: str, payload: bytes) -> UpstreamBatch:
