@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .auth import OPEN, Principal
+from .auth import OPEN, Principal, load_metrics_token, token_matches
 from .detect import CONDITIONS, probable_cause
 from .metrics import render_problem_series
 from .protocol import DecodeError, decode_upstream
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 COLLECTOR: web.AppKey[Collector] = web.AppKey("collector")
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
+METRICS_TOKEN: web.AppKey[str | None] = web.AppKey("metrics_token", str)
 
 # Strict JSON only: NaN and Infinity are not JSON, browsers' JSON.parse rejects them. A value that slipped
 # through validation fails loudly here (a logged 500) rather than handing clients a body they cannot read.
@@ -143,7 +144,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition."""
+    """Prometheus exposition (behind metrics.token_file's bearer token when one is configured)."""
+    expected = request.app.get(METRICS_TOKEN)
+    if expected is not None and not token_matches(expected, request.headers.get("Authorization")):
+        err = json_error(web.HTTPUnauthorized, "/metrics needs the bearer token of metrics.token_file")
+        err.headers["WWW-Authenticate"] = 'Bearer realm="posfleet-metrics"'
+        raise err
     collector = request.app[COLLECTOR]
     body = generate_latest(collector.registry) + render_problem_series(
         collector.fleet, collector.cfg.metrics.max_problem_series
@@ -225,6 +231,7 @@ def build_app(collector: Collector) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if collector.cfg.metrics.port is None:  # else only on its own listener (build_metrics_app)
+        app[METRICS_TOKEN] = load_metrics_token(collector.cfg.metrics.token_file)
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/terminals", list_terminals)
     app.router.add_get("/api/v1/terminals/{terminal_id}", get_terminal)
@@ -238,5 +245,6 @@ def build_metrics_app(collector: Collector) -> web.Application:
     """/metrics alone, for its own listener (`metrics.port`): it names problem terminals of every acquirer."""
     app = web.Application(middlewares=[error_middleware], client_max_size=1024)
     app[COLLECTOR] = collector
+    app[METRICS_TOKEN] = load_metrics_token(collector.cfg.metrics.token_file)
     app.router.add_get("/metrics", metrics)
     return app

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Principal", "Tokens", "load_tokens"]
+__all__ = ["Principal", "Tokens", "bearer", "load_metrics_token", "load_tokens", "token_matches"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,30 @@ class Principal:
 OPEN = Principal("anonymous", True, frozenset())
 
 
+def bearer(header: str | None) -> bytes | None:
+    """The credentials of an `Authorization: Bearer …` header (the scheme in any case), or None."""
+    # RFC 7235: the auth-scheme is case-insensitive and one or more spaces separate it from the token.
+    scheme, _, credentials = (header or "").strip().partition(" ")
+    given = credentials.strip().encode()
+    return given if scheme.lower() == "bearer" and given else None
+
+
+def token_matches(expected: str, header: str | None) -> bool:
+    """Does the header carry exactly this bearer token? (constant time)"""
+    given = bearer(header)
+    return given is not None and hmac.compare_digest(expected.encode(), given)
+
+
+def load_metrics_token(path: str | None) -> str | None:
+    """The /metrics bearer token from `metrics.token_file` (first line), or None when not configured."""
+    if not path:
+        return None
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ValueError(f"{path}: the /metrics token must be one word of at least 16 characters")
+    return token
+
+
 @dataclass(frozen=True, slots=True)
 class Tokens:
     """All configured tokens; `required` is False only when none are configured (demo mode)."""
@@ -61,10 +85,8 @@ class Tokens:
 
     def lookup(self, header: str | None) -> Principal | None:
         """The principal for an `Authorization: Bearer …` header (the scheme in any case), or None."""
-        # RFC 7235: the auth-scheme is case-insensitive and one or more spaces separate it from the token.
-        scheme, _, credentials = (header or "").strip().partition(" ")
-        given = credentials.strip().encode()
-        if scheme.lower() != "bearer" or not given:
+        given = bearer(header)
+        if given is None:
             return None
         found = None
         for token, principal in self.by_token.items():

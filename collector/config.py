@@ -19,6 +19,8 @@ from msgspec import Meta, Struct
 
 from exporters.influx import InfluxConfig, resolve_token
 
+from .auth import load_metrics_token
+
 __all__ = ["Config", "ConfigError", "Hysteresis", "MqttTls", "Thresholds", "config_warnings", "load_config"]
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,9 @@ class MetricsConfig(Struct, frozen=True, forbid_unknown_fields=True):
     # existing scrape configs and single-listener setups keep working; bind http.host to a trusted network.
     host: str | None = None
     port: Annotated[int, Meta(ge=0, le=65535)] | None = None
+    # Optionally also a bearer token (one line, 16+ characters) that every /metrics request must carry, on
+    # whichever listener serves it; Prometheus sends it with `authorization: {credentials_file: ...}`.
+    token_file: str | None = None
 
 
 class Config(Struct, frozen=True, forbid_unknown_fields=True):
@@ -194,6 +199,13 @@ def _semantic_problems(cfg: Config) -> list[str]:
     if not cfg.mqtt.url.startswith(("mqtt://", "mqtts://")):
         problems.append(f"mqtt.url: must start with mqtt:// or mqtts://, got {cfg.mqtt.url!r}")
     problems += _tls_problems(cfg.mqtt)
+    if cfg.metrics.token_file:
+        try:
+            load_metrics_token(cfg.metrics.token_file)
+        except OSError as err:
+            problems.append(f"metrics.token_file: cannot read {cfg.metrics.token_file!r}: {err.strerror}")
+        except ValueError as err:
+            problems.append(f"metrics.token_file: {err}")
     if cfg.metrics.host is not None and cfg.metrics.port is None:
         problems.append("metrics.host: needs metrics.port (without a port /metrics stays on the API listener)")
     if (cfg.metrics.port and cfg.metrics.port == cfg.http.port

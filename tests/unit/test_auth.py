@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.auth import Tokens, load_tokens
+from collector.auth import Tokens, load_metrics_token, load_tokens, token_matches
 
 TOKEN = "tok-0123456789abcdef"
 
@@ -59,3 +59,18 @@ def test_read_scopes_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_unknown_or_empty_scopes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scope: str) -> None:
     with pytest.raises(ValueError, match="unknown scope"):
         tokens(tmp_path, scope, monkeypatch)
+
+
+def test_metrics_token_file(tmp_path: Path) -> None:
+    path = tmp_path / "metrics-token"
+    assert load_metrics_token(None) is None
+    path.write_text("metrics-token-0123456789\n")
+    token = load_metrics_token(str(path))
+    assert token == "metrics-token-0123456789"
+    assert token_matches(token, f"bearer {token}") and token_matches(token, f"Bearer {token}")
+    assert not token_matches(token, f"Basic {token}") and not token_matches(token, None)
+    assert not token_matches(token, "Bearer metrics-token-012345678")
+    for bad in ("short\n", "two words-0123456789\n", "\n"):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="at least 16 characters"):
+            load_metrics_token(str(path))

@@ -127,3 +127,16 @@ def test_check_config_says_so(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "WARNING" in result.stderr and "clear text" in result.stderr
+
+
+def test_metrics_token_file_is_checked_at_load(tmp_path: Path) -> None:
+    path, token = tmp_path / "c.yaml", tmp_path / "token"
+    token.write_text("metrics-token-0123456789\n")
+    path.write_text(f"metrics: {{token_file: {token}}}\n")
+    assert load_config(path).metrics.token_file == str(token)
+    token.write_text("short\n")
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        load_config(path)
+    path.write_text(f"metrics: {{token_file: {tmp_path}/missing}}\n")
+    with pytest.raises(ConfigError, match=r"metrics\.token_file: cannot read"):
+        load_config(path)
