@@ -408,20 +408,24 @@ class Fleet:
             t.streaks = streaks or None
 
     def _time_step(self, t: Terminal, now: float, out: list[Transition]) -> None:
-        was_online = self._online(t)
         offline_active = t.conds is not None and "offline" in t.conds
         feed = self.feeds.get(t.acquirer)
         raw = time_conditions(t, feed, self.th, now, self.started_at, offline_active)
+        if not raw and t.conds is None:
+            return  # the common case on every heartbeat: nothing to raise, nothing to clear
         for cond in TIME_CONDITIONS:
             active = t.conds is not None and cond in t.conds
             hit = raw.get(cond)
             if hit is not None and not active:
+                was_online = self._online(t)
                 self._raise(t, cond, hit[0], hit[1], now, out)
+                self._sync_online(t, was_online)
             elif hit is None and active:
+                was_online = self._online(t)
                 self._clear(t, cond, now, out)
+                self._sync_online(t, was_online)
             elif hit is not None and t.conds is not None and cond != "offline" and t.conds[cond].detail != hit[1]:
                 self._update(t, cond, hit)  # e.g. messages_rejected names the latest reason
-        self._sync_online(t, was_online)
 
     @staticmethod
     def _online(t: Terminal) -> bool:
