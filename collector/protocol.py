@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from itertools import accumulate
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -133,8 +134,14 @@ CARD_BRANDS: Final[tuple[tuple[str, str, str, tuple[int, ...]], ...]] = (
     ("rupay", "508", "508", (16,)),
     ("uatp", "1", "1", (15,)),
 )
-_PREFIXES_BY_LENGTH: Final[dict[int, tuple[tuple[str, str], ...]]] = {
-    n: tuple((lo, hi) for _b, lo, hi, lengths in CARD_BRANDS if n in lengths) for n in range(13, 20)
+# The table as a lookup: for each length, the set of 4-digit beginnings a card number of that length can have.
+_PREFIX4_BY_LENGTH: Final[dict[int, frozenset[str]]] = {
+    n: frozenset(
+        f"{p:04d}"
+        for _b, lo, hi, lengths in CARD_BRANDS if n in lengths
+        for p in range(int(lo.ljust(4, "0")), int(hi.ljust(4, "9")) + 1)
+    )
+    for n in range(13, 20)
 }
 PAN_MIN_DIGITS: Final = 13
 PAN_MAX_DIGITS: Final = 19
@@ -153,6 +160,11 @@ _RAW_INTEGER: Final = re.compile(rb"(?<![.0-9])[0-9]{13}")
 _INT_LOW: Final = 10 ** (PAN_MIN_DIGITS - 1)
 _INT_HIGH: Final = 10**PAN_MAX_DIGITS
 _DOUBLED: Final = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # Luhn: 2·d with its digits summed
+# Lengths a card number starting with each digit can have (ascending): most starts are ruled out at once.
+_LENGTHS_BY_FIRST_DIGIT: Final[dict[str, tuple[int, ...]]] = {
+    d: tuple(sorted({n for _b, lo, hi, lengths in CARD_BRANDS if lo[0] <= d <= hi[0] for n in lengths}))
+    for d in "0123456789"
+}
 
 
 def luhn_ok(digits: str) -> bool:
@@ -166,10 +178,7 @@ def luhn_ok(digits: str) -> bool:
 
 def is_card_number(digits: str) -> bool:
     """True when an ASCII digit string has a card brand's prefix and length and passes Luhn."""
-    for lo, hi in _PREFIXES_BY_LENGTH.get(len(digits), ()):
-        if lo <= digits[: len(lo)] <= hi:
-            return luhn_ok(digits)
-    return False
+    return digits[:4] in _PREFIX4_BY_LENGTH.get(len(digits), frozenset()) and luhn_ok(digits)
 
 
 def _ascii(chunk: str) -> str:
@@ -177,21 +186,49 @@ def _ascii(chunk: str) -> str:
     return chunk if chunk.isascii() else "".join(str(unicodedata.decimal(c)) for c in chunk)
 
 
+def _luhn_sums(digits: str) -> tuple[list[int], list[int]]:
+    # Prefix sums of Luhn weights for both parities: the Luhn sum of any span is then one subtraction, so a
+    # hostile string of thousands of one-digit chunks costs a few operations per span, not a loop per span.
+    values = [ord(c) - 48 for c in digits]
+    odd_doubled = [v if p % 2 == 0 else _DOUBLED[v] for p, v in enumerate(values)]
+    even_doubled = [_DOUBLED[v] if p % 2 == 0 else v for p, v in enumerate(values)]
+    return list(accumulate(odd_doubled, initial=0)), list(accumulate(even_doubled, initial=0))
+
+
+def _group_has_card(chunks: list[str]) -> bool:
+    """Any span of whole chunks that is a card number (each chunk ASCII digits)."""
+    digits = "".join(chunks)
+    boundary = bytearray(len(digits) + 1)
+    starts = []
+    pos = 0
+    for chunk in chunks:
+        starts.append(pos)
+        boundary[pos] = 1
+        pos += len(chunk)
+    boundary[pos] = 1
+    sums: tuple[list[int], list[int]] | None = None
+    for a in starts:
+        head = digits[a : a + 4]
+        for n in _LENGTHS_BY_FIRST_DIGIT[digits[a]]:
+            b = a + n
+            if b > len(digits):
+                break
+            if not boundary[b] or head not in _PREFIX4_BY_LENGTH[n]:
+                continue
+            if sums is None:
+                sums = _luhn_sums(digits)
+            # The rightmost digit (b-1) is never doubled: pick the sums that double the other parity.
+            weights = sums[0] if (b - 1) % 2 == 0 else sums[1]
+            if (weights[b] - weights[a]) % 10 == 0:
+                return True
+    return False
+
+
 def has_card_number(text: str) -> bool:
     """True when a decoded string holds a card number, in any digits and with any short separators."""
-    for group in _GROUP_RE.finditer(text):
-        chunks = [_ascii(c) for c in _CHUNK_RE.findall(group.group())]
-        # Every contiguous span of whole chunks totalling 13–19 digits: a PAN written "exp 12 25 4111 1111 …"
-        # or glued to a date is still found, and a chunk is never cut (20 unbroken digits are not a PAN).
-        for i in range(len(chunks)):
-            total = 0
-            for j in range(i, len(chunks)):
-                total += len(chunks[j])
-                if total > PAN_MAX_DIGITS:
-                    break
-                if total >= PAN_MIN_DIGITS and is_card_number("".join(chunks[i : j + 1])):
-                    return True
-    return False
+    # Every contiguous span of whole chunks totalling 13–19 digits: a PAN written "exp 12 25 4111 1111 …" or
+    # glued to a date is still found, and a chunk is never cut (20 unbroken digits are not a PAN).
+    return any(_group_has_card([_ascii(c) for c in _CHUNK_RE.findall(g.group())]) for g in _GROUP_RE.finditer(text))
 
 
 def card_data_in(value: object) -> bool:

@@ -214,6 +214,40 @@ def test_the_raw_prefilter_never_hides_what_the_full_search_finds(doc: Any, asci
     assert _json_has_card(payload) is find_card_number(payload)
 
 
+def reference_is_card(digits: str) -> bool:
+    """The brand table read row by row, and Luhn: the obvious, slow definition."""
+    return luhn_ok(digits) and any(
+        len(digits) in lengths and lo <= digits[: len(lo)] <= hi for _b, lo, hi, lengths in CARD_BRANDS
+    )
+
+
+def reference_has_card(chunks: list[str]) -> bool:
+    """Every contiguous span of whole chunks with 13–19 digits, joined and checked one by one."""
+    return any(
+        reference_is_card("".join(chunks[i:j]))
+        for i in range(len(chunks)) for j in range(i + 1, len(chunks) + 1)
+        if 13 <= sum(map(len, chunks[i:j])) <= 19
+    )
+
+
+CHUNKS = st.lists(
+    st.one_of(st.text("0123456789", min_size=1, max_size=6), pans(), st.sampled_from(["4", "37", "6011"])),
+    min_size=1, max_size=12,
+)
+
+
+@SETTINGS
+@given(CHUNKS, st.sampled_from([" ", "-", ". ", "_:/"]))
+def test_the_span_search_matches_the_obvious_definition(chunks: list[str], sep: str) -> None:
+    assert has_card_number(sep.join(chunks)) is reference_has_card(chunks)
+
+
+@SETTINGS
+@given(st.text("0123456789", min_size=13, max_size=19))
+def test_is_card_number_matches_the_table(digits: str) -> None:
+    assert is_card_number(digits) is reference_is_card(digits)
+
+
 @given(st.text(max_size=70))
 @example("T1\n")
 def test_valid_id_agrees_with_the_schema_pattern(value: str) -> None:
