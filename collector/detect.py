@@ -154,7 +154,9 @@ def time_conditions(
         elif offline_active:
             # Once offline, only a heartbeat, a clean shutdown or rejected messages (above) bring it back.
             raw["offline"] = ("critical", "")
-        elif silent > limit:
+        elif silent > limit and (t.last_rx is not None or t.acquirer != "unknown"):
+            # An id neither registered nor ever accepted (it only sent statuses or rejected messages) is not a
+            # terminal anyone expects to hear from: calling it offline would page for noise.
             detail = "last_will" if t.status == "offline" else ("silent" if t.last_rx is not None else "never_seen")
             raw["offline"] = ("critical", detail)
     if (

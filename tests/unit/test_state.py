@@ -529,3 +529,14 @@ def test_terminal_view_shows_rejects_and_a_clock_reset_to_the_epoch(clock: Clock
     assert view["rejected"] == {"card_data": 2} and view["last_rejected_received"] == clock.now + 6
     assert view["terminal_clock"] == 0.0, "ts=0 is a fact (clock reset), not 'no clock'"
     assert terminal_view(clock.fleet.terminals["T2"], clock.now)["rejected"] == {}
+
+
+def test_an_unknown_id_that_only_sent_rejected_messages_is_never_offline(clock: Clock) -> None:
+    """Rejects may create state for an unknown id (bounded); when they stop, nothing expects it: no page."""
+    reject_every_interval(clock, 5, tid="X1")
+    assert conds(clock.fleet, "X1") == {"messages_rejected"}
+    clock.fleet.on_status(Status("offline", 0.0, "connection_lost", "X2"), clock.now, True, clock.out)
+    clock.tick(3600)
+    assert conds(clock.fleet, "X1") == set() and conds(clock.fleet, "X2") == set()
+    assert conds(clock.fleet, "T2") == {"offline"}, "a registered terminal never heard from still is"
+    assert clock.fleet.terminals["T2"].conds["offline"].detail == "never_seen"  # type: ignore[index]
