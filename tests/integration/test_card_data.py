@@ -36,6 +36,15 @@ def pan(n: int, length: int = 16) -> str:
     return number
 
 
+SEPARATED = {"spaced": " ", "dashed": "-", "dotted": ".", "underscored": "_", "coloned": ":", "tabbed": "\t"}
+SCRIPTS = {"fullwidth": str.maketrans("0123456789", "０１２３４５６７８９"),
+           "arabic": str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")}
+
+
+def grouped(number: str, sep: str) -> str:
+    return sep.join(number[i : i + 4] for i in range(0, len(number), 4))
+
+
 def heartbeat(tid: str) -> dict[str, Any]:
     return {"tid": tid, "ts": NOW, "seq": 10_000, "interval_s": 0.5, "txn_count": 10_000, "uploaded_count": 10_000,
             "queue_depth": 0, "oldest_queued_ts": None, "mid": "M00000", "model": "A920", "app_version": "3.4.1",
@@ -61,8 +70,9 @@ def cases() -> list[tuple[str, str, bytes, str]]:
         n += 1
         number = pan(n, length)
         value: Any = int(number) if as_number else {
-            "plain": number, "spaced": " ".join(number[i : i + 4] for i in range(0, len(number), 4)),
-            "dashed": "-".join(number[i : i + 4] for i in range(0, len(number), 4)),
+            "plain": number, "escaped": number, "nested": {"a": [1, {"b": f"x {number}"}]},
+            **{name: grouped(number, sep) for name, sep in SEPARATED.items()},
+            **{name: number.translate(table) for name, table in SCRIPTS.items()},
             "embedded": f"card {number} ok",
         }[fmt]
         doc = json.loads(json.dumps(base))
@@ -70,8 +80,11 @@ def cases() -> list[tuple[str, str, bytes, str]]:
         for key in path[:-1]:
             target = target[key]
         target[path[-1]] = value
+        payload = json.dumps(doc, ensure_ascii=False).encode()
+        if fmt == "escaped":  # every digit as a JSON \u escape: only a decoder sees the number
+            payload = payload.replace(number.encode(), "".join(f"\\u{ord(c):04x}" for c in number).encode())
         out.append((f"{kind}:{'.'.join(map(str, path))}:{fmt if not as_number else 'number'}", topic,
-                    json.dumps(doc).encode(), number))
+                    payload, number))
 
     hb = "pos/v1/T00000/heartbeat"
     for field in ("mid", "model", "app_version", "os_version", "note"):
@@ -97,6 +110,18 @@ def cases() -> list[tuple[str, str, bytes, str]]:
     for path in feed_paths:
         add("upstream", up, feed(), path)
     add("upstream", up, feed(), ["txns", 0, "txn_id"], fmt="embedded", length=15)
+    # Forms a byte scan missed: JSON escapes, other separators, other digit scripts, deep in unknown fields.
+    add("heartbeat", hb, heartbeat("T00000"), ["note"], fmt="escaped")
+    add("heartbeat", hb, heartbeat("T00000"), ["model"], fmt="fullwidth")
+    add("heartbeat", hb, heartbeat("T00000"), ["app_version"], fmt="underscored")
+    add("heartbeat", hb, heartbeat("T00000"), ["os_version"], fmt="coloned")
+    add("heartbeat", hb, heartbeat("T00000"), ["note"], fmt="nested")
+    add("status", st, {"state": "online", "ts": NOW}, ["reason"], fmt="tabbed")
+    add("txn", tx, receipt(), ["txn_id"], fmt="dotted")
+    add("txn", tx, receipt(), ["note"], fmt="arabic")
+    add("txn", tx, receipt(), ["txn_id"], fmt="escaped")
+    add("upstream", up, feed(), ["txns", 0, "txn_id"], fmt="fullwidth")
+    add("upstream", up, feed(), ["txns", 0, "txn_id"], fmt="escaped")
     http = "HTTP /api/v1/upstream/acq-a/transactions"
     for path in feed_paths[:3]:
         add("http", http, feed(), path)
@@ -140,10 +165,11 @@ def everything_visible(port: int, tids: tuple[str, ...] = ("T00000", "T00002")) 
 
 
 def found(number: str, haystack: bytes) -> bool:
-    """The number in any of the forms it was sent in."""
-    forms = {number, " ".join(number[i : i + 4] for i in range(0, len(number), 4)),
-             "-".join(number[i : i + 4] for i in range(0, len(number), 4))}
-    return any(f.encode() in haystack for f in forms)
+    """The number in any of the forms it was sent in, raw or as JSON writes it (escaped)."""
+    forms = {number, *(grouped(number, sep) for sep in [" ", "-", *SEPARATED.values()]),
+             *(number.translate(table) for table in SCRIPTS.values())}
+    encoded = {f.encode() for f in forms} | {json.dumps(f)[1:-1].encode() for f in forms}
+    return any(f in haystack for f in encoded)
 
 
 async def test_card_numbers_rejected_counted_and_found_nowhere(tmp_path: Path, mosquitto: Process) -> None:
