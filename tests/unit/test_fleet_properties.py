@@ -136,21 +136,23 @@ def test_random_streams_keep_counts_exact_and_memory_bounded(ops: list[tuple[flo
 
 @SETTINGS
 @given(
-    beats=st.lists(st.tuples(heartbeats(tid="A1"), st.booleans(), st.integers(0, 3)), min_size=5, max_size=40),
+    beats=st.lists(st.tuples(heartbeats(tid="A1"), st.booleans(), st.integers(0, 3), st.booleans()),
+                   min_size=5, max_size=40),
     noise=st.lists(st.tuples(st.floats(0, 1), st.one_of(statuses, feeds, rejects, heartbeats().map(lambda h: ("hb", h)),
                                                           st.just(("tick",)))), max_size=40),
     backsteps=st.lists(st.floats(0, 3600), max_size=3),
 )
 def test_a_terminal_that_keeps_heartbeating_is_never_offline(
-    beats: list[tuple[Heartbeat, bool, int]], noise: list[tuple[float, Any]], backsteps: list[float]
+    beats: list[tuple[Heartbeat, bool, int, bool]], noise: list[tuple[float, Any]], backsteps: list[float]
 ) -> None:
-    """Whatever its clock says (0, decades ahead) and whatever else arrives in between (redeliveries of its own
-    older heartbeats, wills, rejects, other terminals, ticks), a terminal heard every interval is never offline."""
+    """Whatever its clock says (0, decades ahead), whether its heartbeats are accepted or rejected, and whatever
+    else arrives in between (redeliveries of its own older heartbeats, wills, rejects, other terminals, ticks), a
+    terminal heard every interval is never offline."""
     fleet = Fleet(CFG, started_at=T0, registry=REG)
     now, out = T0, []
     seq = txns = 0
     sent: list[Heartbeat] = []
-    for n, (hb, reboot, more) in enumerate(beats):
+    for n, (hb, reboot, more, rejected) in enumerate(beats):
         interval = 30.0
         seq = 0 if reboot else seq + 1 + more % 2  # a reboot, or the next seq (sometimes one lost on the way)
         txns += more
@@ -158,14 +160,18 @@ def test_a_terminal_that_keeps_heartbeating_is_never_offline(
         if n < len(backsteps):
             now -= backsteps[n]  # the collector host's clock stepped back
         now += interval
-        fleet.on_heartbeat(mine, now, out)
-        sent.append(mine)
+        if rejected:
+            fleet.on_rejected("A1", "card_data", now, out)  # e.g. a battery float the old guard took for a PAN
+        else:
+            fleet.on_heartbeat(mine, now, out)
+            sent.append(mine)
         for frac, op in noise[n::len(beats)]:
             at = now + frac * interval
             if op[0] == "tick":
                 out.extend(fleet.tick(at))
             elif op[0] == "hb" and op[1].tid == "A1":
-                fleet.on_heartbeat(sent[int(frac * (len(sent) - 1))], at, out)  # a redelivery of its own
+                if sent:
+                    fleet.on_heartbeat(sent[int(frac * (len(sent) - 1))], at, out)  # a redelivery of its own
             elif op[0] == "status" and op[1].tid == "A1" and op[1].reason == "shutdown":
                 continue  # a clean shutdown message from a terminal that keeps running is not this property
             else:
