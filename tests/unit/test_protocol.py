@@ -15,8 +15,10 @@ from collector.protocol import (
     Status,
     TxnReceipt,
     UpstreamBatch,
+    _may_hold_card,  # the hot path's prefilter
     decode,
     find_card_number,
+    has_card_number,
     is_card_number,
     json_schemas,
     luhn_ok,
@@ -245,13 +247,15 @@ def test_plausible_ms_timestamp_and_snowflake_pass_luhn_but_have_no_brand() -> N
 
 
 def test_every_brand_row_is_reachable() -> None:
-    """Each row of the table accepts a Luhn-valid number of each of its lengths, and rejects others."""
-    for brand, lo, _hi, lengths in CARD_BRANDS:
-        for n in range(13, 20):
-            number = luhn_complete(lo + "0" * (n - len(lo) - 1))
-            assert is_card_number(number) is (n in lengths) or any(
-                n in other[3] and other[1] <= number[: len(other[1])] <= other[2] for other in CARD_BRANDS
-            ), (brand, lo, n)
+    """The lowest and highest prefix of each row, at each length 13–19, against the table read row by row."""
+    for brand, lo, hi, lengths in CARD_BRANDS:
+        for prefix in (lo, hi):
+            for n in range(13, 20):
+                number = luhn_complete(prefix + "0" * (n - len(prefix) - 1))
+                expected = any(n in ls and a <= number[: len(a)] <= b for _x, a, b, ls in CARD_BRANDS)
+                assert expected or n not in lengths, (brand, prefix, n)
+                assert is_card_number(number) is expected, (brand, prefix, n)
+                assert not is_card_number(number[:-1] + str((int(number[-1]) + 1) % 10))  # Luhn still applies
 
 
 # ---- acquirer feeds: one bad transaction drops only itself -------------------------------------------------
@@ -379,3 +383,31 @@ def test_broken_terminal_clocks_decode(over: dict[str, Any]) -> None:
 def test_status_with_a_reset_clock_decodes() -> None:
     st = decode("pos/v1/T1/status", b'{"state": "online", "ts": 0}')
     assert isinstance(st, Status) and st.ts == 0
+
+
+# ---- cost: ordinary payloads skip the search; hostile ones are searched in linear time ------------------------
+
+
+@pytest.mark.parametrize(
+    ("over", "fast"),
+    [
+        ({}, True),
+        ({"power": {"source": "battery", "battery_pct": 8.285714285714285}}, True),
+        ({"ts": 1764510000.123456, "oldest_queued_ts": 1764509990.654321, "queue_depth": 1}, True),
+        ({"extra": [1.25, -0.333333333333333, 1e-7]}, True),
+        ({"extra": 1764510000123}, False),  # a 13-digit integer is searched (and is no card number)
+        ({"extra": "1764510000123"}, False),
+        ({"model": "Møve/5000"}, False),  # non-ASCII: only the decoded string tells
+    ],
+)
+def test_the_raw_prefilter_keeps_ordinary_heartbeats_on_the_fast_path(over: dict[str, Any], fast: bool) -> None:
+    payload = hb(**over)
+    assert (not _may_hold_card(payload)) is fast
+    assert isinstance(decode("pos/v1/T1/heartbeat", payload), Heartbeat)
+
+
+def test_a_card_number_after_thousands_of_digit_chunks_is_found() -> None:
+    noise = "5 " * 1800  # thousands of candidate spans, none of them a card number
+    assert not has_card_number(noise)
+    assert has_card_number(noise + groups(CARD, " ", 1))
+    assert has_card_number(groups(CARD, "-", 2) + " " + noise)
