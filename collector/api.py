@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .auth import OPEN, Principal, load_metrics_token, token_matches
 from .detect import CONDITIONS, probable_cause
 from .metrics import render_problem_series
-from .protocol import DecodeError, decode_upstream
+from .protocol import DecodeError, check_id, decode_upstream
 from .state import Terminal
 
 if TYPE_CHECKING:
@@ -206,10 +206,17 @@ async def post_upstream(request: web.Request) -> web.Response:
     """The acquirer feed over HTTP: same body as the MQTT topic."""
     principal = principal_of(request)
     acquirer = request.match_info["acquirer_id"]
+    if not principal.writes_upstream:
+        raise json_error(web.HTTPForbidden, "token lacks write:upstream")
     if not principal.can_write_upstream(acquirer):
-        scope = f"write:upstream:{acquirer}" if principal.writes_upstream else "write:upstream"
-        raise json_error(web.HTTPForbidden, f"token lacks {scope}")
+        # The name from the URL is not echoed: it is the sender's text and could be anything, a PAN included.
+        raise json_error(web.HTTPForbidden, "token lacks write:upstream:<acquirer> for this acquirer")
     collector = request.app[COLLECTOR]
+    try:
+        check_id(acquirer, "acquirer")  # a card number in the URL is rejected and counted as card_data
+    except DecodeError as err:
+        collector.count_reject("upstream", err)
+        raise json_error(web.HTTPBadRequest, "rejected", reason=err.reason, detail=err.detail) from None
     # Known acquirers only (the registry's when one is loaded): a feed for a name nobody configured is a typo or
     # a probe, and each new name would add a feed entry and series for ever.
     if not collector.fleet.feed_allowed(acquirer):

@@ -163,10 +163,14 @@ async def test_upstream_scopes_per_acquirer_and_any_case_bearer(
         assert (await post_as(WRITE_A, "acq-a"))[0] == 202
         assert (await post_as(WRITE_A, "acq-a", scheme="bearer"))[0] == 202
         status, err = await post_as(WRITE_A, "acq-b")
-        assert (status, err) == (403, {"error": "token lacks write:upstream:acq-b"})
+        assert (status, err) == (403, {"error": "token lacks write:upstream:<acquirer> for this acquirer"})
         assert (await post_as(WRITE_A, "acq-zzz"))[0] == 403  # a scoped token learns nothing of other names
         assert (await post_as(WRITE_ALL, "acq-b"))[0] == 202
         assert await post_as(WRITE_ALL, "acq-zzz") == (404, {"error": "unknown acquirer"})
+        # A card number in the URL is rejected as card data (and counted) before anything else looks at it.
+        status, err = await post_as(WRITE_ALL, "4111111111111111")
+        assert (status, err["reason"]) == (400, "card_data") and "4111111111111111" not in json.dumps(err)
+        assert "4111111111111111" not in json.dumps(await post_as(WRITE_A, "4111111111111111"))
         status, err = await post_as(READ_ALL, "acq-a")
         assert (status, err) == (403, {"error": "token lacks write:upstream"})
         for scheme in ("bearer", "BEARER", "Bearer"):
