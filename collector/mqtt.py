@@ -61,7 +61,6 @@ class FailureLog:
         self.logger.warning(msg + (f" (+{n} more failures not logged)" if n else ""), *args)
         return True
 
-
     def succeeded(self) -> int:
         """A connection worked: the next failure logs at once. Returns the failures before it."""
         with self._lock:
