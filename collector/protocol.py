@@ -454,14 +454,13 @@ def _decode_txns(raws: list[msgspec.Raw], holds_card: list[bool]) -> tuple[list[
     kept: list[UpstreamTxn] = []
     dropped: list[str] = []
     for raw, card in zip(raws, holds_card, strict=True):
+        if card:
+            dropped.append("card_data")
+            continue
         try:
-            if card:
-                raise DecodeError("card_data")
             kept.append(_TXN_DECODER.decode(raw))
         except (msgspec.ValidationError, msgspec.DecodeError) as err:
             dropped.append(_classify(err).reason)
-        except DecodeError as err:
-            dropped.append(err.reason)
     return kept, tuple(dropped)
 
 
@@ -477,7 +476,7 @@ def _decode_upstream_body(payload: bytes) -> tuple[float, list[UpstreamTxn], tup
     try:
         envelope = _ENVELOPE_DECODER.decode(payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as err:
-        if suspect and find_card_number(payload):  # e.g. a PAN where `ts` or `txns` should be, or broken JSON
+        if find_card_number(payload):  # e.g. a PAN where `ts` or `txns` should be, or in broken JSON
             raise DecodeError("card_data") from None
         raise _classify(err) from None
     holds_card = [False] * len(envelope.txns)
