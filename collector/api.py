@@ -220,6 +220,7 @@ async def post_upstream(request: web.Request) -> web.Response:
     # Known acquirers only (the registry's when one is loaded): a feed for a name nobody configured is a typo or
     # a probe, and each new name would add a feed entry and series for ever.
     if not collector.fleet.feed_allowed(acquirer):
+        collector.fleet.refused["feeds"] += 1  # counted like the same refusal of an MQTT feed
         raise json_error(web.HTTPNotFound, "unknown acquirer")
     body = await request.read()
     try:

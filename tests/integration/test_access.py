@@ -154,7 +154,8 @@ async def test_upstream_scopes_per_acquirer_and_any_case_bearer(
                  state=StateConfig(snapshot_path=None))
     body = json.dumps({"ts": 1_800_000_000, "txns": [{"tid": A_TID, "txn_id": "x1", "ts": 1_800_000_000}]})
 
-    async with TestClient(TestServer(build_app(Collector(cfg)))) as client:
+    collector = Collector(cfg)
+    async with TestClient(TestServer(build_app(collector))) as client:
         async def post_as(token: str, acquirer: str, scheme: str = "Bearer") -> tuple[int, dict[str, object]]:
             resp = await client.post(f"/api/v1/upstream/{acquirer}/transactions", data=body,
                                      headers={"Authorization": f"{scheme} {token}"})
@@ -166,7 +167,9 @@ async def test_upstream_scopes_per_acquirer_and_any_case_bearer(
         assert (status, err) == (403, {"error": "token lacks write:upstream:<acquirer> for this acquirer"})
         assert (await post_as(WRITE_A, "acq-zzz"))[0] == 403  # a scoped token learns nothing of other names
         assert (await post_as(WRITE_ALL, "acq-b"))[0] == 202
+        refused = collector.fleet.refused["feeds"]
         assert await post_as(WRITE_ALL, "acq-zzz") == (404, {"error": "unknown acquirer"})
+        assert collector.fleet.refused["feeds"] == refused + 1  # every drop is counted
         # A card number in the URL is rejected as card data (and counted) before anything else looks at it.
         status, err = await post_as(WRITE_ALL, "4111111111111111")
         assert (status, err["reason"]) == (400, "card_data") and "4111111111111111" not in json.dumps(err)
