@@ -101,6 +101,9 @@ def test_valid_heartbeat_with_optional_fields_and_unknown_ones() -> None:
          "card_data"),  # card data in the envelope rejects the whole body
         ("acquirer/v1/A1/transactions", json.dumps({"ts": CARD, "txns": []}).encode(), "card_data"),
         ("acquirer/v1/A1/transactions", b'{"ts": 1764510000, "txns": [1, 2', "bad_json"),
+        # Broken JSON whose quotes are off by one: its text is still searched.
+        ("acquirer/v1/A1/transactions", b'{"ts": 1764510000, "a": "x, "b": "4111 1111 1111 1111"', "card_data"),
+        ("pos/v1/T1/heartbeat", b'{"tid": "T1", "a": "x, "b": "4111 1111 1111 1111"', "card_data"),
         ("acquirer/v1/A1/transactions", b'{"ts": 1764510000, "txns": {}}', "bad_type"),
         ("acquirer/v1/A1/transactions", b'{"ts": 1764510000000, "txns": []}', "out_of_range"),
         ("acquirer/v1/A1/transactions", b'{"ts": 1764510000, "txns": [' + b"1," * 10_000 + b'1]}', "out_of_range"),
