@@ -18,6 +18,7 @@ import selectors
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -27,7 +28,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.services import ROOT, Process, free_port, http_json, start_mosquitto, wait_until
@@ -40,6 +43,8 @@ __all__ = [
     "fill_disk",
     "lost_and_extra",
     "metric_sample",
+    "metric_sum",
+    "publish_all",
     "restart_mosquitto",
     "rss_bytes",
     "series_count",
@@ -346,9 +351,13 @@ def _apply_deploy_persistence(broker: Process) -> None:
     wait_until(lambda: b"Reloading config" in broker.log.read_bytes()[offset:], 10, "mosquitto to reload its config")
 
 
-def start_deploy_mosquitto(workdir: Path, port: int | None = None) -> Process:
-    """tests.services.start_mosquitto, then switched to deploy/'s persistence (autosave_interval 60)."""
-    broker = start_mosquitto(workdir, port)
+def start_deploy_mosquitto() -> Process:
+    """tests.services.start_mosquitto, switched to deploy/'s persistence (autosave_interval 60), in a directory
+    the broker can write: run as root, Mosquitto drops to its own user, which cannot enter pytest's 0700 temp
+    dirs, so its database would never be saved. Remove `broker.workdir` when done."""
+    workdir = Path(tempfile.mkdtemp(prefix="posfleet-broker-"))
+    workdir.chmod(0o777)
+    broker = start_mosquitto(workdir)
     _apply_deploy_persistence(broker)
     return broker
 
@@ -356,7 +365,9 @@ def start_deploy_mosquitto(workdir: Path, port: int | None = None) -> Process:
 def restart_mosquitto(broker: Process, sig: int) -> Process:
     """Stop the broker with `sig` (SIGTERM saves its database, SIGKILL does not) and start it again, same port."""
     broker.stop(sig)
-    return start_deploy_mosquitto(broker.workdir, broker.port)
+    again = start_mosquitto(broker.workdir, broker.port)
+    _apply_deploy_persistence(again)
+    return again
 
 
 # -- reading the collector -------------------------------------------------------------------------------------
@@ -430,3 +441,54 @@ class ConditionWatch:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+def metric_sum(port: int, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (e.g. every result of one kind)."""
+    total = 0.0
+    for family in text_string_to_metric_families(_metrics_text(port)):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+# -- floods -----------------------------------------------------------------------------------------------------
+
+
+def publish_all(broker_port: int, messages: Iterable[tuple[str, bytes]], qos: int = 1,
+                pace_per_s: float | None = None) -> int:
+    """Publish (topic, payload) pairs from one client, each PUBACKed by the broker before this returns (QoS 1),
+    optionally paced to `pace_per_s`; returns how many were published."""
+    window = 10_000  # paho's message ids are 16 bits: never have more than this outstanding
+    room = threading.Semaphore(window)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"flood-{os.getpid()}-{time.monotonic_ns()}",
+                         protocol=paho.MQTTv311)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.on_publish = lambda *_args: room.release()
+    client.connect("127.0.0.1", broker_port, keepalive=30)
+    client.loop_start()
+    n = 0
+    started = time.monotonic()
+    try:
+        for topic, payload in messages:
+            if not room.acquire(timeout=60):
+                raise TimeoutError("the broker stopped acknowledging the flood")
+            info = client.publish(topic, payload, qos=qos)
+            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+                raise RuntimeError(f"publish refused by paho: {paho.error_string(info.rc)}")
+            if qos == 0:
+                room.release()
+            n += 1
+            if pace_per_s and n % 50 == 0:
+                ahead = n / pace_per_s - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+        for _ in range(window):
+            if not room.acquire(timeout=60):
+                raise TimeoutError("the broker stopped acknowledging the flood")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return n
