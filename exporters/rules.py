@@ -427,6 +427,25 @@ TERMINAL_ALERTS: Final = (
         "fail intermittently.",
         "An unstable power supply or failing battery, or an intermittent network link.",
     ),
+    TerminalAlert(
+        "PosTerminalMessagesRejected",
+        "messages_rejected",
+        # Never critical: the terminal is alive and the collector itself refused what it sent. Paging would be
+        # the collector paging for its own rejection; the fix is a firmware ticket, not a call at night.
+        "warning",
+        "POS terminal is alive but the collector rejects its messages.",
+        "keeps sending messages, but the collector rejects them{{ with $detail }} ({{ . }}){{ end }}, so no "
+        "accepted heartbeat arrived for its offline period. It is not offline, but its health (upload queue, "
+        "hardware, software) cannot be judged.",
+        "The terminal's firmware or configuration sends messages that protocol v1 does not allow (a new firmware "
+        "version, a changed field type or unit).",
+        (
+            ("card_data", "Its messages appear to contain a card number: a firmware or configuration fault and a "
+             "PCI matter. The rejected content was not stored or logged."),
+            ("counter_backwards", "Its transaction counters went backwards: the device was reset or replaced "
+             "under the same terminal id."),
+        ),
+    ),
 )
 
 _OTHER_ALERTS: Final = (
