@@ -160,10 +160,10 @@ _RAW_INTEGER: Final = re.compile(rb"(?<![.0-9])[0-9]{13}")
 _INT_LOW: Final = 10 ** (PAN_MIN_DIGITS - 1)
 _INT_HIGH: Final = 10**PAN_MAX_DIGITS
 _DOUBLED: Final = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # Luhn: 2·d with its digits summed
-# Lengths a card number starting with each digit can have (ascending): most starts are ruled out at once.
-_LENGTHS_BY_FIRST_DIGIT: Final[dict[str, tuple[int, ...]]] = {
-    d: tuple(sorted({n for _b, lo, hi, lengths in CARD_BRANDS if lo[0] <= d <= hi[0] for n in lengths}))
-    for d in "0123456789"
+# The same, keyed the other way: the lengths a card number beginning with these 4 digits can have.
+_LENGTHS_BY_HEAD: Final[dict[str, tuple[int, ...]]] = {
+    head: tuple(n for n in range(13, 20) if head in _PREFIX4_BY_LENGTH[n])
+    for head in set().union(*_PREFIX4_BY_LENGTH.values())
 }
 
 
@@ -208,12 +208,11 @@ def _group_has_card(chunks: list[str]) -> bool:
     boundary[pos] = 1
     sums: tuple[list[int], list[int]] | None = None
     for a in starts:
-        head = digits[a : a + 4]
-        for n in _LENGTHS_BY_FIRST_DIGIT[digits[a]]:
+        for n in _LENGTHS_BY_HEAD.get(digits[a : a + 4], ()):  # most starts are ruled out by one lookup
             b = a + n
             if b > len(digits):
                 break
-            if not boundary[b] or head not in _PREFIX4_BY_LENGTH[n]:
+            if not boundary[b]:
                 continue
             if sums is None:
                 sums = _luhn_sums(digits)
@@ -228,7 +227,12 @@ def has_card_number(text: str) -> bool:
     """True when a decoded string holds a card number, in any digits and with any short separators."""
     # Every contiguous span of whole chunks totalling 13–19 digits: a PAN written "exp 12 25 4111 1111 …" or
     # glued to a date is still found, and a chunk is never cut (20 unbroken digits are not a PAN).
-    return any(_group_has_card([_ascii(c) for c in _CHUNK_RE.findall(g.group())]) for g in _GROUP_RE.finditer(text))
+    for match in _GROUP_RE.finditer(text):
+        group = match.group()
+        chunks = _CHUNK_RE.findall(group)
+        if _group_has_card(chunks if group.isascii() else [_ascii(c) for c in chunks]):
+            return True
+    return False
 
 
 def card_data_in(value: object) -> bool:
