@@ -2,7 +2,7 @@
 ordinary ids are never taken for one, and a feed loses exactly its bad transactions.
 
 `python -m tests.unit.test_protocol_properties` prints the guard's measured false-positive rate for random
-numeric ids (the figure in docs/protocol.md).
+numeric ids, and `... cost` the µs per decode (the figures in docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import json
 import random
 import string
 import sys
+import timeit
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -283,7 +285,35 @@ def test_false_positive_rate_is_bounded_by_the_brand_table() -> None:
     assert 0.0 < false_positive_rate(16, 20_000, seed=1) < 0.06
 
 
+def decode_cost_us() -> dict[str, float]:
+    """Best-of-5 µs per decode of a typical heartbeat, one with long floats, and hostile worst cases."""
+    typical = {**BASE, "ts": 1764510000.5, "mid": "M00010", "model": "A920", "app_version": "3.4.1",
+               "uptime_s": 3541, "net": {"type": "wifi", "rssi_dbm": -61}, "power": {"source": "mains",
+               "battery_pct": 100}, "hw": {"printer": "ok", "display": "ok", "card_reader": "ok"}}
+    cases = {
+        "typical heartbeat": ("pos/v1/T1/heartbeat", typical, 20_000),
+        "heartbeat, battery_pct 8.285714285714285": (
+            "pos/v1/T1/heartbeat", {**typical, "power": {"source": "battery", "battery_pct": 8.285714285714285}},
+            20_000),
+        "heartbeat, ts with microseconds": ("pos/v1/T1/heartbeat", {**typical, "ts": 1764510000.123456}, 20_000),
+        "4 KiB heartbeat of one-digit chunks (worst case)": (
+            "pos/v1/T1/heartbeat", {**typical, "note": "5 " * 1800}, 20),
+        "1000-txn feed, 13-digit numeric txn ids": ("acquirer/v1/A1/transactions", {"ts": 1764510000, "txns": [
+            {"tid": "T1", "txn_id": str(1764510000000 + 7 * i), "ts": 1764510000} for i in range(1000)]}, 20),
+    }
+    out = {}
+    for name, (topic, doc, number) in cases.items():
+        payload = json.dumps(doc).encode()
+        timer = timeit.Timer(partial(decode, topic, payload))
+        out[name] = min(timer.repeat(number=number, repeat=5)) / number * 1e6
+    return out
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["cost"]:
+        for name, us in decode_cost_us().items():
+            print(f"{name}: {us:,.1f} µs per decode")
+        raise SystemExit(0)
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     print(f"false-positive rate over {n:,} random numeric ids per length (Luhn alone: ~10%)")
     print("| digits | uniform first digit 1–9 | first digit 1 (timestamps, snowflakes) |")
