@@ -23,7 +23,7 @@ WORKDIR /var/lib/posfleet
 VOLUME ["/var/lib/posfleet"]
 EXPOSE 9108
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/metrics', timeout=2)"]
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/healthz', timeout=2)"]
 # SIGTERM lets the collector flush its buffers (docker stop waits stop_grace_period, see docker-compose.yml).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["posfleet"]

@@ -228,8 +228,17 @@ async def post_upstream(request: web.Request) -> web.Response:
     except DecodeError as err:
         collector.count_reject("upstream", err)
         raise json_error(web.HTTPBadRequest, "rejected", reason=err.reason, detail=err.detail) from None
-    matched = collector.apply_upstream(batch, time.time())
-    return json_response({"accepted": len(batch.txns), "matched_terminals": matched}, status=202)
+    result = collector.apply_upstream(batch, time.time())
+    return json_response(
+        {
+            "accepted": len(batch.txns),
+            "dropped": len(batch.dropped),  # transactions left out (card data, bad fields), counted by reason
+            "matched_terminals": result.matched,
+            "foreign_terminals": result.foreign,  # another acquirer's terminals: ignored
+            "unknown_terminals": result.unknown,
+        },
+        status=202,
+    )
 
 
 def build_app(collector: Collector) -> web.Application:

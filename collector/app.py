@@ -31,7 +31,7 @@ from .mqtt import Inbound, MqttIngest
 from .protocol import DecodeError, Heartbeat, Status, TxnReceipt, UpstreamBatch, decode
 from .registry import Registry, RegistryError, load_registry
 from .snapshot import Restored, SnapshotError, Source, corrupt_files, load_snapshot, save_snapshot
-from .state import Fleet, HeartbeatResult, Transition
+from .state import Fleet, HeartbeatResult, Transition, UpstreamResult
 from .supervise import DEFAULT_POLICY, RestartPolicy, Supervisor
 from .support import install as install_support
 
@@ -211,15 +211,31 @@ class Collector:
         self.metrics.rejected.labels(err.reason).inc()
         self._reject_log.warning(err.reason, "rejected %s message: %s", kind, err)
 
-    def apply_upstream(self, batch: UpstreamBatch, rx: float) -> int:
-        """Apply an acquirer batch (from MQTT or HTTP)."""
+    def apply_upstream(self, batch: UpstreamBatch, rx: float) -> UpstreamResult:
+        """Apply an acquirer batch (from MQTT or HTTP) to that acquirer's own terminals."""
+        m = self.metrics
+        for reason in batch.dropped:  # transactions the decoder left out; the rest of the batch is applied
+            m.rejected.labels(reason).inc()
+        if batch.dropped:
+            self._reject_log.warning(
+                "upstream_txn", "dropped %d of %d transactions in a batch of acquirer %s (%s)",
+                len(batch.dropped), len(batch.txns) + len(batch.dropped), batch.acquirer,
+                ", ".join(sorted(set(batch.dropped))),
+            )
         out: list[Transition] = []
-        matched = self.fleet.on_upstream(batch, rx, out)
-        self.metrics.messages.labels("upstream", "accepted").inc()
+        result = self.fleet.on_feed(batch, rx, out)
+        if result.refused:
+            self.count_reject("upstream", DecodeError("unknown_acquirer", batch.acquirer, acquirer=batch.acquirer))
+            return result
+        m.messages.labels("upstream", "accepted").inc()
+        records = m.feed_records
+        records.labels("matched").inc(result.matched)
+        records.labels("foreign").inc(result.foreign)
+        records.labels("unknown").inc(result.unknown)
         for hook in self.message_hooks:
             hook(batch, rx, None)
         self._emit(out)
-        return matched
+        return result
 
     def _emit(self, out: list[Transition]) -> None:
         if not out:
@@ -240,6 +256,10 @@ class Collector:
             msg = decode(item.topic, item.payload, cfg.topic_prefix, cfg.upstream_prefix)
         except DecodeError as err:
             self.count_reject(_kind_of_topic(item.topic), err)
+            if err.tid is not None:  # the terminal is talking, but not in a way we can use: say so, not offline
+                rejected: list[Transition] = []
+                self.fleet.on_rejected(err.tid, err.reason, item.rx, rejected)
+                self._emit(rejected)
             return
         out: list[Transition] = []
         if isinstance(msg, Heartbeat):

@@ -21,7 +21,9 @@ __all__ = ["FleetCollector", "SelfMetrics"]
 
 KINDS = ("heartbeat", "status", "upstream", "txn", "other")
 RESULTS = ("accepted", "rejected", "duplicate", "stale")
-EXTRA_REASONS = ("unknown_terminal_overflow", "internal_error")
+# Reasons the collector adds beyond the decoder's: a full unknown-terminal bound, a bug, a feed nobody configured.
+EXTRA_REASONS = ("unknown_terminal_overflow", "internal_error", "unknown_acquirer")
+FEED_RECORD_RESULTS = ("matched", "foreign", "unknown")
 SNAPSHOT_SOURCES = ("current", "previous", "empty")
 TASKS = ("consume", "tick", "snapshot", "registry")  # the supervised background tasks (collector/app.py)
 PROBLEM_LABELS = ["terminal_id", "merchant_id", "acquirer", "site", "model", "condition", "severity", "detail"]
@@ -65,6 +67,14 @@ class SelfMetrics:
         self.registry_reloads = Counter(
             "posfleet_registry_reloads", "Registry reloads by result", ["result"], registry=registry
         )
+        self.feed_records = Counter(
+            "posfleet_feed_records",
+            "Acquirer feed records by result: matched (the acquirer's own terminal), foreign (another acquirer's or an "
+            "unregistered terminal: ignored), unknown (a terminal id nobody knows: ignored)",
+            ["result"], registry=registry,
+        )
+        for result in FEED_RECORD_RESULTS:
+            self.feed_records.labels(result)
         self.snapshot_restore = Gauge(
             "posfleet_snapshot_restore",
             "1 for the snapshot generation the state was restored from at start: current, previous or empty",

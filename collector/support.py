@@ -73,8 +73,7 @@ def install(collector: Collector, limits: LedgerLimits | None = None) -> Ledger:
             if terminal is not None:  # receipts from ids outside the fleet would be unbounded
                 ledger.add_receipt(msg.tid, msg.txn_id, msg.ts, msg.amount_minor, msg.currency, msg.status, rx)
         elif isinstance(msg, UpstreamBatch):
-            for txn in msg.txns:
-                ledger.add_recorded(txn.tid, txn.txn_id, txn.ts, rx)
+            ledger.add_batch(msg, rx, fleet.owns)  # only the acquirer's own terminals: no foreign marks or evictions
 
     def on_transitions(out: list[Transition]) -> None:
         ledger.add_transitions(out)
