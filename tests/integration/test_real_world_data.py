@@ -224,8 +224,8 @@ def test_feed_of_another_acquirer_does_not_clear_upstream_missing(tmp_path: Path
     with stack(tmp_path, mosquitto) as (port, pub):
         def feed(acquirer: str, tids: list[str]) -> None:
             now = time.time()
-            pub.send(f"acquirer/v1/{acquirer}/transactions",
-                     {"ts": now, "txns": [{"tid": tid, "txn_id": f"{acquirer}-{tid}-{now}", "ts": now} for tid in tids]})
+            txns = [{"tid": tid, "txn_id": f"{acquirer}-{tid}-{now}", "ts": now} for tid in tids]
+            pub.send(f"acquirer/v1/{acquirer}/transactions", {"ts": now, "txns": txns})
 
         pub.every_interval(lambda: feed("acq-a", []))  # acq-a's feed is alive but records nothing of T-UPL
         pub.every_interval(lambda: feed("acq-b", []))
