@@ -65,7 +65,7 @@ MAX_REJECT_REASONS: Final = 32
 MAX_FLOATS: Final = 100_000
 # A redelivered heartbeat may reach us this long after the newest one was sent (broker and network transit).
 TRANSIT_SLACK_S: Final = 5.0
-# Names of the bounds counted in Fleet.refused (label values of posfleet_state_refused_total).
+# Names of the bounds counted in Fleet.refused (label values of posfleet_bound_refused_total).
 BOUNDS: Final = ("unregistered", "feeds", "versions", "reject_reasons", "floats")
 
 _FLOATS: dict[float, float] = {}
