@@ -6,6 +6,7 @@ then the consumer (the collector, or mosquitto_sub) connects and the time to dra
 This isolates the consumer from the publishers' CPU on a 2-core machine.
 
     .venv/bin/python bench/bench_ingest.py --terminals 100000 --rounds 3
+    .venv/bin/python bench/bench_ingest.py --max-inflight 20 --no-floor   # Mosquitto's default window
 """
 
 from __future__ import annotations
@@ -27,15 +28,35 @@ sys.path.insert(0, str(ROOT))
 
 from collector.simulator import make_fleet  # noqa: E402
 from tests.services import (  # noqa: E402
+    Process,
     free_port,
     http_get,
+    port_open,
+    require_binary,
     start_collector,
-    start_mosquitto,
     wait_until,
     write_collector_config,
 )
 
 T0 = time.time()
+
+
+def start_mosquitto(workdir: Path, max_inflight: int) -> Process:
+    """A real Mosquitto with persistence and the given in-flight window per client (0: unlimited)."""
+    binary = require_binary("mosquitto", "/usr/sbin/mosquitto")
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {workdir}/\n"
+        f"autosave_interval 60\nmax_inflight_messages {max_inflight}\nmax_queued_messages 0\n"
+        "log_dest stderr\n"
+    )
+    log = workdir / "mosquitto.log"
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    broker = Process(proc, port, workdir, log)
+    wait_until(lambda: port_open(port), 10, "mosquitto to listen")
+    return broker
 
 
 def publish_worker(port: int, tids: list[str], rounds: int, fault_every: int) -> None:
@@ -108,9 +129,9 @@ def metric(port: int, name: str) -> float:
     return total
 
 
-def bench_floor(workdir: Path, n_terms: int, rounds: int) -> float:
+def bench_floor(workdir: Path, n_terms: int, rounds: int, max_inflight: int) -> float:
     """mosquitto_sub draining the same backlog: messages/s."""
-    broker = start_mosquitto(workdir / "floor-broker")
+    broker = start_mosquitto(workdir / "floor-broker", max_inflight)
     try:
         # A persistent QoS 1 session (fixed id, -c): register it, leave so the broker queues for it, come back.
         sub = ["mosquitto_sub", "-p", str(broker.port), "-i", "bench-floor-sub", "-c", "-q", "1",
@@ -126,9 +147,11 @@ def bench_floor(workdir: Path, n_terms: int, rounds: int) -> float:
         broker.stop()
 
 
-def bench_collector(workdir: Path, n_terms: int, rounds: int, fault_every: int) -> dict[str, float]:
+def bench_collector(
+    workdir: Path, n_terms: int, rounds: int, fault_every: int, max_inflight: int
+) -> dict[str, float]:
     """The collector draining the backlog, plus memory and /metrics timings."""
-    broker = start_mosquitto(workdir / "broker")
+    broker = start_mosquitto(workdir / "broker", max_inflight)
     specs = make_fleet(n_terms)
     with open(workdir / "terminals.csv", "w") as fh:
         fh.write("terminal_id,merchant_id,acquirer,model,site,region\n")
@@ -181,7 +204,7 @@ def bench_collector(workdir: Path, n_terms: int, rounds: int, fault_every: int) 
 
 def rss_empty(workdir: Path) -> int:
     """RSS of a collector with no terminals, to subtract."""
-    broker = start_mosquitto(workdir / "broker-empty")
+    broker = start_mosquitto(workdir / "broker-empty", 1000)
     try:
         (workdir / "empty").mkdir(exist_ok=True)
         (workdir / "empty" / "terminals.csv").write_text("terminal_id,merchant_id,acquirer,model,site,region\n")
@@ -200,18 +223,26 @@ def main() -> None:
     ap.add_argument("--terminals", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3, help="heartbeats per terminal in the backlog")
     ap.add_argument("--fault-every", type=int, default=25, help="every Nth terminal reports paper_out (problems)")
+    ap.add_argument("--max-inflight", type=int, default=1000,
+                    help="the broker's max_inflight_messages (Mosquitto's default 20, EMQX's 32; 0 unlimited)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the mosquitto_sub floor")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="posfleet-bench-") as tmp:
         workdir = Path(tmp)
-        floor = bench_floor(workdir, args.terminals, args.rounds)
+        floor = 0.0 if args.no_floor else bench_floor(workdir, args.terminals, args.rounds, args.max_inflight)
         base = rss_empty(workdir)
-        res = bench_collector(workdir, args.terminals, args.rounds, args.fault_every)
+        res = bench_collector(workdir, args.terminals, args.rounds, args.fault_every, args.max_inflight)
     per_terminal = (res["rss_kib_after_load"] - base) * 1024 / args.terminals
     print(f"terminals                 {args.terminals}")
     print(f"heartbeats in backlog     {int(res['heartbeats'])}")
-    print(f"mosquitto_sub floor       {floor:,.0f} msg/s")
+    print(f"broker in-flight window   {args.max_inflight or 'unlimited'}")
+    print(f"load average (1/5/15 min) {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     rate = res["heartbeats_per_s"]
-    print(f"collector end to end      {rate:,.0f} heartbeats/s  ({rate / floor:.2f} x floor)")
+    if floor:
+        print(f"mosquitto_sub floor       {floor:,.0f} msg/s")
+        print(f"collector end to end      {rate:,.0f} heartbeats/s  ({rate / floor:.2f} x floor)")
+    else:
+        print(f"collector end to end      {rate:,.0f} heartbeats/s")
     print(f"RSS empty / loaded        {base / 1024:.1f} MiB / {res['rss_kib_after_load'] / 1024:.1f} MiB")
     print(f"RSS per terminal          {per_terminal:,.0f} bytes")
     registry_only = (res["rss_kib_registry_only"] - base) * 1024 / args.terminals

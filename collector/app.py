@@ -27,7 +27,7 @@ from .auth import Tokens, load_tokens
 from .clockjump import ClockWatch, rebase_after_jump
 from .config import Config
 from .metrics import FleetCollector, SelfMetrics
-from .mqtt import Inbound, MqttIngest
+from .mqtt import Inbound, MqttIngest, ack_step
 from .protocol import DecodeError, Heartbeat, Status, TxnReceipt, UpstreamBatch, decode
 from .registry import Registry, RegistryError, load_registry
 from .snapshot import Restored, SnapshotError, Source, corrupt_files, load_snapshot, save_snapshot
@@ -291,17 +291,23 @@ class Collector:
 
     async def _consume(self) -> None:
         assert self.ingest is not None
-        ingest = self.ingest
+        ingest, process = self.ingest, self.process
         while True:
             batch = await ingest.batches()
-            for item in batch:
+            step = ack_step(len(batch))
+            acked = 0
+            for n, item in enumerate(batch, 1):
                 try:
-                    self.process(item)
+                    process(item)
                 except Exception:  # a bug must not make the collector deaf; it is logged with its traceback
                     log.exception("internal error processing a message on %s", item.topic)
                     self.metrics.rejected.labels("internal_error").inc()
-            # Acknowledged only now that the batch is applied: a crash before this line means redelivery.
-            ingest.ack(batch)
+                if n - acked >= step:
+                    # Acknowledged only once applied (a crash before this means redelivery), but without waiting
+                    # for the rest of the batch: the broker refills its in-flight window meanwhile.
+                    ingest.ack(batch[acked:n])
+                    acked = n
+            ingest.ack(batch[acked:])
             if batch:
                 self.metrics.mqtt_last_message.set(batch[-1].rx)
             self.supervisor.progress("consume")

@@ -1,15 +1,23 @@
-"""A paho client that reads the socket in 64 KiB chunks instead of 3-4 small recv() calls per packet.
+"""A paho client that reads the socket in 64 KiB chunks and writes acknowledgements from the caller's thread.
 
-paho 2.x reads each packet as recv(1) for the command, recv(1) per remaining-length byte and recv(n) for the
-body, after one select() per packet: four system calls per heartbeat. Buffering cuts the receive path of a
-backlog drain roughly in half (bench/bench_ingest.py, docs/performance.md). Only private methods of paho are
-overridden (`_sock_recv`, and `loop_read` to keep reading while bytes are buffered); the dependency is pinned
-below the next minor version and tests/integration exercise it against a real Mosquitto.
+- paho 2.x reads each packet as recv(1) for the command, recv(1) per remaining-length byte and recv(n) for the
+  body, after one select() per packet: four system calls per heartbeat. Buffering cuts the receive path of a
+  backlog drain roughly in half (bench/bench_ingest.py, docs/performance.md).
+- paho's `ack()` queues a PUBACK and wakes its network thread through a socket pair; that thread then needs the
+  GIL, which the asyncio thread holds while it applies messages (up to the 5 ms switch interval). Behind a
+  broker window of 20 (Mosquitto's default) or 32 (EMQX's), that wait is a stall per window. `ack_many` writes
+  the PUBACKs straight to the socket instead, under a lock that paho's own writes take too, so bytes of two
+  packets never interleave.
+
+Only private parts of paho are used (`_sock_recv`, `_sock_send`, `_packet_write`, `_packet_queue`,
+`_out_packet`, `_sock`, and `loop_read` to keep reading while bytes are buffered); the dependency is pinned below
+the next minor version and tests/unit/test_pahofast.py fails loudly when they change.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -29,6 +37,9 @@ class BufferedClient(paho.Client):
         self._rbuf = b""
         self._rpos = 0
         self._rsock: object = None
+        # Taken by every write to the socket (paho's thread and ack_many): reentrant, because paho's
+        # _packet_queue writes in the caller's thread when no network thread runs.
+        self._wlock = threading.RLock()
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rsock is not self._sock:  # a new connection: bytes of the old one are meaningless
@@ -53,13 +64,27 @@ class BufferedClient(paho.Client):
             rc = super().loop_read(1)
         return rc
 
-    def ack_many(self, mids: list[int]) -> None:
-        """Acknowledge many QoS 1 messages (MQTT 3.1.1) with one queued write and one wake-up of the loop.
+    def _packet_write(self) -> MQTTErrorCode:
+        with self._wlock:
+            return super()._packet_write()
 
-        paho's `ack()` queues one PUBACK and wakes its thread per message (a system call each, and one send()
-        each); PUBACKs are independent 4-byte packets, so they can travel in one buffer.
+    def ack_many(self, mids: list[int]) -> None:
+        """Acknowledge many QoS 1 messages (MQTT 3.1.1) in one write from the calling thread.
+
+        PUBACKs are independent 4-byte packets, so they travel in one buffer. When nothing else waits to be
+        written, they are sent at once (one send(), no thread wake-up); otherwise, or for what the socket did
+        not take, they queue behind paho's pending packets exactly like paho's own `ack()`.
         """
         if not mids:
             return
         body = b"".join(_PUBACK.pack(0x40, 2, mid) for mid in mids)
-        self._packet_queue(0x40, body, 0, 0)
+        with self._wlock:
+            if not self._out_packet and self._sock is not None:
+                try:
+                    sent = self._sock_send(body)
+                except OSError:  # would block, or the connection is going down (paho's thread sees to that)
+                    sent = 0
+                if sent >= len(body):
+                    return
+                body = body[sent:]  # a partial write: the rest must go next, before any other packet
+            self._packet_queue(0x40, body, 0, 0)
