@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -9,11 +10,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .auth import OPEN, Principal, load_metrics_token, token_matches
 from .detect import CONDITIONS, probable_cause
-from .metrics import render_problem_series
+from .metrics import render_exposition
 from .protocol import DecodeError, check_id, decode_upstream
 from .state import Terminal
 
@@ -151,9 +152,10 @@ async def metrics(request: web.Request) -> web.Response:
         err.headers["WWW-Authenticate"] = 'Bearer realm="posfleet-metrics"'
         raise err
     collector = request.app[COLLECTOR]
-    body = generate_latest(collector.registry) + render_problem_series(
-        collector.fleet, collector.cfg.metrics.max_problem_series
-    ).encode()
+    # Copy on the loop (bounded by acquirers and problems), format in a worker thread: formatting thousands of
+    # series on the loop would stall ingest for the whole render.
+    view = collector.fleet_collector.view()
+    body = await asyncio.to_thread(render_exposition, collector.registry, view)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

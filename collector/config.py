@@ -78,6 +78,18 @@ class Thresholds(Struct, frozen=True, forbid_unknown_fields=True):
     flapping_window_s: Positive = 3600.0
     # Everything else heartbeat-driven (hardware, backlog, registry, software, skew).
     default: Hysteresis = Hysteresis()
+    # mass_offline (per site and per acquirer, a fleet-level condition): half of the terminals that should be
+    # online (known minus cleanly shut down) are offline together. Below half, independent faults are plausible
+    # and the per-terminal alerts say more; at half, one shared cause (power, uplink, broker) is the best bet.
+    mass_offline_share: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    # ... and cleared only below this share, so an outage hovering around half does not raise and clear on every
+    # terminal that comes back or drops again.
+    mass_offline_clear_share: Annotated[float, Meta(ge=0, le=1)] = 0.4
+    # ... and at least this many offline, so a site with two terminals does not page as a "mass" outage.
+    mass_offline_min_terminals: Count = 3
+    # Ticks in a row (eval_interval_s apart) the share must hold to raise and must stay below to clear: a burst of
+    # reconnects or one tick taken mid-wave never raises or clears it on its own.
+    mass_offline: Hysteresis = Hysteresis(raise_after=2, clear_after=2)
 
 
 class MqttTls(Struct, frozen=True, forbid_unknown_fields=True):

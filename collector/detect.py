@@ -6,13 +6,15 @@ Two kinds of conditions:
 - time-driven (offline, messages_rejected, upstream_missing, flapping) are evaluated on every tick from receive
   times only. The terminal's own clock (`ts`) is never used for liveness or ordering: it is only compared with
   the receive time to report `clock_skew`, and with itself for the age of the upload queue.
+A third, fleet-level kind, mass_offline, is a share of one site's or acquirer's terminals offline together
+(`mass_offline_step`), evaluated by the fleet on each tick for the sites whose counts changed.
 Nothing here reads the wall clock: `now` is always passed in.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 if TYPE_CHECKING:
     from .config import Thresholds
@@ -24,8 +26,10 @@ __all__ = [
     "HEARTBEAT_CONDITIONS",
     "SEVERITY",
     "TIME_CONDITIONS",
+    "MassOffline",
     "Raw",
     "heartbeat_conditions",
+    "mass_offline_step",
     "parse_version",
     "probable_cause",
     "time_conditions",
@@ -171,6 +175,29 @@ def time_conditions(
         if recent >= th.flapping_events:
             raw["flapping"] = ("warning", "")
     return raw
+
+
+class MassOffline(NamedTuple):
+    """Where one site's or acquirer's mass-offline condition stands after a tick."""
+
+    active: bool
+    streak: int  # ticks in a row the opposite of `active` has held (hysteresis)
+
+
+def mass_offline_step(state: MassOffline, offline: int, expected: int, th: Thresholds) -> MassOffline:
+    """Mass-offline hysteresis for one site or acquirer: raise when at least `mass_offline_share` of the
+    `expected` terminals (known minus cleanly shut down) and `mass_offline_min_terminals` are offline for
+    `mass_offline.raise_after` ticks in a row; clear below `mass_offline_clear_share` (or the minimum) for
+    `clear_after` ticks."""
+    share = offline / expected if expected > 0 else 0.0
+    if state.active:
+        # A clear share above the raise share would flap on every tick: the lower of the two applies.
+        low = share < min(th.mass_offline_clear_share, th.mass_offline_share)
+        streak = state.streak + 1 if low or offline < th.mass_offline_min_terminals else 0
+        return MassOffline(False, 0) if streak >= th.mass_offline.clear_after else MassOffline(True, streak)
+    high = offline >= th.mass_offline_min_terminals and share >= th.mass_offline_share
+    streak = state.streak + 1 if high else 0
+    return MassOffline(True, 0) if streak >= th.mass_offline.raise_after else MassOffline(False, streak)
 
 
 _CAUSES: Final = {

@@ -1,23 +1,29 @@
 """Prometheus exposition: a custom collector over the fleet state plus self-metrics, on an injected registry.
 
 The fleet side is rendered fresh on every scrape from incrementally kept counts and the set of problem
-terminals (capped), so its cost does not grow with the fleet. See docs/metrics.md for the interface.
+terminals (capped): per acquirer always, per site only where something is wrong, per terminal only for problem
+terminals. Its size follows problems, not the number of sites or terminals. A scrape copies what it shows on the
+event loop (`take_view`, cheap) and formats the text in a worker thread (`render_exposition`), so a scrape never
+stalls ingest for long. See docs/metrics.md for the interface.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .detect import CONDITIONS
 from .protocol import REJECT_REASONS
-from .state import BOUNDS, Fleet
+from .state import BOUNDS, Active, Fleet
 
-__all__ = ["FleetCollector", "SelfMetrics"]
+__all__ = ["FleetCollector", "FleetView", "SelfMetrics", "render_exposition", "render_problem_series", "take_view"]
 
 KINDS = ("heartbeat", "status", "upstream", "txn", "other")
 RESULTS = ("accepted", "rejected", "duplicate", "stale")
@@ -108,8 +114,80 @@ class SelfMetrics:
             self.clock_jumps.labels(direction)
 
 
+@dataclass(frozen=True, slots=True)
+class FleetView:
+    """What one scrape shows of the fleet, copied on the event loop so the text can be formatted off it.
+
+    Everything here is bounded by acquirers, versions and problems (capped), never by sites or terminals, so
+    taking it costs the loop little whatever the fleet's size."""
+
+    now: float
+    acquirers: tuple[str, ...]
+    acquirer_counts: dict[tuple[str, str], int]  # (acquirer, condition or pseudo-condition) -> terminals
+    # Sites with at least one active condition: (acquirer, site, known, online, ((condition, terminals), ...)).
+    sites: list[tuple[str, str, int, int, tuple[tuple[str, int], ...]]]
+    sites_dropped: int
+    mass: list[tuple[str, str, str, float]]  # active mass-offline: (scope, acquirer, site, since)
+    versions: list[tuple[tuple[str, str, str], int]]
+    feeds: list[tuple[str, float, bool, int]]  # (acquirer, last message, stale, transactions recorded)
+    registry_terminals: int
+    refused: dict[str, int]
+    # Problem terminals up to the cap: (terminal_id, merchant_id, acquirer, site, model, ((condition, active), ...)).
+    problems: list[tuple[str, str, str, str, str, tuple[tuple[str, Active], ...]]]
+    problems_dropped: int
+
+
+def take_view(fleet: Fleet, cap: int, now: float) -> FleetView:
+    """Copy what a scrape needs, on the loop: O(acquirers + problem sites + problems up to `cap` + versions)."""
+    acq_counts = dict(fleet.acquirer_counts)
+    acquirers = fleet.acquirers() | {a for (a, c), n in acq_counts.items() if c == "_known" and n > 0}
+    counts = fleet.counts
+    sites = []
+    # Problem sites share the problem series' cap: a fleet where everything is wrong must not render every site.
+    problem_sites = list(fleet.problem_sites)
+    for acq, site in problem_sites[:cap]:
+        conds = tuple((c, n) for c in CONDITIONS if (n := counts.get((acq, site, c), 0)))
+        sites.append((acq, site, counts.get((acq, site, "_known"), 0), counts.get((acq, site, "_online"), 0), conds))
+    problems = []
+    emitted = 0
+    terminals = fleet.terminals
+    for tid in fleet.problem:
+        if emitted >= cap:
+            break
+        t = terminals[tid]
+        if t.conds is None:
+            continue
+        active = tuple(t.conds.items())[: cap - emitted]
+        emitted += len(active)
+        problems.append((tid, t.merchant, t.acquirer, t.site, t.model or "", active))
+    total = sum(n for (_a, c), n in acq_counts.items() if not c.startswith("_"))
+    feeds = []
+    for acq in sorted(acquirers):
+        feed = fleet.feeds.get(acq)
+        feeds.append((acq, feed.last_rx if feed else 0.0, fleet.feed_stale(acq, now), feed.txns if feed else 0))
+    return FleetView(
+        now=now,
+        acquirers=tuple(sorted(acquirers)),
+        acquirer_counts=acq_counts,
+        sites=sites,
+        sites_dropped=max(0, len(problem_sites) - cap),
+        mass=sorted(fleet.mass_offline()),
+        versions=[(k, n) for k, n in fleet.versions.items() if n],
+        feeds=feeds,
+        registry_terminals=len(fleet.registry.entries),
+        refused=dict(fleet.refused),
+        problems=problems,
+        problems_dropped=max(0, total - emitted),
+    )
+
+
+# Set while a scrape is formatted off the loop (asyncio.to_thread copies the context): the collector then reads
+# this copy instead of the live fleet, which the loop keeps changing meanwhile.
+_VIEW: ContextVar[FleetView | None] = ContextVar("posfleet_fleet_view", default=None)
+
+
 class FleetCollector(Collector):
-    """Yields fleet aggregates and problem series fresh on every scrape."""
+    """Yields per-acquirer aggregates, mass-offline and feed state fresh on every scrape (bounded by acquirers)."""
 
     def __init__(
         self,
@@ -127,60 +205,84 @@ class FleetCollector(Collector):
         """No static description: the registry must not call collect() at registration."""
         return iter(())
 
+    def view(self) -> FleetView:
+        """A copy of what the next scrape shows (call on the event loop)."""
+        return take_view(self.fleet, self.max_problem_series, self.clock())
+
     def collect(self) -> Iterator[Metric]:
-        """Render the fleet view."""
-        fleet, now = self.fleet, self.clock()
+        """Render the fleet view (the copy of the scrape in progress, else one taken now)."""
+        view = _VIEW.get() or self.view()
         yield GaugeMetricFamily("posfleet_up", "1 while the collector serves metrics", value=1)
         info = GaugeMetricFamily("posfleet_build_info", "Build information", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
-
-        # The per-terminal problem families are rendered by `render_problem_series` (text, not objects): at
-        # thousands of series prometheus-client's per-sample formatting alone would exceed the 100 ms budget.
-        active = sum(n for (_a, _s, c), n in fleet.counts.items() if not c.startswith("_"))
+        # The sparse families (per terminal, per problem site) are rendered as text by `render_sparse`: at
+        # thousands of series prometheus-client's per-sample formatting alone would exceed the render budget.
         yield GaugeMetricFamily(
             "posfleet_terminal_problem_series_dropped",
             "Problem series left out of this scrape because of metrics.max_problem_series",
-            value=max(0, active - self.max_problem_series),
+            value=view.problems_dropped,
         )
-
-        known = GaugeMetricFamily("posfleet_fleet_terminals", "Terminals known", labels=["acquirer", "site"])
+        yield GaugeMetricFamily(
+            "posfleet_site_series_dropped",
+            "Problem sites left out of this scrape because of metrics.max_problem_series",
+            value=view.sites_dropped,
+        )
+        known = GaugeMetricFamily("posfleet_fleet_terminals", "Terminals known, per acquirer", labels=["acquirer"])
         online = GaugeMetricFamily(
-            "posfleet_fleet_online_terminals", "Terminals heard from within their offline threshold",
-            labels=["acquirer", "site"],
+            "posfleet_fleet_online_terminals", "Terminals heard from within their offline threshold, per acquirer",
+            labels=["acquirer"],
         )
         shutdown = GaugeMetricFamily(
-            "posfleet_fleet_shutdown_terminals", "Terminals shut down cleanly", labels=["acquirer", "site"]
+            "posfleet_fleet_shutdown_terminals", "Terminals shut down cleanly, per acquirer", labels=["acquirer"]
         )
         by_cond = GaugeMetricFamily(
-            "posfleet_fleet_condition_terminals", "Terminals in each condition",
-            labels=["acquirer", "site", "condition"],
+            "posfleet_fleet_condition_terminals", "Terminals in each condition, per acquirer",
+            labels=["acquirer", "condition"],
         )
-        pseudo = {"_known": known, "_online": online, "_shutdown": shutdown}
-        sites: set[tuple[str, str]] = set()
-        for (acq, site, cond), n in fleet.counts.items():
-            family = pseudo.get(cond)
-            if family is not None:
-                family.add_metric([acq, site], n)
-            else:
-                by_cond.add_metric([acq, site, cond], n)
-            sites.add((acq, site))
-        for acq, site in sites:
-            for cond, family in pseudo.items():
-                if (acq, site, cond) not in fleet.counts:
-                    family.add_metric([acq, site], 0)
+        sites = GaugeMetricFamily(
+            "posfleet_fleet_problem_sites", "Sites with at least one terminal in a condition, per acquirer",
+            labels=["acquirer"],
+        )
+        per_acq_sites: dict[str, int] = {}
+        for acq, _site, _k, _o, _c in view.sites:
+            per_acq_sites[acq] = per_acq_sites.get(acq, 0) + 1
+        counts = view.acquirer_counts
+        # Every acquirer and condition pre-initialised: a first problem is a rise, never a new series.
+        for acq in view.acquirers:
+            known.add_metric([acq], counts.get((acq, "_known"), 0))
+            online.add_metric([acq], counts.get((acq, "_online"), 0))
+            shutdown.add_metric([acq], counts.get((acq, "_shutdown"), 0))
+            sites.add_metric([acq], per_acq_sites.get(acq, 0))
+            for cond in CONDITIONS:
+                by_cond.add_metric([acq, cond], counts.get((acq, cond), 0))
         yield known
         yield online
         yield shutdown
         yield by_cond
+        yield sites
+
+        mass = GaugeMetricFamily(
+            "posfleet_fleet_mass_offline",
+            "1 while a site's or an acquirer's terminals are offline together (site is empty for an acquirer)",
+            labels=["scope", "acquirer", "site"],
+        )
+        mass_since = GaugeMetricFamily(
+            "posfleet_fleet_mass_offline_since_seconds", "Unix time the mass-offline condition was raised",
+            labels=["scope", "acquirer", "site"],
+        )
+        for scope, acq, site, since in view.mass:
+            mass.add_metric([scope, acq, site], 1)
+            mass_since.add_metric([scope, acq, site], since)
+        yield mass
+        yield mass_since
 
         versions = GaugeMetricFamily(
             "posfleet_fleet_app_version_terminals", "Terminals by model and software version",
             labels=["acquirer", "model", "app_version"],
         )
-        for (acq, model, version), n in fleet.versions.items():
-            if n:
-                versions.add_metric([acq, model, version], n)
+        for (acq, model, version), n in view.versions:
+            versions.add_metric([acq, model, version], n)
         yield versions
 
         feed_last = GaugeMetricFamily(
@@ -193,25 +295,23 @@ class FleetCollector(Collector):
         recorded = CounterMetricFamily(
             "posfleet_acquirer_txns_recorded", "Transactions the acquirer reported recorded", labels=["acquirer"]
         )
-        for acq in sorted(fleet.acquirers()):
-            feed = fleet.feeds.get(acq)
-            feed_last.add_metric([acq], feed.last_rx if feed else 0.0)
-            feed_stale.add_metric([acq], 1.0 if fleet.feed_stale(acq, now) else 0.0)
-            recorded.add_metric([acq], feed.txns if feed else 0)
+        for acq, last_rx, stale, txns in view.feeds:
+            feed_last.add_metric([acq], last_rx)
+            feed_stale.add_metric([acq], 1.0 if stale else 0.0)
+            recorded.add_metric([acq], txns)
         yield feed_last
         yield feed_stale
         yield recorded
 
         yield GaugeMetricFamily(
-            "posfleet_registry_terminals", "Terminals in the registry", value=len(fleet.registry.entries)
+            "posfleet_registry_terminals", "Terminals in the registry", value=view.registry_terminals
         )
         refused = CounterMetricFamily(
             "posfleet_bound_refused", "Things refused by a bound on what senders choose, by bound", labels=["bound"]
         )
         # Every known bound pre-initialised, so the first refusal is a rise and not a new series.
-        counts = fleet.refused
-        for bound in sorted({*BOUNDS, *counts}):
-            refused.add_metric([bound], counts.get(bound, 0))
+        for bound in sorted({*BOUNDS, *view.refused}):
+            refused.add_metric([bound], view.refused.get(bound, 0))
         yield refused
         sm = self.self_metrics
         yield GaugeMetricFamily(
@@ -220,7 +320,7 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily(
             "posfleet_snapshot_age_seconds",
             "Seconds since the last successful state snapshot (since start when none yet; 0 when disabled)",
-            value=now - (sm.snapshot_time or fleet.started_at) if sm.snapshot_enabled else 0,
+            value=view.now - (sm.snapshot_time or self.fleet.started_at) if sm.snapshot_enabled else 0,
         )
 
 
@@ -242,26 +342,47 @@ def _v(value: str) -> str:
     return value.translate(_ESCAPE) if ("\\" in value or '"' in value or "\n" in value) else value
 
 
-def render_problem_series(fleet: Fleet, cap: int) -> str:
-    """`posfleet_terminal_problem` and `..._since_seconds` in the text exposition format, capped."""
+_SITE_HEADERS = (
+    "# HELP posfleet_site_condition_terminals Terminals in each active condition, only sites and conditions with one\n"
+    "# TYPE posfleet_site_condition_terminals gauge\n",
+    "# HELP posfleet_site_terminals Terminals known, only sites with a terminal in a condition\n"
+    "# TYPE posfleet_site_terminals gauge\n",
+    "# HELP posfleet_site_online_terminals Terminals online, only sites with a terminal in a condition\n"
+    "# TYPE posfleet_site_online_terminals gauge\n",
+)
+
+
+def render_sparse(view: FleetView) -> str:
+    """The families whose size follows problems, as text: per problem site, then per problem terminal."""
+    conds, known, online = [_SITE_HEADERS[0]], [_SITE_HEADERS[1]], [_SITE_HEADERS[2]]
+    for acq, site, n_known, n_online, by_cond in view.sites:
+        head = f'{{acquirer="{_v(acq)}",site="{_v(site)}"'
+        for cond, n in by_cond:
+            conds.append(f'posfleet_site_condition_terminals{head},condition="{cond}"}} {n}\n')
+        known.append(f"posfleet_site_terminals{head}}} {n_known}\n")
+        online.append(f"posfleet_site_online_terminals{head}}} {n_online}\n")
     problem, since = [_HEADER], [_SINCE_HEADER]
-    emitted = 0
-    terminals = fleet.terminals
-    for tid in fleet.problem:
-        t = terminals[tid]
-        if t.conds is None:
-            continue
+    for tid, merchant, acq, site, model, active in view.problems:
         head = (
-            f'{{terminal_id="{_v(tid)}",merchant_id="{_v(t.merchant)}",acquirer="{_v(t.acquirer)}",'
-            f'site="{_v(t.site)}",model="{_v(t.model or "")}",condition="'
+            f'{{terminal_id="{_v(tid)}",merchant_id="{_v(merchant)}",acquirer="{_v(acq)}",'
+            f'site="{_v(site)}",model="{_v(model)}",condition="'
         )
-        for cond, active in t.conds.items():
-            if emitted >= cap:
-                break
-            labels = f'{head}{_v(cond)}",severity="{_v(active.severity)}",detail="{_v(active.detail)}"}}'
+        for cond, a in active:
+            labels = f'{head}{_v(cond)}",severity="{_v(a.severity)}",detail="{_v(a.detail)}"}}'
             problem.append(f"posfleet_terminal_problem{labels} 1.0\n")
-            since.append(f"posfleet_terminal_problem_since_seconds{labels} {active.since!r}\n")
-            emitted += 1
-        if emitted >= cap:
-            break
-    return "".join(problem) + "".join(since)
+            since.append(f"posfleet_terminal_problem_since_seconds{labels} {a.since!r}\n")
+    return "".join(conds) + "".join(known) + "".join(online) + "".join(problem) + "".join(since)
+
+
+def render_problem_series(fleet: Fleet, cap: int) -> str:
+    """The sparse families of the fleet as it is now (problem sites and terminals, capped), as text."""
+    return render_sparse(take_view(fleet, cap, time.time()))
+
+
+def render_exposition(registry: CollectorRegistry, view: FleetView) -> bytes:
+    """The whole /metrics body from a view taken on the loop; safe to run in a worker thread."""
+    token = _VIEW.set(view)
+    try:
+        return generate_latest(registry) + render_sparse(view).encode()
+    finally:
+        _VIEW.reset(token)

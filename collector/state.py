@@ -13,6 +13,7 @@ Two invariants hold whatever senders do:
 from __future__ import annotations
 
 import enum
+import logging
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -22,11 +23,12 @@ import msgspec
 
 from .config import Config
 from .detect import (
-    CONDITIONS,
     HEARTBEAT_CONDITIONS,
     TIME_CONDITIONS,
+    MassOffline,
     Raw,
     heartbeat_conditions,
+    mass_offline_step,
     parse_version,
     time_conditions,
 )
@@ -49,7 +51,12 @@ __all__ = [
     "classify",
 ]
 
+log = logging.getLogger(__name__)
+
 UNKNOWN: Final = "unknown"
+# Counts whose change can move a site's mass-offline share (what marks the site dirty for the next tick).
+_MASS_INPUTS: Final = frozenset({"_known", "_shutdown", "offline"})
+_NOT_MASS: Final = MassOffline(False, 0)
 MAX_EVENTS: Final = 8  # reboot/reconnect times kept for flapping detection
 # Without a registry (demo) any acquirer id can start a feed; a real deployment has a handful of acquirers, 256
 # is far above that and keeps a topic-spraying sender from adding thousands of feeds and their series.
@@ -237,8 +244,18 @@ class Fleet:
         self.registry_loaded = False
         self._registry_acquirers: frozenset[str] = frozenset()
         # (acquirer, site, condition) -> terminals; the pseudo-conditions "_known", "_online" and "_shutdown"
-        # ride along, so /metrics never walks the fleet.
+        # ride along, so /metrics never walks the fleet. All four maps below change only through `_count`.
         self.counts: Counter[tuple[str, str, str]] = Counter()
+        self.acquirer_counts: Counter[tuple[str, str]] = Counter()  # (acquirer, condition): the same, per acquirer
+        # (acquirer, site) -> active conditions of its terminals, only sites with at least one: what /metrics
+        # renders per site, so its size follows problems and not the number of sites.
+        self.problem_sites: dict[tuple[str, str], int] = {}
+        # Sites whose known, shutdown or offline count changed since the last tick: the only ones (with their
+        # acquirers and those mid-hysteresis) whose mass-offline condition the tick evaluates, O(changes).
+        self.mass_dirty: set[tuple[str, str]] = set()
+        # (scope, acquirer, site) -> (state, active since) for sites and acquirers ("site" is "" for an acquirer)
+        # that are mass-offline or on their way in or out; everything else is implicitly not mass-offline.
+        self.mass: dict[tuple[str, str, str], tuple[MassOffline, float]] = {}
         self.problem: set[str] = set()  # terminals with at least one active condition
         self.versions: Counter[tuple[str, str, str]] = Counter()  # (acquirer, model, app_version), no zero keys
         # Terminals whose version is not in `versions` because MAX_VERSIONS keys were taken when it changed.
@@ -283,22 +300,26 @@ class Fleet:
                     keys.add(key)
         again = self.recount()
         self.counts = Counter(again.counts)
+        self.acquirer_counts = Counter()
+        self.problem_sites = {}
+        for (acq, site, cond), n in self.counts.items():
+            self.acquirer_counts[(acq, cond)] += n
+            if not cond.startswith("_") and n:
+                self.problem_sites[(acq, site)] = self.problem_sites.get((acq, site), 0) + n
+        # A relabel can move terminals between sites: every site, and every one with a mass state, is judged again.
+        self.mass_dirty = {(acq, site) for acq, site, _ in self.counts} | {(a, s) for _, a, s in self.mass if s}
         self.problem = again.problem
         self.versions = Counter(again.versions)
         self.unregistered_seen = sum(1 for t in self.terminals.values() if t.acquirer == UNKNOWN)
 
     def recount(self) -> Recount:
         """Counts, problem set and versions recomputed from the terminals (what the incremental ones must equal)."""
+        # No zero keys per site and condition: at 300,000 sites they were 3.3 million keys nobody reads (/metrics
+        # pre-initialises per acquirer, and per site only renders what is non-zero).
         counts: Counter[tuple[str, str, str]] = Counter()
-        for acq, site in self.registry.sites():
-            for c in CONDITIONS:
-                counts[(acq, site, c)] += 0
         problem: set[str] = set()
         versions: Counter[tuple[str, str, str]] = Counter()
         for t in self.terminals.values():
-            if t.acquirer == UNKNOWN:
-                for c in CONDITIONS:
-                    counts[(UNKNOWN, UNKNOWN, c)] += 0
             counts[(t.acquirer, t.site, "_known")] += 1
             if t.status == "shutdown":
                 counts[(t.acquirer, t.site, "_shutdown")] += 1
@@ -357,13 +378,28 @@ class Fleet:
         t = self.terminals.get(tid)
         return t is not None and acquirer != UNKNOWN and t.acquirer == acquirer
 
+    # ---- counts -----------------------------------------------------------------------------------------
+    def _count(self, acq: str, site: str, cond: str, delta: int) -> None:
+        """Move one terminal in or out of a count, keeping the per-acquirer, problem-site and dirty views in step."""
+        self.counts[(acq, site, cond)] += delta
+        self.acquirer_counts[(acq, cond)] += delta
+        if cond in _MASS_INPUTS:
+            self.mass_dirty.add((acq, site))
+        if not cond.startswith("_"):
+            key = (acq, site)
+            left = self.problem_sites.get(key, 0) + delta
+            if left > 0:
+                self.problem_sites[key] = left
+            else:
+                self.problem_sites.pop(key, None)
+
     # ---- conditions -----------------------------------------------------------------------------------
     def _raise(self, t: Terminal, cond: str, severity: str, detail: str, now: float, out: list[Transition]) -> None:
         if t.conds is None:
             t.conds = {}
             self.problem.add(t.tid)
         t.conds[cond] = Active(now, severity, detail)
-        self.counts[(t.acquirer, t.site, cond)] += 1
+        self._count(t.acquirer, t.site, cond, 1)
         out.append(Transition(t.tid, cond, True, now, severity, detail))
 
     def _clear(self, t: Terminal, cond: str, now: float, out: list[Transition]) -> None:
@@ -372,7 +408,7 @@ class Fleet:
         if not t.conds:
             t.conds = None
             self.problem.discard(t.tid)
-        self.counts[(t.acquirer, t.site, cond)] -= 1
+        self._count(t.acquirer, t.site, cond, -1)
         out.append(Transition(t.tid, cond, False, now, active.severity, active.detail))
 
     def _update(self, t: Terminal, cond: str, hit: tuple[str, str]) -> None:
@@ -434,13 +470,13 @@ class Fleet:
     def _sync_online(self, t: Terminal, was_online: bool) -> None:
         is_online = self._online(t)
         if is_online != was_online:
-            self.counts[(t.acquirer, t.site, "_online")] += 1 if is_online else -1
+            self._count(t.acquirer, t.site, "_online", 1 if is_online else -1)
 
     def _set_status(self, t: Terminal, new: str) -> None:
         if t.status == "shutdown" and new != "shutdown":
-            self.counts[(t.acquirer, t.site, "_shutdown")] -= 1
+            self._count(t.acquirer, t.site, "_shutdown", -1)
         elif new == "shutdown" and t.status != "shutdown":
-            self.counts[(t.acquirer, t.site, "_shutdown")] += 1
+            self._count(t.acquirer, t.site, "_shutdown", 1)
         t.status = new
 
     def _event(self, t: Terminal, at: float) -> None:
@@ -457,9 +493,7 @@ class Fleet:
                 return None
             t = self.terminals[tid] = Terminal(tid)
             self.unregistered_seen += 1
-            self.counts[(UNKNOWN, UNKNOWN, "_known")] += 1
-            for c in CONDITIONS:
-                self.counts[(UNKNOWN, UNKNOWN, c)] += 0
+            self._count(UNKNOWN, UNKNOWN, "_known", 1)
         return t
 
     def on_heartbeat(self, hb: Heartbeat, rx: float, out: list[Transition]) -> HeartbeatResult | None:
@@ -630,7 +664,45 @@ class Fleet:
             ):
                 continue
             step(t, now, out)
+        self.mass_tick(now)
         return out
+
+    def mass_tick(self, now: float) -> list[tuple[str, str, str, bool]]:
+        """Mass-offline hysteresis for the sites (and their acquirers) whose counts changed since the last tick
+        and for those mid-hysteresis: O(changes), never O(sites). Returns the transitions, also logged."""
+        dirty, self.mass_dirty = self.mass_dirty, set()
+        keys = {("site", a, s) for a, s in dirty} | {("acquirer", a, "") for a, _ in dirty}
+        keys.update(k for k, (st, _) in self.mass.items() if st.streak)
+        counts, acq_counts, th = self.counts, self.acquirer_counts, self.th
+        changed: list[tuple[str, str, str, bool]] = []
+        for key in keys:
+            scope, acq, site = key
+            if acq == UNKNOWN:
+                continue  # unregistered terminals share one pseudo-site: they have no place to be offline together
+            if scope == "site":
+                offline = counts[(acq, site, "offline")]
+                expected = counts[(acq, site, "_known")] - counts[(acq, site, "_shutdown")]
+            else:
+                offline = acq_counts[(acq, "offline")]
+                expected = acq_counts[(acq, "_known")] - acq_counts[(acq, "_shutdown")]
+            old, since = self.mass.get(key, (_NOT_MASS, 0.0))
+            new = mass_offline_step(old, offline, expected, th)
+            if new.active != old.active:
+                since = now
+                changed.append((scope, acq, site, new.active))
+                log.info(
+                    "%s mass_offline on %s %s%s (%d of %d terminals that should be online are offline)",
+                    "raised" if new.active else "cleared", scope, acq, f"/{site}" if site else "", offline, expected,
+                )
+            if new == _NOT_MASS:
+                self.mass.pop(key, None)
+            else:
+                self.mass[key] = (new, since)
+        return changed
+
+    def mass_offline(self) -> list[tuple[str, str, str, float]]:
+        """Active mass-offline conditions as (scope, acquirer, site, since); site is "" for an acquirer."""
+        return [(scope, acq, site, since) for (scope, acq, site), (st, since) in self.mass.items() if st.active]
 
     # ---- derived views ---------------------------------------------------------------------------------
     def feed_stale(self, acquirer: str, now: float) -> bool:
@@ -639,5 +711,5 @@ class Fleet:
         return feed is None or feed.stale(now, self.th.feed_stale_s)
 
     def acquirers(self) -> set[str]:
-        """Acquirers known from the registry or from their feed."""
-        return self.registry.acquirers() | set(self.feeds)
+        """Acquirers known from the registry or from their feed (the registry's set is kept at load: no fleet walk)."""
+        return set(self._registry_acquirers) | set(self.feeds)
