@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -14,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .auth import OPEN, Principal, load_metrics_token, token_matches
 from .detect import CONDITIONS, probable_cause
-from .metrics import render_exposition
+from .metrics import render_exposition_async
 from .protocol import DecodeError, check_id, decode_upstream
 from .state import Terminal
 
@@ -152,10 +151,10 @@ async def metrics(request: web.Request) -> web.Response:
         err.headers["WWW-Authenticate"] = 'Bearer realm="posfleet-metrics"'
         raise err
     collector = request.app[COLLECTOR]
-    # Copy on the loop (bounded by acquirers and problems), format in a worker thread: formatting thousands of
-    # series on the loop would stall ingest for the whole render.
+    # Copy (bounded by acquirers and problems), then format in chunks that yield to the loop: formatting thousands
+    # of series in one go would stall ingest for the whole render.
     view = collector.fleet_collector.view()
-    body = await asyncio.to_thread(render_exposition, collector.registry, view)
+    body = await render_exposition_async(collector.registry, view)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
