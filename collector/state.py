@@ -49,6 +49,7 @@ __all__ = [
     "Transition",
     "UpstreamResult",
     "classify",
+    "share_float",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,19 @@ TRANSIT_SLACK_S: Final = 5.0
 BOUNDS: Final = ("unregistered", "feeds", "versions", "reject_reasons", "floats")
 
 _FLOATS: dict[float, float] = {}
+
+
+def share_float(value: float) -> float:
+    """The fleet's one float object equal to `value` (24 bytes saved per terminal and field that repeat it).
+
+    Past MAX_FLOATS distinct values, `value` itself comes back unshared; `Fleet._shared` counts that.
+    """
+    shared = _FLOATS.get(value)
+    if shared is not None:
+        return shared
+    if len(_FLOATS) < MAX_FLOATS:
+        _FLOATS[value] = value
+    return value
 
 
 class HeartbeatResult(enum.Enum):
@@ -337,14 +351,9 @@ class Fleet:
     def _shared(self, value: float) -> float:
         """One float object per distinct value for fields that repeat across the fleet (interval, signal, battery):
         24 bytes per terminal and field saved; past MAX_FLOATS values the value is kept unshared (counted)."""
-        shared = _FLOATS.get(value)
-        if shared is not None:
-            return shared
-        if len(_FLOATS) >= MAX_FLOATS:
+        if value not in _FLOATS and len(_FLOATS) >= MAX_FLOATS:
             self.refused["floats"] += 1
-            return value
-        _FLOATS[value] = value
-        return value
+        return share_float(value)
 
     def _set_version(self, t: Terminal, model: str | None, version: str | None) -> None:
         """Move the terminal between version keys; zero keys are deleted and new keys are capped."""
