@@ -189,6 +189,40 @@ async def list_terminals(request: web.Request) -> web.Response:
     )
 
 
+async def list_sites(request: web.Request) -> web.Response:
+    """Per-site counts (terminals, online, shutdown, by condition, mass offline) for every site the token may see.
+
+    /metrics carries per-site series only for sites with a problem; this is where every site's figures are.
+    `problem=1` lists only sites with a terminal in a condition; `acquirer` filters; paged by limit/offset.
+    """
+    fleet, principal, q = request.app[COLLECTOR].fleet, principal_of(request), request.query
+    try:
+        limit = min(max(int(q.get("limit", "100")), 1), 1000)
+        offset = max(int(q.get("offset", "0")), 0)
+    except ValueError:
+        raise json_error(web.HTTPBadRequest, "limit and offset must be integers") from None
+    acquirer = q.get("acquirer")
+    counts = fleet.counts
+    if q.get("problem") == "1":
+        keys: set[tuple[str, str]] = set(fleet.problem_sites)
+    else:
+        keys = {(a, s) for (a, s, c), n in counts.items() if c == "_known" and n > 0}
+    matched = sorted(k for k in keys if principal.can_read(k[0]) and (not acquirer or k[0] == acquirer))
+    mass = {(a, s): since for scope, a, s, since in fleet.mass_offline() if scope == "site"}
+    page = []
+    for acq, site in matched[offset : offset + limit]:
+        page.append({
+            "acquirer": acq,
+            "site": site,
+            "terminals": counts.get((acq, site, "_known"), 0),
+            "online": counts.get((acq, site, "_online"), 0),
+            "shutdown": counts.get((acq, site, "_shutdown"), 0),
+            "conditions": {c: n for c in CONDITIONS if (n := counts.get((acq, site, c), 0)) > 0},
+            "mass_offline_since": mass.get((acq, site)),  # null unless the site is mass-offline
+        })
+    return json_response({"total": len(matched), "offset": offset, "limit": limit, "sites": page})
+
+
 def visible_terminal(request: web.Request) -> Terminal:
     """The terminal named in the path, or 404 (also when the token may not see it: no existence leak)."""
     fleet = request.app[COLLECTOR].fleet
@@ -253,6 +287,7 @@ def build_app(collector: Collector) -> web.Application:
         app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/terminals", list_terminals)
     app.router.add_get("/api/v1/terminals/{terminal_id}", get_terminal)
+    app.router.add_get("/api/v1/sites", list_sites)
     app.router.add_post("/api/v1/upstream/{acquirer_id}/transactions", post_upstream)
     for extra in collector.route_hooks:
         extra(app)
