@@ -203,3 +203,34 @@ async def test_half_open_link_detected_and_nothing_lost(tmp_path: Path, mosquitt
         collector.stop()
         proxy.close()
         sink.close()
+
+
+@pytest.mark.xfail(strict=True, reason="silence is measured from each terminal's last heartbeat whatever the "
+                   "collector's own link did (state.Fleet.tick / detect.time_conditions): a broker outage longer "
+                   "than the offline threshold raises every terminal offline")
+async def test_broker_outage_longer_than_the_offline_threshold_raises_no_terminal(tmp_path: Path) -> None:
+    """While the collector cannot hear the broker it cannot know a terminal is silent: nothing may be raised."""
+    broker = start_deploy_mosquitto()
+    sink = LineSink()
+    specs = make_fleet(20)
+    sim = Simulator(f"mqtt://127.0.0.1:{broker.port}", specs, 0.5, receipts=False, dedicated=False)
+    sim.write_registry(tmp_path / "terminals.csv")
+    http_port = free_port()
+    collector = start_collector(tmp_path, collector_config(tmp_path, broker.port, http_port, sink, "outage", 0.5),
+                                http_port)
+    try:
+        async with sim:
+            with ConditionWatch(http_port, [s.tid for s in specs], step=0.2) as watch:
+                await wait("every terminal heard", lambda: len(sink.heartbeat_seqs()) == len(specs), 30, 0.25)
+                broker.stop()
+                await wait("the collector noticed", lambda: connected(http_port) == 0, 10)
+                await asyncio.sleep(3 * 0.5 * 3)  # three offline thresholds without a broker
+                broker = await asyncio.to_thread(restart_mosquitto, broker, signal.SIGTERM)
+                await wait("the collector reconnected", lambda: connected(http_port) == 1, 30)
+                await wait("heartbeats again", lambda: caught_up(sim, sink), 30, 0.25)
+        assert not watch.seen, f"raised while the collector could not hear the broker: {watch.seen}"
+    finally:
+        collector.stop()
+        broker.stop()
+        sink.close()
+        shutil.rmtree(broker.workdir, ignore_errors=True)
