@@ -96,8 +96,6 @@ class Profile:
 class Thresholds:
     """Non-`for` thresholds; durations in seconds of the default profile."""
 
-    mass_offline_share: float
-    mass_offline_min_terminals: int
     reject_ratio: float
     reject_min_per_second: float
     ingest_silence: int
@@ -111,7 +109,6 @@ class AlertConfig:
 
     collector_selector: str
     target_labels: tuple[str, ...]
-    mass_offline_exclude_acquirers: tuple[str, ...]
     runbook_url: str
     profiles: Mapping[str, Profile]
     hold: int
@@ -130,12 +127,10 @@ class AlertConfig:
 _MATCHER: Final = r'\s*\w+\s*(?:=|!=|=~|!~)\s*"[^"]*"\s*'
 _SELECTOR_RE: Final = re.compile(rf"{_MATCHER}(?:,{_MATCHER})*")
 _TOP_KEYS: Final = {"selectors", "runbook_url", "profiles", "hold", "rate_window", "thresholds", "for"}
-_SELECTOR_KEYS: Final = {"collector", "target_labels", "mass_offline_exclude_acquirers"}
+_SELECTOR_KEYS: Final = {"collector", "target_labels"}
 _PROFILE_KEYS: Final = {"scrape_interval", "evaluation_interval", "time_scale"}
 _THRESHOLD_DURATIONS: Final = {"ingest_silence", "snapshot_max_age"}
 _THRESHOLD_KEYS: Final = {
-    "mass_offline_share",
-    "mass_offline_min_terminals",
     "reject_ratio",
     "reject_min_per_second",
     "ingest_queue_fill",
@@ -212,10 +207,6 @@ def parse_alert_config(raw: object) -> AlertConfig:
         p.add("profiles.default", "missing")
     th = p.mapping(top.get("thresholds", {}), "thresholds", _THRESHOLD_KEYS)
     thresholds = Thresholds(
-        mass_offline_share=p.number(th.get("mass_offline_share", 0.5), "thresholds.mass_offline_share", 0.01, 1),
-        mass_offline_min_terminals=int(
-            p.number(th.get("mass_offline_min_terminals", 1), "thresholds.mass_offline_min_terminals", 1, 1e6)
-        ),
         reject_ratio=p.number(th.get("reject_ratio", 0.01), "thresholds.reject_ratio", 0, 1),
         reject_min_per_second=p.number(
             th.get("reject_min_per_second", 0), "thresholds.reject_min_per_second", 0, 1e6
@@ -231,9 +222,6 @@ def parse_alert_config(raw: object) -> AlertConfig:
     cfg = AlertConfig(
         collector_selector=str(collector).strip(),
         target_labels=p.strings(sel.get("target_labels", []), "selectors.target_labels"),
-        mass_offline_exclude_acquirers=p.strings(
-            sel.get("mass_offline_exclude_acquirers", []), "selectors.mass_offline_exclude_acquirers"
-        ),
         runbook_url=str(runbook),
         profiles=profiles,
         hold=p.duration(top.get("hold", "5m"), "hold"),
@@ -517,11 +505,16 @@ def _rule(
 
 def _held_problem(ctx: _Ctx, matchers: str) -> str:
     """Problem series present at the target's last successful scrape (within hold), by terminal."""
+    return _held_sparse(ctx, "posfleet_terminal_problem", matchers, ", ".join(TERMINAL_LABELS))
+
+
+def _held_sparse(ctx: _Ctx, metric: str, matchers: str, by: str) -> str:
+    """Series of a sparse family (present only while something is wrong) that were present at the target's last
+    successful scrape (within hold): a failed scrape keeps them, a scrape without them ends them at once."""
     window = f"[{ctx.d(ctx.cfg.hold)}:{format_duration(ctx.prof.scrape_interval)}]"
-    by = ", ".join(TERMINAL_LABELS)
     return (
         f"max by ({by}) (\n"
-        f"  last_over_time(timestamp(posfleet_terminal_problem{{{ctx.sel}, {matchers}}}){window})\n"
+        f"  last_over_time(timestamp({metric}{{{ctx.sel}, {matchers}}}){window})\n"
         f"  == on ({ctx.on}) group_left ()\n"
         f"  last_over_time(timestamp(posfleet_up{{{ctx.sel}}}){window})\n"
         f")"
@@ -555,9 +548,6 @@ def _terminal_rule(ctx: _Ctx, a: TerminalAlert) -> dict[str, Any]:
 
 
 def _fleet_rules(ctx: _Ctx) -> list[dict[str, Any]]:
-    cfg, th = ctx.cfg, ctx.cfg.thresholds
-    excl = "|".join(re.escape(a) for a in cfg.mass_offline_exclude_acquirers)
-    not_excluded = f'acquirer!~"{excl}"' if excl else ""
     rules = [
         _rule(
             ctx, "PosUpstreamFeedStale",
@@ -571,25 +561,20 @@ def _fleet_rules(ctx: _Ctx) -> list[dict[str, Any]]:
             "acquirer and the broker is broken (credentials, certificate, network).",
         )
     ]
+    # The collector decides a mass outage itself (share, minimum and hysteresis in its thresholds.mass_offline_*)
+    # and exports it as a sparse series; the rule only adds `for` and the hold across failed scrapes.
     for scope, by in (("site", "acquirer, site"), ("acquirer", "acquirer")):
-        def total(metric: str, matchers: str = "", by: str = by) -> str:
-            m = ", ".join(x for x in (matchers, not_excluded) if x)
-            return f"sum by ({by}) ({ctx.held(metric, m)})"
-
-        offline = total("posfleet_fleet_condition_terminals", 'condition="offline"')
-        expected = f"({total('posfleet_fleet_terminals')} - {total('posfleet_fleet_shutdown_terminals')})"
         where = "site {{ $labels.site }} of acquirer {{ $labels.acquirer }}" if scope == "site" else (
             "acquirer {{ $labels.acquirer }}"
         )
         rules.append(_rule(
             ctx, "PosFleetMassOffline",
-            f"(\n  {offline}\n  / {expected}\n) >= {th.mass_offline_share:g}\n"
-            f"and\n{offline} >= {th.mass_offline_min_terminals}",
+            _held_sparse(ctx, "posfleet_fleet_mass_offline", f'scope="{scope}"', by),
             "critical",
             f"Many POS terminals of one {scope} are offline together.",
-            f"{{{{ $value | humanizePercentage }}}} of the terminals of {where} that should be online are "
-            "offline at once. One shared cause (power, network, broker or acquirer) rather than many terminal "
-            "faults; the per-terminal offline alerts it covers are inhibited.",
+            f"At least the collector's mass_offline_share of the terminals of {where} that should be online are "
+            "offline at once (GET /api/v1/sites has the counts). One shared cause (power, network, broker or "
+            "acquirer) rather than many terminal faults; the per-terminal offline alerts it covers are inhibited.",
             "A power cut or network outage at the site, the shop's internet uplink or mobile operator down, or "
             "the terminals cannot reach the MQTT broker (DNS, firewall, broker certificate).",
             {"scope": scope},

@@ -83,7 +83,7 @@ def test_every_problem_is_reported_at_once() -> None:
     raw = broken(bogus=1, hold="5 minutes")
     raw["selectors"]["collector"] = "posfleet"
     del raw["for"]["PosTerminalOffline"]
-    raw["thresholds"]["mass_offline_share"] = 2
+    raw["thresholds"]["ingest_queue_fill"] = 2
     with pytest.raises(rules.AlertConfigError) as err:
         rules.parse_alert_config(raw)
     text = str(err.value)
@@ -92,7 +92,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "hold: '5 minutes' is not a duration",
         "selectors.collector: must be label matchers",
         "for.PosTerminalOffline: missing",
-        "thresholds.mass_offline_share: must be a number in [0.01, 1]",
+        "thresholds.ingest_queue_fill: must be a number in [0.01, 1]",
     ):
         assert needle in text
 
