@@ -39,7 +39,21 @@ INFLUX_DS_UID = "posfleet-influxdb"
 
 PROM = {"type": "prometheus", "uid": "${datasource}"}
 INFLUX = {"type": "influxdb", "uid": "${influx}"}
+# Per-site and per-terminal series (only where something is wrong) carry `site`; the fleet aggregates are per
+# acquirer only (docs/metrics.md), so they take ACQ_SEL: a site filter cannot narrow them.
 FLEET_SEL = 'acquirer=~"$acquirer",site=~"$site"'
+ACQ_SEL = 'acquirer=~"$acquirer"'
+
+
+def since(selector: str) -> str:
+    """Seconds each problem (terminal, condition) of `selector` has been active, with the problem's labels.
+
+    `posfleet_terminal_problem_since_seconds` carries only terminal_id and condition (it keeps /metrics small);
+    the rest is joined from `posfleet_terminal_problem`, whose value is 1."""
+    return (
+        "time() - (posfleet_terminal_problem_since_seconds * on (job, instance, terminal_id, condition) "
+        f"group_left (merchant_id, acquirer, site, model, severity, detail) posfleet_terminal_problem{{{selector}}})"
+    )
 # History measurements and tags (docs/storage.md).
 HB = "heartbeat"
 
@@ -315,8 +329,10 @@ def query_var(name: str, label: str, ds: Json, query: str, *, multi: bool) -> Js
 PROM_VAR = datasource_var("datasource", "Prometheus", "prometheus", PROMETHEUS_DS_UID)
 INFLUX_VAR = datasource_var("influx", "InfluxDB", "influxdb", INFLUX_DS_UID)
 ACQUIRER_VAR = query_var("acquirer", "Acquirer", PROM, "label_values(posfleet_fleet_terminals, acquirer)", multi=True)
+# Sites that had a problem (per-site series exist only then): the ones worth filtering to; every site's counts
+# are in the API (GET /api/v1/sites).
 SITE_VAR = query_var(
-    "site", "Site", PROM, 'label_values(posfleet_fleet_terminals{acquirer=~"$acquirer"}, site)', multi=True
+    "site", "Site", PROM, 'label_values(posfleet_site_terminals{acquirer=~"$acquirer"}, site)', multi=True
 )
 JOB_VAR = query_var("job", "Collector job", PROM, "label_values(posfleet_up, job)", multi=True)
 
@@ -335,13 +351,13 @@ def fleet_overview() -> Board:
         "How many terminals are in trouble, of which kind, at which acquirer, merchant and site.",
         [PROM_VAR, ACQUIRER_VAR, SITE_VAR],
     )
-    known = f"sum(posfleet_fleet_terminals{{{FLEET_SEL}}})"
-    online = f"sum(posfleet_fleet_online_terminals{{{FLEET_SEL}}})"
-    shutdown = f"sum(posfleet_fleet_shutdown_terminals{{{FLEET_SEL}}})"
+    known = f"sum(posfleet_fleet_terminals{{{ACQ_SEL}}})"
+    online = f"sum(posfleet_fleet_online_terminals{{{ACQ_SEL}}})"
+    shutdown = f"sum(posfleet_fleet_shutdown_terminals{{{ACQ_SEL}}})"
 
     def cond(condition: str, by: str = "") -> str:
         group = f" by ({by})" if by else ""
-        return f'sum{group}(posfleet_fleet_condition_terminals{{{FLEET_SEL},condition="{condition}"}})'
+        return f'sum{group}(posfleet_fleet_condition_terminals{{{ACQ_SEL},condition="{condition}"}})'
 
     b.row("Fleet now")
     b.add(
@@ -407,7 +423,7 @@ def fleet_overview() -> Board:
             "Terminals by condition",
             "Which conditions are active right now, and on how many terminals?",
             prom(
-                f"sum by (condition) (posfleet_fleet_condition_terminals{{{FLEET_SEL}}})", "{{condition}}", instant=True
+                f"sum by (condition) (posfleet_fleet_condition_terminals{{{ACQ_SEL}}})", "{{condition}}", instant=True
             ),
             thresholds=OK_BAD,
         ),
@@ -417,7 +433,7 @@ def fleet_overview() -> Board:
         table(
             "Conditions per acquirer",
             "Is a condition concentrated at one acquirer (their outage) or spread (ours)?",
-            prom(f"sum by (acquirer, condition) (posfleet_fleet_condition_terminals{{{FLEET_SEL}}})", table=True),
+            prom(f"sum by (acquirer, condition) (posfleet_fleet_condition_terminals{{{ACQ_SEL}}})", table=True),
             ["acquirer", "condition", "Value"],
             overrides=[rename("Value", "terminals")],
         ),
@@ -429,9 +445,9 @@ def fleet_overview() -> Board:
             "Did one acquirer's terminals drop off the network, and when?",
             [
                 prom(
-                    f"sum by (acquirer) (posfleet_fleet_online_terminals{{{FLEET_SEL}}}) / clamp_min("
-                    f"sum by (acquirer) (posfleet_fleet_terminals{{{FLEET_SEL}}}) - "
-                    f"sum by (acquirer) (posfleet_fleet_shutdown_terminals{{{FLEET_SEL}}}), 1)",
+                    f"sum by (acquirer) (posfleet_fleet_online_terminals{{{ACQ_SEL}}}) / clamp_min("
+                    f"sum by (acquirer) (posfleet_fleet_terminals{{{ACQ_SEL}}}) - "
+                    f"sum by (acquirer) (posfleet_fleet_shutdown_terminals{{{ACQ_SEL}}}), 1)",
                     "{{acquirer}}",
                 )
             ],
@@ -454,7 +470,7 @@ def fleet_overview() -> Board:
         timeseries(
             "Problem terminals by condition over time",
             "When did each kind of problem start, and is it growing?",
-            [prom(f"sum by (condition) (posfleet_fleet_condition_terminals{{{FLEET_SEL}}})", "{{condition}}")],
+            [prom(f"sum by (condition) (posfleet_fleet_condition_terminals{{{ACQ_SEL}}})", "{{condition}}")],
         ),
         (12, 9),
     )
@@ -477,7 +493,7 @@ def fleet_overview() -> Board:
             "Hardware faults",
             "Which terminals need a technician or paper, and for which part?",
             prom(
-                f'time() - posfleet_terminal_problem_since_seconds{{{FLEET_SEL},condition="hardware_fault"}}',
+                since(f'{FLEET_SEL},condition="hardware_fault"'),
                 table=True,
             ),
             ["terminal_id", "merchant_id", "site", "model", "severity", "detail", "Value"],
@@ -488,6 +504,17 @@ def fleet_overview() -> Board:
 
     b.row("Where to look first")
     problems = f"posfleet_terminal_problem{{{FLEET_SEL}}}"
+    b.add(
+        table(
+            "Mass outages",
+            "Which sites or acquirers have most of their terminals offline together (one shared cause), since when?",
+            prom(f"time() - posfleet_fleet_mass_offline_since_seconds{{{ACQ_SEL}}}", table=True),
+            ["scope", "acquirer", "site", "Value"],
+            overrides=[rename("Value", "offline for", "s")],
+            options={"showHeader": True, "sortBy": [{"displayName": "offline for", "desc": True}]},
+        ),
+        (24, 6),
+    )
     b.add(
         table(
             "Top problem merchants",
@@ -520,7 +547,7 @@ def fleet_overview() -> Board:
         table(
             "Critical problems",
             "Which terminals have a critical condition now, and for how long?",
-            prom(f'time() - posfleet_terminal_problem_since_seconds{{{FLEET_SEL},severity="critical"}}', table=True),
+            prom(since(f'{FLEET_SEL},severity="critical"'), table=True),
             ["terminal_id", "merchant_id", "acquirer", "site", "condition", "detail", "Value"],
             overrides=[rename("Value", "active for", "s"), drilldown_link("terminal_id")],
             options={"showHeader": True, "sortBy": [{"displayName": "active for", "desc": True}]},
@@ -592,7 +619,7 @@ def upstream() -> Board:
             [
                 prom(
                     'sum by (acquirer) (posfleet_fleet_condition_terminals{acquirer=~"$acquirer",'
-                    'site=~"$site",condition="upstream_missing"})',
+                    'condition="upstream_missing"})',
                     "{{acquirer}}",
                 )
             ],
@@ -604,8 +631,7 @@ def upstream() -> Board:
             "Terminals missing upstream",
             "Which terminals' transactions did the acquirer not record?",
             prom(
-                'time() - posfleet_terminal_problem_since_seconds{acquirer=~"$acquirer",site=~"$site",'
-                'condition="upstream_missing"}',
+                since(f'{FLEET_SEL},condition="upstream_missing"'),
                 table=True,
             ),
             ["terminal_id", "merchant_id", "acquirer", "site", "Value"],
@@ -854,7 +880,7 @@ def terminal() -> Board:
         table(
             "Active conditions",
             "What is wrong with this terminal right now, and since when?",
-            prom(f"time() - posfleet_terminal_problem_since_seconds{{{tid}}}", table=True),
+            prom(since(tid), table=True),
             ["condition", "severity", "detail", "merchant_id", "acquirer", "site", "model", "Value"],
             overrides=[rename("Value", "active for", "s")],
         ),

@@ -53,11 +53,17 @@ FAULTS = {
 }
 DRILLDOWN_TERMINAL = "T00000"
 MAINTENANCE_ACQUIRER = "acq-m"
+# A site whose three terminals all lose power: a mass outage (of the site, and of its acquirer acq-o).
+MASS_OUTAGE = {f"MO{i:05d}": "power_loss" for i in range(3)}
 
 
 def fleet() -> tuple[list[TerminalSpec], list[str]]:
-    specs = make_fleet(24, ("acq-a", "acq-b")) + make_fleet(3, (MAINTENANCE_ACQUIRER,), prefix="MT")
-    healthy = [s.tid for s in specs if s.tid not in FAULTS]
+    specs = (
+        make_fleet(24, ("acq-a", "acq-b"))
+        + make_fleet(3, (MAINTENANCE_ACQUIRER,), prefix="MT")
+        + make_fleet(3, ("acq-o",), sites_per_acquirer=1, prefix="MO")
+    )
+    healthy = [s.tid for s in specs if s.tid not in FAULTS and s.tid not in MASS_OUTAGE]
     return specs, healthy
 
 
@@ -222,7 +228,7 @@ def fault_checks(healthy: list[str]) -> dict[tuple[str, str], ProblemCheck]:
         t
         for t, f in FAULTS.items()
         if f in ("stuck_uploads", "host_drops", "card_reader_fault", "power_loss", "network_loss", "wrong_merchant")
-    }
+    } | set(MASS_OUTAGE)
     return {
         (fleet_uid, "Offline"): sum_positive(2),
         (fleet_uid, "Upload backlog"): sum_positive(1),
@@ -233,6 +239,7 @@ def fault_checks(healthy: list[str]) -> dict[tuple[str, str], ProblemCheck]:
         (fleet_uid, "Software versions"): by_label("app_version", {"3.4.1", "2.0.7"}),
         (fleet_uid, "Hardware faults"): terminals({"T00002", "T00003"}, healthy),
         (fleet_uid, "Critical problems"): terminals(critical, healthy),
+        (fleet_uid, "Mass outages"): by_label("site", {"acq-o-site0"}),
         (up_uid, "Feed stale"): by_label("acquirer", {MAINTENANCE_ACQUIRER}),
         (up_uid, "Terminals missing upstream"): terminals({"T00001"}, healthy),
         (up_uid, "Terminals with missing transactions"): sum_positive(1),
@@ -287,7 +294,7 @@ async def test_every_dashboard_query_returns_the_fleet_it_describes(tmp_path: Pa
                     await asyncio.to_thread(
                         wait_until, "history of a healthy fleet", lambda: drilldown_history_exists(influx), 30
                     )
-                    for tid, fault in FAULTS.items():
+                    for tid, fault in (FAULTS | MASS_OUTAGE).items():
                         sim.set_fault(tid, fault)
                     sim.set_fault(MAINTENANCE_ACQUIRER, "host_maintenance")
                     problems = await asyncio.to_thread(poll_until_proven, boards, prom, influx, checks)
