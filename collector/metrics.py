@@ -145,7 +145,9 @@ class FleetView:
 def take_view(fleet: Fleet, cap: int, now: float) -> FleetView:
     """Copy what a scrape needs, on the loop: O(acquirers + problem sites + problems up to `cap` + versions)."""
     acq_counts = dict(fleet.acquirer_counts)
-    acquirers = fleet.acquirers() | {a for (a, c), n in acq_counts.items() if c == "_known" and n > 0}
+    with_feed = fleet.acquirers()  # the registry's and those with a feed: each has feed series
+    # ... plus "unknown" once an unregistered terminal is seen: counts, but no feed (nobody may speak for it).
+    acquirers = with_feed | {a for (a, c), n in acq_counts.items() if c == "_known" and n > 0}
     # Problem sites share the problem series' cap: a fleet where everything is wrong must not render every site.
     problem_sites = list(fleet.problem_sites)
     problems = []
@@ -162,7 +164,7 @@ def take_view(fleet: Fleet, cap: int, now: float) -> FleetView:
         problems.append((tid, t.merchant, t.acquirer, t.site, t.model or "", active))
     total = sum(n for (_a, c), n in acq_counts.items() if not c.startswith("_"))
     feeds = []
-    for acq in sorted(acquirers):
+    for acq in sorted(with_feed):
         feed = fleet.feeds.get(acq)
         feeds.append((acq, feed.last_rx if feed else 0.0, fleet.feed_stale(acq, now), feed.txns if feed else 0))
     return FleetView(

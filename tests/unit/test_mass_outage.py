@@ -175,6 +175,10 @@ def test_unregistered_terminals_are_never_mass_offline() -> None:
     fc.silence(["s1-0"], 200)
     assert {tr.tid for tr in fc.out if tr.condition == "offline"} == {"X1", "X2", "X3", "X4"}
     assert fc.mass() == set()
+    # Counted per acquirer as "unknown", but no feed series: no feed may speak for unregistered terminals.
+    fams = exposition(fc.fleet)
+    assert {s.labels["acquirer"]: s.value for s in fams["posfleet_fleet_terminals"]} == {"acq": 1, "unknown": 4}
+    assert {s.labels["acquirer"] for s in fams["posfleet_acquirer_feed_stale"]} == {"acq"}
 
 
 def test_a_tick_evaluates_only_what_changed() -> None:
