@@ -64,7 +64,7 @@ async def test_slow_influx_does_not_slow_ingest(tmp_path: Path, mosquitto: Proce
         async with sim:
             with ConditionWatch(port, [s.tid for s in specs]) as watch:
                 await asyncio.to_thread(wait_until, lambda: len(sink.heartbeat_seqs()) == N, 30, "history flowing")
-                depth, lag = await run_load(sim, port, 10)
+                depth, lag = await run_load(sim, port, 6)
         await all_applied(sim, port)
         await asyncio.to_thread(wait_until, lambda: not lost_and_extra(sim.sent_seqs, sink.heartbeat_seqs())[0],
                                 30, "every heartbeat written", 0.25)
@@ -101,7 +101,7 @@ async def test_hung_influx_spools_then_replays_to_a_real_server(tmp_path: Path, 
             with ConditionWatch(port, [s.tid for s in specs]) as watch:
                 await asyncio.to_thread(wait_until, lambda: metric_sample(port, "posfleet_influx_up") == 0, 30,
                                         "the hung server noticed")
-                depth, lag = await run_load(sim, port, 10)
+                depth, lag = await run_load(sim, port, 6)
                 await asyncio.to_thread(wait_until, lambda: metric_sample(
                     port, "posfleet_influx_spool_points") > 0, 30, "history spooled")
         await all_applied(sim, port)
