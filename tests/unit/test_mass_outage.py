@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from collector.api import build_app
 from collector.app import Collector
 from collector.config import Config, Thresholds
 from collector.detect import MassOffline, mass_offline_step
-from collector.metrics import FleetCollector, SelfMetrics, render_exposition
+from collector.metrics import CHUNK, FleetCollector, SelfMetrics, render_exposition, render_exposition_async
 from collector.protocol import Heartbeat, Status
 from collector.registry import Registry, RegistryEntry
 from collector.state import Fleet, Transition
@@ -310,3 +311,39 @@ async def test_sites_api_lists_every_site_with_counts_within_the_token_scope(
     assert paged["total"] == 3 and [s["site"] for s in paged["sites"]] == ["a2"]
     bad = await client.get("/api/v1/sites?limit=x", headers={"Authorization": "Bearer tok-all-0123456789abcdef"})
     assert bad.status == 400
+
+
+def test_problem_series_and_sites_are_capped_and_the_drop_counted() -> None:
+    fleet = fleet_with(0)  # site "bad": 3 offline terminals
+    reg = CollectorRegistry(auto_describe=False)
+    collector = FleetCollector(fleet, SelfMetrics(reg), 2, lambda: T0)
+    reg.register(collector)
+    text = render_exposition(reg, collector.view()).decode()
+    fams = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    assert len(fams["posfleet_terminal_problem"]) == 2 == len(fams["posfleet_terminal_problem_since_seconds"])
+    assert [s.value for s in fams["posfleet_terminal_problem_series_dropped"]] == [1]
+
+
+async def test_the_chunked_render_yields_to_the_loop_and_writes_the_same_body() -> None:
+    reg = registry({f"s{n}": 2 for n in range(3 * CHUNK)})
+    fc = Fleetclock(reg)
+    fc.beat(list(reg.entries))
+    fc.silence([t for t in reg.entries if t.endswith("-1")], 200)  # one silent terminal on each site
+    registry_ = CollectorRegistry(auto_describe=False)
+    collector = FleetCollector(fc.fleet, SelfMetrics(registry_), 5000, lambda: T0)
+    registry_.register(collector)
+    view = collector.view()
+    ticks = 0
+
+    async def count() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count())
+    body = await render_exposition_async(registry_, view)
+    counter.cancel()
+    assert body == render_exposition(registry_, view)
+    assert body.count(b"\nposfleet_terminal_problem{") == 3 * CHUNK
+    assert ticks >= 6, "the loop ran between the chunks"
