@@ -1,15 +1,18 @@
-"""MQTT ingest: paho's network thread hands raw messages to the asyncio loop through a bounded queue.
+"""MQTT ingest: paho driven by the asyncio loop itself, handing raw messages to the consumer through a bounded queue.
 
 - Persistent session (fixed client id, clean_session=False) and QoS 1, so the broker keeps our messages while
   we restart; subscriptions are (re)made in on_connect and the granted QoS is checked.
 - `manual_ack=True`: a message is acknowledged only after the loop has applied it to the state, so a crash
   between receive and processing makes the broker redeliver instead of losing it.
-- Acknowledgements slide: they go out in small groups as messages are applied (`ack_step`), straight from the
-  loop's thread (pahofast), not once per batch. A broker lets only a window of unacknowledged messages be in
-  flight (Mosquitto 20 by default, EMQX 32): acking a whole batch at its end left that window empty while the
-  batch was applied, so throughput followed the window size.
-- The paho thread never does work: on_message appends to a deque. When the queue is full it waits (bounded)
-  for room, which stops reading from the socket: the broker holds the rest (backpressure, not memory growth).
+- Acknowledgements slide: they go out in small groups as messages are applied (`ack_step`), not once per batch.
+  A broker lets only a window of unacknowledged messages be in flight (Mosquitto 20 by default, EMQX 32):
+  acking a whole batch at its end left that window empty while the batch was applied.
+- No network thread: the socket is read by a loop reader callback, keepalive runs on a loop timer, and only
+  the blocking connect (TCP, TLS handshake) goes to a worker thread. With paho's own thread, every round trip
+  of a small window cost two thread wake-ups and a wait for the GIL (up to the 5 ms switch interval) while the
+  loop applied messages; on two shared cores that, not the work, set the throughput (docs/performance.md).
+- Backpressure: when the queue is full the reader is paused, so the broker holds the rest (not our memory);
+  it resumes as soon as the consumer takes a batch.
 - A broker that cannot be reached is retried with backoff for ever, and said so: every failed attempt (refused,
   TLS handshake, certificate, bad credentials) is logged with its cause, at most one line per 30 s with the
   number of attempts left out, so a collector that never connects is never silent.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -123,8 +127,12 @@ class Inbound:
     rx: float
 
 
+def _ignore(*_args: object) -> None:
+    """A paho callback that does nothing."""
+
+
 class MqttIngest:
-    """Owns the paho client; `async with` connects, exit disconnects cleanly."""
+    """Owns the paho client and drives it from the loop; `async with` connects, exit disconnects cleanly."""
 
     def __init__(self, cfg: MqttConfig, metrics: SelfMetrics, loop: asyncio.AbstractEventLoop) -> None:
         self.cfg = cfg
@@ -132,13 +140,16 @@ class MqttIngest:
         self.loop = loop
         self.capacity = cfg.queue_size
         self._queue: collections.deque[Inbound] = collections.deque()
-        self._room = threading.Condition()
         self._ready = asyncio.Event()
-        self._lock = threading.Lock()
-        self._consumer_waiting = False
         self._closing = False
         self.subscribed = False
         self._connected = False  # the broker accepted this connection (CONNACK success)
+        self._accepted = False  # ... at some point since the last reconnect attempt (resets the backoff)
+        self._fd = -1  # the socket's file descriptor while the loop watches it
+        self._paused = False  # reading stopped: the queue is full
+        self._writing = False
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self.last_message = 0.0
         url = urlparse(cfg.url)
         self.host = url.hostname or "127.0.0.1"
@@ -162,13 +173,11 @@ class MqttIngest:
                 password = fh.read().strip()
         if cfg.username:
             client.username_pw_set(cfg.username, password)
-        client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe  # type: ignore[assignment]
         client.on_message = self._on_message
-        client.on_connect_fail = self._on_connect_fail
         client.enable_logger(PahoLog(self._failures))
         self.client = client
         self.topics = [
@@ -180,13 +189,13 @@ class MqttIngest:
         metrics.queue_capacity.set(self.capacity)
         metrics.mqtt_connected.set(0)
 
-    # ---- paho thread -----------------------------------------------------------------------------------
+    # ---- paho callbacks (on the loop, inside loop_read / loop_misc) -------------------------------------
     def _on_connect(self, client: paho.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         if getattr(reason, "is_failure", False):
             self._failures.failed("MQTT connect to %s:%s refused by the broker: %s; retrying with backoff",
                                   self.host, self.port, reason)
             return
-        self._connected = True
+        self._connected = self._accepted = True
         failed = self._failures.succeeded()
         log.info("MQTT connected to %s:%s%s; subscribing", self.host, self.port,
                  f" after {failed} failed attempts" if failed else "")
@@ -194,8 +203,7 @@ class MqttIngest:
         # Always subscribe: a persistent session may have been lost with the broker's state (paho #375).
         client.subscribe(self.topics)
 
-    def _on_connect_fail(self, client: paho.Client, _u: object) -> None:
-        err = getattr(client, "connect_error", None)
+    def _on_connect_fail(self, err: BaseException | None) -> None:
         self._failures.failed("MQTT connect to %s:%s failed: %s; retrying with backoff (at most %ss apart)",
                               self.host, self.port, err or "unknown error", self.cfg.reconnect_max_s)
 
@@ -222,58 +230,134 @@ class MqttIngest:
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         rx = time.time()
         self.last_message = rx
-        queue = self._queue
-        if len(queue) >= self.capacity:
-            with self._room:
-                # Stop reading the socket for a while; the broker buffers. Never forever: keepalive must go on.
-                self._room.wait_for(lambda: len(queue) < self.capacity, timeout=self.cfg.keepalive_s / 3)
-            if len(queue) >= self.capacity:
-                self.metrics.queue_overflows.inc()  # taken anyway: losing an unacked message is worse
-        item = Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos, rx)
-        # Append and read the consumer's "waiting" flag atomically: without the lock, an append racing with
-        # the consumer going to sleep is a lost wake-up and ingest stalls with messages in the queue.
-        with self._lock:
-            queue.append(item)
-            wake, self._consumer_waiting = self._consumer_waiting, False
-        if wake:
-            self.loop.call_soon_threadsafe(self._ready.set)
+        self._queue.append(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos, rx))
+        self._ready.set()
 
-    # ---- asyncio side ----------------------------------------------------------------------------------
+    # ---- the socket on the loop --------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Start reading the socket paho has just connected."""
+        sock = self.client.socket()
+        if sock is None:
+            return
+        self._fd = sock.fileno()
+        self._paused = False
+        self.loop.add_reader(self._fd, self._readable)
+        self._after_io()
+
+    def _unwatch(self) -> None:
+        if self._fd >= 0:
+            # paho may have closed the socket already: the selector then forgets the descriptor and says EBADF.
+            with contextlib.suppress(OSError):
+                self.loop.remove_reader(self._fd)
+            with contextlib.suppress(OSError):
+                self.loop.remove_writer(self._fd)
+            self._fd, self._writing = -1, False
+
+    def _after_io(self) -> None:
+        """After paho ran: notice a closed connection, write what is pending, pause when the queue is full."""
+        sock = self.client.socket()
+        if sock is None or sock.fileno() != self._fd:
+            self._unwatch()
+            self._lost.set()
+            return
+        want = self.client.want_write()
+        if want and not self._writing:
+            self.loop.add_writer(self._fd, self._writable)
+        elif not want and self._writing:
+            self.loop.remove_writer(self._fd)
+        self._writing = want
+        if len(self._queue) >= self.capacity and not self._paused:
+            # Stop reading: the broker buffers the rest. The consumer resumes us when it takes a batch.
+            self._paused = True
+            self.loop.remove_reader(self._fd)
+
+    def _readable(self) -> None:
+        self.client.loop_read()
+        self._after_io()
+
+    def _writable(self) -> None:
+        self.client.loop_write()
+        self._after_io()
+
+    def _resume(self) -> None:
+        if self._paused and self._fd >= 0 and len(self._queue) < self.capacity:
+            self._paused = False
+            self.loop.add_reader(self._fd, self._readable)
+
+    async def _run(self) -> None:
+        """Connect, keep the connection alive, reconnect with backoff: the loop paho's own thread used to run."""
+        client = self.client
+        delay = self.cfg.reconnect_min_s
+        tick = min(1.0, self.cfg.keepalive_s / 4)
+        while not self._closing:
+            client.connect_error = None
+            # While a callback is set paho queues packets instead of writing them in the calling thread: the
+            # CONNECT then goes out from the loop, after anything the broker already said (a TLS alert naming a
+            # missing client certificate would otherwise be lost to the reset our write provokes).
+            client.on_socket_register_write = _ignore
+            try:
+                # The blocking part (TCP connect, TLS handshake) off the loop; nothing else touches the client
+                # meanwhile: the consumer does not ack while disconnected and no reader is registered.
+                await asyncio.to_thread(client.reconnect)
+            except (OSError, ValueError) as err:
+                self._on_connect_fail(err)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                continue
+            finally:
+                client.on_socket_register_write = None
+            self._lost.clear()
+            self._watch()
+            while not self._lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), tick)
+                if not self._lost.is_set():
+                    client.loop_misc()  # keepalive: PINGREQ, and a broker that stopped answering is dropped
+                    self._after_io()
+            if self._accepted:  # the broker took this connection: a new outage starts from the shortest wait
+                self._accepted, delay = False, self.cfg.reconnect_min_s
+            if not self._closing:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.reconnect_max_s)
+
+    # ---- consumer side -----------------------------------------------------------------------------------
     async def batches(self, max_batch: int = 2000) -> list[Inbound]:
         """Wait for messages and take up to `max_batch` of them."""
         queue = self._queue
-        while True:
-            with self._lock:
-                if queue:
-                    break
-                self._consumer_waiting = True
-                self._ready.clear()
+        while not queue:
+            self._ready.clear()
             await self._ready.wait()
         n = min(len(queue), max_batch)
         batch = [queue.popleft() for _ in range(n)]
-        if n and len(queue) < self.capacity:
-            with self._room:
-                self._room.notify_all()
+        self._resume()
         self.metrics.queue_depth.set(len(queue))
         return batch
 
     def ack(self, items: list[Inbound]) -> None:
-        """Acknowledge processed QoS 1 messages to the broker, in one write."""
-        self.client.ack_many([i.mid for i in items if i.qos == 1])
+        """Acknowledge processed QoS 1 messages to the broker, in one write (none while disconnected: the broker
+        redelivers those, and nothing may precede the CONNECT of the next connection)."""
+        if self._connected:
+            self.client.ack_many([i.mid for i in items if i.qos == 1])
+            self._after_io()  # a write that would block waits for the socket; a failed one closed it
 
     def thread_alive(self) -> bool:
-        """Independent liveness: paho's loop thread can die while the process lives (paho #704)."""
-        thread = getattr(self.client, "_thread", None)
-        return thread is not None and thread.is_alive()
+        """Independent liveness: the task driving the connection is running (it must never end while open)."""
+        return self._task is not None and not self._task.done()
 
     async def __aenter__(self) -> MqttIngest:
         self.client.connect_async(self.host, self.port, keepalive=self.cfg.keepalive_s)
-        self.client.loop_start()
+        self._task = asyncio.create_task(self._run(), name="mqtt")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._closing = True
         self._failures.quiet = True
-        self.client.disconnect()
-        await asyncio.to_thread(self.client.loop_stop)
+        if self._fd >= 0:
+            self.client.disconnect()  # written at once; paho closes the socket after the DISCONNECT
+            self._after_io()
+        self._unwatch()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         self.metrics.mqtt_connected.set(0)

@@ -16,6 +16,8 @@ the next minor version and tests/unit/test_pahofast.py fails loudly when they ch
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import struct
 import threading
 from typing import Any
@@ -44,6 +46,7 @@ class BufferedClient(paho.Client):
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rsock is not self._sock:  # a new connection: bytes of the old one are meaningless
             self._rbuf, self._rpos, self._rsock = b"", 0, self._sock
+            self._no_delay()
         if self._rpos >= len(self._rbuf):
             data = super()._sock_recv(_CHUNK)  # raises BlockingIOError when nothing is there
             if not data:
@@ -54,8 +57,22 @@ class BufferedClient(paho.Client):
         self._rpos += len(chunk)
         return chunk
 
+    def _no_delay(self) -> None:
+        """Send small packets at once (TCP_NODELAY): with Nagle's algorithm a second group of PUBACKs waits for the
+        broker's TCP acknowledgement of the first, which the broker delays (up to 40 ms on Linux) when it has no
+        data to send back, and it has none until it gets our PUBACKs."""
+        # Not TCP (a websocket wrapper, a Unix socket): nothing to tune.
+        with contextlib.suppress(OSError, AttributeError):
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+
     def _buffered(self) -> bool:
-        return self._rsock is self._sock and self._rpos < len(self._rbuf)
+        """Bytes we hold that select()/epoll cannot see: in our buffer, or decrypted and waiting in the TLS layer."""
+        if self._rsock is not self._sock:
+            return False
+        if self._rpos < len(self._rbuf):
+            return True
+        pending = getattr(self._sock, "pending", None)  # ssl.SSLSocket: a record already read off the socket
+        return pending is not None and pending() > 0
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         """Read packets while whole or partial packets sit in the buffer (select() cannot see them)."""
