@@ -20,6 +20,7 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,6 +32,7 @@ from collector.metrics import CHUNK, FleetCollector, SelfMetrics, render_exposit
 from collector.protocol import Heartbeat, Status
 from collector.registry import Registry, RegistryEntry
 from collector.state import Fleet, Transition
+from tests.unit import test_fleet_properties as props
 
 T0 = 1_764_510_000.0
 TH = Thresholds()
@@ -347,3 +349,54 @@ async def test_the_chunked_render_yields_to_the_loop_and_writes_the_same_body() 
     assert body == render_exposition(registry_, view)
     assert body.count(b"\nposfleet_terminal_problem{") == 3 * CHUNK
     assert ticks >= 6, "the loop ran between the chunks"
+
+
+# ---- incremental equals full evaluation (hypothesis) --------------------------------------------------------
+MIN1 = msgspec.convert(
+    {"thresholds": {"upstream_grace_s": 60, "feed_stale_s": 120, "flapping_window_s": 600,
+                    "mass_offline_min_terminals": 1}},
+    Config,
+)
+
+
+@props.SETTINGS
+@given(ops=props.ops)
+def test_incremental_mass_offline_equals_evaluating_every_site_every_tick(ops: list[tuple[float, Any]]) -> None:
+    """Random message streams (tests/unit/test_fleet_properties.py's): after every tick, the mass outages of the
+    dirty-set evaluation equal those of an oracle that evaluates every site and acquirer on every tick, and the
+    per-acquirer and problem-site views equal their recount from the site counts."""
+    fleet = Fleet(MIN1, started_at=props.T0, registry=props.REG)
+    oracle: dict[tuple[str, str, str], MassOffline] = {}
+
+    def evaluate_everything() -> None:
+        keys = {("site", a, s) for a, s, _ in fleet.counts} | {("acquirer", a, "") for a, _, _ in fleet.counts}
+        for scope, acq, site in keys:
+            if acq == "unknown":
+                continue
+            if scope == "site":
+                c = fleet.counts
+                offline, expected = c[(acq, site, "offline")], c[(acq, site, "_known")] - c[(acq, site, "_shutdown")]
+            else:
+                a = fleet.acquirer_counts
+                offline, expected = a[(acq, "offline")], a[(acq, "_known")] - a[(acq, "_shutdown")]
+            key = (scope, acq, site)
+            oracle[key] = mass_offline_step(oracle.get(key, OFF), offline, expected, MIN1.thresholds)
+        assert {k for k, st in oracle.items() if st.active} == {(s, a, si) for s, a, si, _ in fleet.mass_offline()}
+
+    now, out = props.T0, []
+    for gap, op in ops:
+        now += gap
+        props.apply(fleet, op, now, out)
+        if op[0] == "tick":
+            evaluate_everything()
+        # A tick after every message as well: ticks without a count change in between are where a pending
+        # (mid-hysteresis) site must still be evaluated.
+        out.extend(fleet.tick(now))
+        evaluate_everything()
+    per_acquirer: Counter[tuple[str, str]] = Counter()
+    sites: Counter[tuple[str, str]] = Counter()
+    for (acq, site, cond), n in fleet.counts.items():
+        per_acquirer[(acq, cond)] += n
+        if not cond.startswith("_"):
+            sites[(acq, site)] += n
+    assert +fleet.acquirer_counts == +per_acquirer and fleet.problem_sites == dict(+sites)
