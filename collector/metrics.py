@@ -119,10 +119,11 @@ class SelfMetrics:
 
 @dataclass(frozen=True, slots=True)
 class FleetView:
-    """What one scrape shows of the fleet, copied on the event loop so the text can be formatted off it.
+    """What one scrape shows of the fleet, taken on the event loop in one cheap piece.
 
-    Everything here is bounded by acquirers, versions and problems (capped), never by sites or terminals, so
-    taking it costs the loop little whatever the fleet's size."""
+    The aggregates are copies bounded by acquirers and versions; the problem sites and terminals are copied as
+    id lists (C-level copies) and read from the live maps while the text is formatted in chunks on the loop.
+    Nothing here grows with sites or healthy terminals."""
 
     now: float
     acquirers: tuple[str, ...]
