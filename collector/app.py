@@ -92,6 +92,8 @@ class Collector:
         self.restored = restored._replace(terminals=[], feeds=[])
         # A wall-clock step beyond two evaluation rounds (10 s at least: NTP slews smaller offsets) is a jump.
         self.clock_watch = ClockWatch(clock(), monotonic(), max(10.0, 2 * cfg.state.eval_interval_s))
+        # When the collector stopped hearing the broker (None while it hears it); from start until subscribed too.
+        self.deaf_since: float | None = None
         self.exit_code = 0
         self.supervisor = Supervisor(self.metrics.task_restarts, self._task_gave_up, restart_policy, monotonic)
         self.fleet_collector = FleetCollector(self.fleet, self.metrics, cfg.metrics.max_problem_series, clock)
@@ -332,7 +334,26 @@ class Collector:
                 "every terminal gets a full offline period", direction, abs(jump),
             )
             rebase_after_jump(self.fleet, now, jump)
+        if not self.hearing():
+            # Deaf (broker down, link lost, not yet subscribed): a silent terminal cannot be told from our own
+            # silence, so time-driven conditions wait; PosCollectorMqttDisconnected pages once instead of every
+            # terminal paging offline.
+            if self.deaf_since is None:
+                self.deaf_since = now
+            return
+        if self.deaf_since is not None:
+            deaf_for, self.deaf_since = now - self.deaf_since, None
+            # Terminals were cut off too and come back on their own backoff, at most about as long as the outage.
+            grace = min(deaf_for, self.cfg.thresholds.reconnect_grace_s)
+            if deaf_for > 0:
+                log.warning("hearing the broker again after %.1f s: silence is measured from %.1f s from now, every "
+                            "terminal gets a full offline period after that", deaf_for, grace)
+            self.fleet.started_at = max(self.fleet.started_at, now + grace)
         self._emit(self.fleet.tick(now))
+
+    def hearing(self) -> bool:
+        """True while subscribed to the broker: only then is a terminal's silence evidence about the terminal."""
+        return self.ingest is not None and self.ingest.subscribed
 
     def snapshot_now(self) -> bool:
         """Write a snapshot now; failures are counted and logged, never fatal."""

@@ -76,6 +76,11 @@ class Thresholds(Struct, frozen=True, forbid_unknown_fields=True):
     # chance.
     flapping_events: Count = 3
     flapping_window_s: Positive = 3600.0
+    # After the collector could not hear the broker for d seconds (broker down, link lost), terminals reconnect
+    # with their own exponential backoff, whose last wait is at most about d (the waits double): silence is then
+    # measured from min(d, this) after the collector hears again. 120 s is paho's and most embedded MQTT stacks'
+    # longest backoff.
+    reconnect_grace_s: Annotated[float, Meta(ge=0)] = 120.0
     # Everything else heartbeat-driven (hardware, backlog, registry, software, skew).
     default: Hysteresis = Hysteresis()
     # mass_offline (per site and per acquirer, a fleet-level condition): half of the terminals that should be

@@ -123,6 +123,9 @@ def start_mosquitto(workdir: Path, port: int | None = None) -> Process:
         "max_inflight_messages 1000\n"
         "max_queued_messages 1000000\n"
         "log_dest stderr\n"
+        # As root Mosquitto drops to the `mosquitto` user, which cannot write pytest's temporary directories: every
+        # persistence save would fail and broker-restart tests would not test persistence at all.
+        + ("user root\n" if os.geteuid() == 0 else "")
     )
     log = workdir / "mosquitto.log"
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log.open("ab"), stderr=subprocess.STDOUT)

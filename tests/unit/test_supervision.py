@@ -210,6 +210,8 @@ class Host:
         )
         self.c = Collector(cfg, clock=lambda: self.wall, monotonic=lambda: self.mono)
         self.c.fleet.set_registry(REG)
+        self.hears = True  # whether the collector hears its broker (no broker here: the test says)
+        self.c.hearing = lambda: self.hears  # type: ignore[method-assign]
         self.seq: dict[str, int] = {}
 
     def advance(self, seconds: float, beating: tuple[str, ...] = ("T1", "T2", "T3")) -> None:
@@ -303,3 +305,36 @@ def test_new_self_metrics_are_pre_initialised_and_bound_refusals_exported() -> N
     assert value("posfleet_bound_refused_total", {"bound": "feeds"}) == 3
     assert value("posfleet_bound_refused_total", {"bound": "terminal_rejects"}) == 2, "bounds added later show too"
     assert value("posfleet_bound_refused_total", {"bound": "versions"}) == 0
+
+
+# ---- the collector's own deafness ---------------------------------------------------------------------------
+
+
+def test_a_broker_outage_raises_no_offline_and_terminals_get_time_to_reconnect() -> None:
+    """While the collector hears no broker, no terminal can be called silent. After ten minutes of outage the
+    terminals come back on their own backoff: silence counts from reconnect + min(outage, reconnect_grace_s)
+    (120 s), so a terminal that stays silent is offline a grace and a full offline period (3 x 30 s) later."""
+    host = Host()
+    host.advance(4 * INTERVAL)
+    assert host.offline() == set()
+    host.hears = False
+    host.advance(20 * INTERVAL, beating=())  # ten minutes without a broker: nothing heard from anyone
+    assert host.offline() == set()
+    host.hears = True
+    host.advance(6 * INTERVAL, beating=("T1", "T2"))  # 180 s: within the grace (120 s) + offline period (90 s)
+    assert host.offline() == set()
+    host.advance(2 * INTERVAL, beating=("T1", "T2"))  # 240 s
+    assert host.offline() == {"T3"}
+
+
+def test_a_short_outage_gives_a_short_grace() -> None:
+    """A 10 s outage: terminals' backoff is short too, so the grace is 10 s, not 120 s."""
+    host = Host()
+    host.advance(4 * INTERVAL)
+    host.hears = False
+    host.advance(10, beating=())
+    host.hears = True
+    host.advance(3 * INTERVAL, beating=("T1",))  # 90 s < 10 s grace + 90 s
+    assert host.offline() == set()
+    host.advance(INTERVAL, beating=("T1",))  # 120 s
+    assert host.offline() == {"T2", "T3"}
