@@ -656,7 +656,7 @@ class Fleet:
         return UpstreamResult(False, matched, foreign, unknown)
 
     def tick(self, now: float) -> list[Transition]:
-        """Evaluate time-driven conditions for every terminal."""
+        """Evaluate time-driven conditions for every terminal, then mass-offline for the sites that changed."""
         out: list[Transition] = []
         step = self._time_step
         factor, default_interval, feeds = self.th.offline_factor, self.th.default_interval_s, self.feeds
