@@ -33,7 +33,7 @@ def test_metrics_on_its_own_listener_only(tmp_path: Path, mosquitto: Process) ->
         status, body = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert status == 200
         assert b"posfleet_up 1.0" in body and b"# TYPE posfleet_terminal_problem gauge" in body
-        assert b'posfleet_fleet_terminals{acquirer="acq-a",site="s0"} 1.0' in body
+        assert b'posfleet_fleet_terminals{acquirer="acq-a"} 1.0' in body
 
         status, body = http_get(f"http://127.0.0.1:{http_port}/metrics")
         assert status == 404 and b"posfleet_" not in body
