@@ -1,0 +1,168 @@
+"""Acknowledgements slide: behind a broker window of 20 (Mosquitto's default), PUBACKs leave while a batch is
+still being applied, so the broker keeps sending; and still never before a message is applied.
+
+A real Mosquitto with `max_inflight_messages 20`, a backlog waiting in the collector's persistent session, and a
+TCP tap between them that counts the PUBACKs the broker receives. No timing is asserted: the checks wait for a
+count (tests.services.wait_until) while the collector's loop is held inside the application of one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from collector.app import Collector
+from collector.config import Config
+from collector.mqtt import ack_step
+from tests.services import Process, free_port, port_open, require_binary, wait_until
+
+pytestmark = pytest.mark.integration
+BACKLOG = 200
+CHECK_AT = (100, 150, 190)
+
+
+class PubackTap:
+    """TCP proxy 127.0.0.1:port -> broker that counts the PUBACKs passing from the client to the broker."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.pubacks = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._socks: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def count(self) -> int:
+        """PUBACKs the broker has received so far."""
+        with self._lock:
+            return self.pubacks
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._listener.accept()
+                broker = socket.create_connection(("127.0.0.1", self.target_port))
+                self._socks += [client, broker]
+                threading.Thread(target=self._pipe, args=(broker, client, False), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(client, broker, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        buf = b""
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)  # forwarded before counting: a counted PUBACK has reached the broker's socket
+                if upstream:
+                    buf = self._count(buf + data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _count(self, buf: bytes) -> bytes:
+        """Walk whole MQTT packets (fixed header, remaining length); keep the incomplete tail."""
+        while len(buf) >= 2:
+            length, mult, i = 0, 1, 1
+            while i < len(buf):
+                length += (buf[i] & 0x7F) * mult
+                mult *= 128
+                i += 1
+                if not buf[i - 1] & 0x80:
+                    break
+            else:
+                return buf
+            if len(buf) < i + length:
+                return buf
+            if buf[0] >> 4 == 4:
+                with self._lock:
+                    self.pubacks += 1
+            buf = buf[i + length:]
+        return buf
+
+    def close(self) -> None:
+        """Close every socket."""
+        for s in self._socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@pytest.fixture
+def small_window(tmp_path: Path) -> Iterator[Process]:
+    """Mosquitto with its default in-flight window (20 unacknowledged messages per client)."""
+    binary = require_binary("mosquitto", "/usr/sbin/mosquitto")
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 20\n"
+                    "max_queued_messages 0\nlog_dest stderr\n")
+    log = tmp_path / "mosquitto.log"
+    broker = Process(subprocess.Popen([binary, "-c", str(conf)], stdout=log.open("ab"), stderr=subprocess.STDOUT),
+                     port, tmp_path, log)
+    try:
+        wait_until(lambda: port_open(port), 10, "mosquitto to listen")
+        yield broker
+    finally:
+        broker.stop()
+
+
+def publish_backlog(port: int) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="window-pub", protocol=paho.MQTTv311)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    infos = [
+        client.publish(f"pos/v1/T{i:05d}/heartbeat", json.dumps({
+            "tid": f"T{i:05d}", "ts": 1_764_510_000 + i, "seq": 1, "interval_s": 30, "txn_count": 0,
+            "uploaded_count": 0, "queue_depth": 0, "oldest_queued_ts": None}), qos=1)
+        for i in range(BACKLOG)
+    ]
+    for info in infos:
+        info.wait_for_publish(20)
+    client.disconnect()
+    client.loop_stop()
+
+
+async def test_acks_slide_behind_a_window_of_20(tmp_path: Path, small_window: Process) -> None:
+    tap = PubackTap(small_window.port)
+    cfg = msgspec.convert({
+        "mqtt": {"url": f"mqtt://127.0.0.1:{tap.port}", "client_id": "posfleet-window"},
+        "http": {"host": "127.0.0.1", "port": 0},
+        "state": {"snapshot_path": str(tmp_path / "state.snapshot")},
+    }, Config)
+    try:
+        async with Collector(cfg) as c:  # registers the persistent session, then leaves
+            await asyncio.to_thread(wait_until, lambda: c.ingest is not None and c.ingest.subscribed, 10, "subscribed")
+        await asyncio.to_thread(publish_backlog, small_window.port)
+        before = tap.count()
+        applied = 0
+        seen_at: dict[int, int] = {}
+
+        def hook(_msg: object, _rx: float, _t: object) -> None:
+            nonlocal applied
+            applied += 1
+            # Held inside the application of one message: the acks of what was applied must already be out,
+            # short of at most one group (collector.mqtt.ack_step: at most 64). Acking per batch, the broker had
+            # only heard of the first batch here (Mosquitto resends the rest of a resumed session at once).
+            if applied in CHECK_AT:
+                want = applied - 1 - ack_step(BACKLOG)
+                seen_at[applied] = wait_until(lambda: (n := tap.count() - before) >= want and n, 10,
+                                              f"PUBACKs for {want} applied messages, message {applied} still applying")
+            # ... and never more than what was applied: ack after apply.
+            assert tap.count() - before <= applied - 1
+
+        c = Collector(cfg)
+        c.message_hooks.append(hook)  # before connecting: the backlog arrives as soon as the session resumes
+        async with c:
+            await asyncio.to_thread(wait_until, lambda: applied >= BACKLOG and tap.count() - before >= BACKLOG, 30,
+                                    "the whole backlog applied and acknowledged")
+        assert sorted(seen_at) == list(CHECK_AT)
+    finally:
+        tap.close()
