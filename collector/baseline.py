@@ -68,6 +68,10 @@ class Params:
     # Half-life of the weighted mean, in calendar days: a shop that changes its hours stops being expected in
     # the old ones after ~2 half-lives (two weeks), while one odd day (a holiday) moves a bucket by only ~13%.
     half_life_days: float = 7.0
+    # A fully heard hour with no transaction where the bucket expected >= ln(1000) (silence improbable) is
+    # learned with this shorter half-life: a shop that now closes earlier stops being expected in ~4 days,
+    # while a single holiday lowers those hours by ~30% for a week (slower, never false, detection).
+    fast_half_life_days: float = 2.0
     # An hour is learned only when heartbeats covered at least half of it: a terminal switched off mid-hour
     # must not teach "no transactions".
     min_cover_s: int = 1800
@@ -93,12 +97,20 @@ class Params:
     volume_windows_s: tuple[int, ...] = (600, 1800)
     volume_ratio: float = 0.6
     volume_p: float = 1e-6
-    volume_min_expected: float = 20.0
+    volume_min_expected: float = 100.0  # a halving is then a deficit of >= 50, ~5 standard deviations
+    # Feed batches arrive late or early by a batch or two: the expected volume is the least of the window and
+    # the window shifted by this much either way, so a steep evening fall is not mistaken for a drop.
+    volume_slack_s: float = 120.0
 
-    def alpha(self, day_type: int) -> float:
+    # A stretch that began before today's local midnight has no transaction today: the first sale of a day is
+    # not a Poisson event (shops open late), so it must also outlast this many hours of the busiest rate.
+    opening_slack_h: float = 0.5
+
+    def alpha(self, day_type: int, fast: bool = False) -> float:
         """Per-observation weight of a bucket: a weekday bucket is seen 5 times a week, a weekend one twice."""
         per_week = 2.0 if day_type else 5.0
-        return 1.0 - math.pow(2.0, -7.0 / (per_week * self.half_life_days))
+        half_life = self.fast_half_life_days if fast else self.half_life_days
+        return 1.0 - math.pow(2.0, -7.0 / (per_week * half_life))
 
 
 PARAMS = Params()
@@ -137,6 +149,21 @@ def bucket(tz: ZoneInfo, hour: int) -> int:
     if wd < 5:
         return local.hour
     return (24 if wd == 5 else 36) + local.hour // 2
+
+
+@lru_cache(maxsize=1 << 16)
+def _cell(tz: ZoneInfo, hour: int) -> tuple[int, int]:
+    """The bucket of a UTC hour and the bucket of its outer neighbour when it is half of a two-hour block.
+
+    A two-hour block that holds an opening or a closing averages a trading hour with a closed one; using the
+    lower of the block and its neighbour on that side keeps the expectation from leaking into the closed hour
+    (it can only make the test more conservative).
+    """
+    b = bucket(tz, hour)
+    if b < 24:
+        return b, b
+    local = datetime.fromtimestamp(hour * 3600 + 1800, tz)
+    return b, bucket(tz, hour - 1 if local.hour % 2 == 0 else hour + 1)
 
 
 def _day_type(b: int) -> int:
@@ -240,11 +267,13 @@ class BaselineStore:
         kind = _day_type(b)
         seen = learned[kind]
         # Until a bucket has a few observations its mean is the plain average (1/n), then the EWMA weight.
-        n = seen // (24 // _HOURS_PER_BUCKET[kind]) + 1
-        alpha = max(self.params.alpha(kind), 1.0 / n)
-        rate = c8 / 8.0 * 3600.0 / cover
+        hpb = _HOURS_PER_BUCKET[kind]
+        n = seen // 24 * hpb + seen % hpb + 1  # observations of this bucket so far, assuming whole days
         i = slot * RECORD + b
         old = _RATE[self.buf[i]]
+        improbable_zero = c8 == 0 and cover >= 3600 and old >= -math.log(self.params.p_stretch)
+        alpha = max(self.params.alpha(kind, improbable_zero), 1.0 / n)
+        rate = c8 / 8.0 * 3600.0 / cover
         self.buf[i] = _encode(old + alpha * (rate - old), _dither(hour, b))
         learned[kind] = min(_U16, seen + 1)
 
@@ -261,7 +290,8 @@ def expected_between(store: BaselineStore, slot: int, tz: ZoneInfo, start: float
     while t < end:
         hour = int(t // 3600)
         nxt = min(end, (hour + 1) * 3600.0)
-        total += _RATE[buf[off + bucket(tz, hour)]] * (nxt - t) / 3600.0
+        b, nb = _cell(tz, hour)
+        total += min(_RATE[buf[off + b]], _RATE[buf[off + nb]]) * (nxt - t) / 3600.0
         t = nxt
     return total
 
@@ -312,22 +342,47 @@ def activity_drop(
     expected = expected_between(store, slot, tz, last_txn_at, now)
     if expected < needed:
         return None
-    if regional_quiet_share is not None and regional_quiet_share >= store.params.holiday_share:
-        midnight = _local_midnight(tz, now)
-        # Only a stretch that began before today and was not already improbable yesterday looks like a holiday.
-        if last_txn_at < midnight and expected_between(store, slot, tz, last_txn_at, midnight) < needed:
+    midnight = _local_midnight(tz, now)
+    # A stretch that began before today and was not already improbable yesterday: nothing sold today yet.
+    if last_txn_at < midnight and expected_between(store, slot, tz, last_txn_at, midnight) < needed:
+        if regional_quiet_share is not None and regional_quiet_share >= store.params.holiday_share:
             return NotEvaluated.REGIONAL_QUIET
+        needed += _opening_slack(store, slot)
+        if expected < needed:
+            return None
     return Drop(expected, last_txn_at, needed)
 
 
-def flag_due(store: BaselineStore, slot: int, tz: ZoneInfo, since: float, until: float) -> float | None:
-    """When silence since `since` first reaches the threshold under today's baseline (None: not before `until`).
+def _opening_slack(store: BaselineStore, slot: int) -> float:
+    """Extra expected count for a day's first sale: `opening_slack_h` hours at the slot's busiest rate."""
+    return store.params.opening_slack_h * max(store.rates(slot))
 
-    Lets a caller schedule one evaluation per silent terminal instead of re-integrating every tick.
+
+def flag_due(store: BaselineStore, slot: int, tz: ZoneInfo, since: float, until: float) -> float | None:
+    """When silence since `since` is first flagged under the current baseline (None: not before `until`).
+
+    Lets a caller schedule one evaluation per silent terminal instead of re-integrating every tick; it agrees
+    with `activity_drop` without a holiday share.
     """
     if not store.evaluated(slot):
         return None
     needed = threshold(store, slot)
+    due = _due(store, slot, tz, since, until, needed)
+    if due is None:
+        return None
+    midnight = _local_midnight(tz, due)
+    if since >= midnight or expected_between(store, slot, tz, since, midnight) >= needed:
+        return due
+    later = _due(store, slot, tz, since, until, needed + _opening_slack(store, slot))
+    # Past the next midnight the part before it alone is improbable, and no slack applies any more.
+    next_midnight = _local_midnight(tz, midnight + 30 * 3600.0)
+    if later is None or later > next_midnight:
+        return next_midnight if next_midnight <= until else None
+    return later
+
+
+def _due(store: BaselineStore, slot: int, tz: ZoneInfo, since: float, until: float, needed: float) -> float | None:
+    """When the expected count since `since` reaches `needed` (None: not before `until` or the horizon)."""
     off = slot * RECORD
     buf = store.buf
     total = 0.0
@@ -336,7 +391,8 @@ def flag_due(store: BaselineStore, slot: int, tz: ZoneInfo, since: float, until:
     while t < stop:
         hour = int(t // 3600)
         nxt = min(stop, (hour + 1) * 3600.0)
-        rate = _RATE[buf[off + bucket(tz, hour)]]
+        b, nb = _cell(tz, hour)
+        rate = min(_RATE[buf[off + b]], _RATE[buf[off + nb]])
         add = rate * (nxt - t) / 3600.0
         if total + add >= needed:
             return t + (needed - total) / rate * 3600.0
@@ -420,7 +476,8 @@ class VolumeBaseline:
             b = bucket(tz, self.cur)
             kind = _day_type(b)
             seen = self.learned[kind]
-            alpha = max(self.params.alpha(kind), 1.0 / (seen // (24 // _HOURS_PER_BUCKET[kind]) + 1))
+            hpb = _HOURS_PER_BUCKET[kind]
+            alpha = max(self.params.alpha(kind), 1.0 / (seen // 24 * hpb + seen % hpb + 1))
             self.rates[b] += alpha * (self.count * 3600.0 / self.cover - self.rates[b])
             self.learned[kind] = seen + 1
         self.cur, self.count, self.cover = hour, 0.0, 0.0
@@ -456,7 +513,7 @@ def acquirer_volume_drop(
         start = end - w
         if start < vb.alive_since:
             continue  # the feed has not been back long enough to fill this window
-        expected = vb.expected_between(tz, start, end)
+        expected = min(vb.expected_between(tz, start + d, end + d) for d in (-p.volume_slack_s, 0.0, p.volume_slack_s))
         observed = vb.observed_since(start)
         if (
             expected >= p.volume_min_expected
