@@ -55,9 +55,11 @@ def write_inputs(workdir: Path, n: int, per_site: int) -> Path:
 def heartbeat(i: int, now: float) -> bytes:
     """One heartbeat shaped like a real terminal's (large counters, own clock, varying signal)."""
     return json.dumps({
-        "tid": f"T{i:07d}", "mid": f"M{i // 20:06d}", "seq": 1_000_000 + i * 7, "ts": round(now - i * 0.001, 3),
-        "interval_s": 30, "txn_count": 40_000 + i % 5000, "uploaded_count": 40_000 + i % 5000,
-        "queue_depth": 0, "oldest_queued_ts": None, "uptime_s": 86_400.5 + i,
+        "tid": f"T{i:07d}", "mid": f"M{i // 20:06d}", "seq": 1_000_000 + i * 7, "ts": round(now - i % 100 * 0.01, 3),
+        # Most terminals have uploaded everything (the counters are equal); every 10th has one queued.
+        "interval_s": 30, "txn_count": 40_000 + i % 5000, "uploaded_count": 40_000 + i % 5000 - (i % 10 == 0),
+        "queue_depth": int(i % 10 == 0), "oldest_queued_ts": now - 60 if i % 10 == 0 else None,
+        "uptime_s": 86_400.5 + i,
         "model": ("A920", "P400")[i % 2], "app_version": "4.2.1", "os_version": "11",
         "net": {"type": "cellular", "rssi_dbm": -60 - i % 40},
         "power": {"source": "battery", "battery_pct": (i % 1000) / 10},

@@ -179,6 +179,8 @@ def _share_values(t: Terminal) -> None:
         number = getattr(t, name)
         if number is not None:
             setattr(t, name, share_float(number))
+    if t.uploaded_count == t.txn_count:  # everything uploaded, the usual case: one int object for both
+        t.uploaded_count = t.txn_count
     if t.conds:
         t.conds = {
             sys.intern(c): Active(a.since, sys.intern(a.severity), sys.intern(a.detail)) for c, a in t.conds.items()

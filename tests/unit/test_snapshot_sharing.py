@@ -68,6 +68,7 @@ def test_repeated_values_are_one_object_each(tmp_path: Path) -> None:
     assert len({id(k) for t in ts if t.rejected for k in t.rejected}) == 1
     details = {id(a.detail) for t in ts if t.conds for a in t.conds.values()}
     assert len(details) == 1
+    assert all(t.uploaded_count is t.txn_count for t in ts)  # equal counters: one int object
     # What is each terminal's own stays its own: no sharing can merge two terminals' clocks.
     assert distinct("last_rx") == 40 and distinct("uptime_s") == 40
 
