@@ -37,13 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collector.baseline import (
     BaselineStore,
     Drop,
-    NotEvaluated,
     Params,
     VolumeBaseline,
     VolumeDrop,
     acquirer_volume_drop,
     activity_drop,
     flag_due,
+    local_midnight,
     quiet_today,
     threshold,
 )
@@ -52,6 +52,7 @@ START = datetime(2026, 3, 9, tzinfo=ZoneInfo("UTC")).timestamp()  # a Monday; EU
 START_DAY = datetime(2026, 3, 9).toordinal()
 ZONES = [("Europe/Berlin", 0.40), ("America/New_York", 0.25), ("Asia/Kolkata", 0.15), ("Australia/Sydney", 0.20)]
 HOLIDAY = ("2026-04-03", {"Europe/Berlin", "Australia/Sydney"})
+HOLIDAY_AND_NEXT = ("2026-04-03", "2026-04-04")
 CLASSES = [(1.0, 0.25), (6.0, 0.35), (25.0, 0.25), (40.0, 0.15)]
 
 
@@ -156,7 +157,16 @@ def run_fleet(n: int, days: int, seed: int) -> dict[str, object]:
     for s in shops:
         groups.setdefault(s.tz.key, []).append(s)
     share_cache: dict[tuple[str, int], float | None] = {}
-    counts = {"counted_days": 0, "false": 0, "holiday_false": 0, "holiday_suppressed": 0, "not_evaluated": 0}
+    holidays: dict[str, list[tuple[float, float]]] = {}
+    seen_days: set[tuple[float, float]] = set()
+    counts = {
+        "counted_days": 0,
+        "false": 0,
+        "holiday_false": 0,
+        "holiday_suppressed": 0,
+        "holiday_days": 0,
+        "not_evaluated": 0,
+    }
     changer: dict[int, int] = {}
     detect: list[float] = []
     missed = 0
@@ -183,22 +193,30 @@ def run_fleet(n: int, days: int, seed: int) -> dict[str, object]:
         nonlocal missed
         if s.flagged:
             return
-        due = flag_due(store, s.slot, s.tz, s.since, until)
+        quiet = holidays.setdefault(s.tz.key, [])
+        due = flag_due(store, s.slot, s.tz, s.since, until, quiet)
         if due is None:
             return
-        _, _, _, _, midnight = clock.local(s.tz, int(due // 3600))
-        sh = share(s.tz, due) if s.since < midnight else None
-        verdict = activity_drop(store, s.slot, s.tz, due + 1e-6, s.since, regional_quiet_share=sh)
-        if verdict is NotEvaluated.REGIONAL_QUIET:
-            counts["holiday_suppressed"] += 1
-            return
+        midnight = local_midnight(s.tz, due)
+        if s.since < midnight and (midnight, midnight) not in seen_days:
+            # As the collector's tick would: a region whose terminals mostly have not sold today is on holiday.
+            sh = share(s.tz, due)
+            if sh is not None and sh >= params.holiday_share:
+                quiet.append((midnight, local_midnight(s.tz, midnight + 30 * 3600.0)))
+                seen_days.add((midnight, midnight))
+                counts["holiday_days"] += 1
+                due = flag_due(store, s.slot, s.tz, s.since, until, quiet)
+                if due is None:
+                    counts["holiday_suppressed"] += 1
+                    return
+        verdict = activity_drop(store, s.slot, s.tz, due + 1e-6, s.since, quiet)
         if not isinstance(verdict, Drop):
             return
         s.flagged = True
         if s.stop_at is not None and s.stop_at > 0 and due >= s.stop_at:
             detect.append((due - s.stop_at) / 60.0)
             s.stop_at = 0.0  # measured
-        elif holiday:
+        elif s.tz.key in HOLIDAY[1] and clock.local(s.tz, int(due // 3600))[3] in HOLIDAY_AND_NEXT:
             counts["holiday_false"] += 1
         elif s.change_day is not None and day >= s.change_day:
             changer[day - s.change_day] = changer.get(day - s.change_day, 0) + 1
@@ -255,6 +273,7 @@ def run_fleet(n: int, days: int, seed: int) -> dict[str, object]:
         "false_all": counts["false"],
         "holiday_false": counts["holiday_false"],
         "holiday_suppressed": counts["holiday_suppressed"],
+        "holiday_days": counts["holiday_days"],
         "holiday_terminals": sum(1 for s in shops if s.tz.key in HOLIDAY[1]),
         "changers": sum(1 for s in shops if s.change_day is not None),
         "changer_flags": dict(sorted(changer.items())),
@@ -342,15 +361,16 @@ def main() -> None:
         ("  per 10,000 terminal-days", f"{10000 * f['false'] / max(1, f['healthy_days']):.2f}"),  # type: ignore[operator]
         ("  incl. learning week (days 7-8)", f"{f['false_all']}"),
         ("Good Friday: terminals in holiday zones", f"{f['holiday_terminals']}"),
-        ("  flagged on the holiday / suppressed by the guard", f"{f['holiday_false']} / {f['holiday_suppressed']}"),
+        ("  flagged on the holiday or the day after", f"{f['holiday_false']}"),
+        ("  region-days the holiday guard declared quiet", f"{f['holiday_days']}"),
         (f"shops closing 2 h earlier from day 12 ({f['changers']})", "flags by day after change"),
         ("  (day: flags)", str(f["changer_flags"])),
         ("busy shops stopped in week 4: flagged / stopped", f"{len(det)} / {f['stopped']}"),
     ]
     if det:
-        q = statistics.quantiles(det, n=20) if len(det) > 1 else [det[0]] * 19
+        p95 = sorted(det)[int(0.95 * (len(det) - 1))]
         rows.append(
-            ("  minutes to flag: median / p95 / max", f"{statistics.median(det):.0f} / {q[18]:.0f} / {max(det):.0f}")
+            ("  minutes to flag: median / p95 / max", f"{statistics.median(det):.0f} / {p95:.0f} / {max(det):.0f}")
         )
     for n, r, h in acq:
         rows.append((f"acquirer ({n} shops' volume): false flags, days 7-{a.days}", f"{r['false']}"))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -46,6 +47,7 @@ __all__ = [
     "bucket",
     "expected_between",
     "flag_due",
+    "local_midnight",
     "poisson_tail_low",
     "quiet_today",
     "threshold",
@@ -278,22 +280,36 @@ class BaselineStore:
         learned[kind] = min(_U16, seen + 1)
 
 
-def expected_between(store: BaselineStore, slot: int, tz: ZoneInfo, start: float, end: float) -> float:
-    """Transactions the baseline expects between `start` and `end` (at most `horizon_h` hours back from end)."""
-    start = max(start, end - store.params.horizon_h * 3600.0)
-    if end <= start:
-        return 0.0
+Quiet = Sequence[tuple[float, float]]  # [start, end) intervals that count for nothing (holidays, calendars)
+
+
+def _pieces(
+    store: BaselineStore, slot: int, tz: ZoneInfo, start: float, end: float, quiet: Quiet
+) -> Iterator[tuple[float, float, float]]:
+    """(from, to, rate per second) for [start, end) cut at UTC hours, skipping the quiet intervals."""
     off = slot * RECORD
     buf = store.buf
-    total = 0.0
     t = start
     while t < end:
-        hour = int(t // 3600)
-        nxt = min(end, (hour + 1) * 3600.0)
-        b, nb = _cell(tz, hour)
-        total += min(_RATE[buf[off + b]], _RATE[buf[off + nb]]) * (nxt - t) / 3600.0
+        nxt = min(end, (int(t // 3600) + 1) * 3600.0)
+        for qa, qb in quiet:
+            if qa <= t < qb:
+                nxt = min(end, qb)  # skip the quiet part
+                break
+            if t < qa < nxt:
+                nxt = qa
+        else:
+            b, nb = _cell(tz, int(t // 3600))
+            yield t, nxt, min(_RATE[buf[off + b]], _RATE[buf[off + nb]]) / 3600.0
         t = nxt
-    return total
+
+
+def expected_between(
+    store: BaselineStore, slot: int, tz: ZoneInfo, start: float, end: float, quiet: Quiet = ()
+) -> float:
+    """Transactions the baseline expects between `start` and `end` (at most `horizon_h` hours back from end)."""
+    start = max(start, end - store.params.horizon_h * 3600.0)
+    return sum((b - a) * r for a, b, r in _pieces(store, slot, tz, start, end, quiet))
 
 
 def threshold(store: BaselineStore, slot: int) -> float:
@@ -304,100 +320,87 @@ def threshold(store: BaselineStore, slot: int) -> float:
     return max(-math.log(p.p_stretch), math.log(per_day / p.p_day))
 
 
-def _local_midnight(tz: ZoneInfo, now: float) -> float:
+def local_midnight(tz: ZoneInfo, now: float) -> float:
     """The epoch time of the local midnight that starts `now`'s local day."""
     local = datetime.fromtimestamp(now, tz)
     return datetime(local.year, local.month, local.day, tzinfo=tz).timestamp()
 
 
 def quiet_today(store: BaselineStore, slot: int, tz: ZoneInfo, now: float, last_txn_at: float) -> bool | None:
-    """For the holiday share: None if not expected to have traded today yet, else whether it has not."""
+    """For a region's holiday share: None if not expected to have traded today yet, else whether it has not."""
     if not store.evaluated(slot):
         return None
-    midnight = _local_midnight(tz, now)
+    midnight = local_midnight(tz, now)
     if expected_between(store, slot, tz, midnight, now) < -math.log(store.params.p_stretch):
         return None
     return last_txn_at < midnight
 
 
+def _needed(store: BaselineStore, slot: int, tz: ZoneInfo, since: float, now: float, quiet: Quiet) -> float:
+    """The threshold for a stretch judged at `now`, plus the opening slack when nothing was sold today."""
+    needed = threshold(store, slot)
+    midnight = local_midnight(tz, now)
+    # A stretch that began before today and was not already improbable by midnight: nothing sold today yet,
+    # and the first sale of a day is not a Poisson event (shops open late).
+    if since < midnight and expected_between(store, slot, tz, since, midnight, quiet) < needed:
+        needed += store.params.opening_slack_h * max(store.rates(slot))
+    return needed
+
+
 def activity_drop(
-    store: BaselineStore,
-    slot: int,
-    tz: ZoneInfo,
-    now: float,
-    last_txn_at: float,
-    *,
-    regional_quiet_share: float | None = None,
+    store: BaselineStore, slot: int, tz: ZoneInfo, now: float, last_txn_at: float, quiet: Quiet = ()
 ) -> Drop | NotEvaluated | None:
     """Is the silence since `last_txn_at` improbable under the baseline? None: no; NotEvaluated: cannot say.
 
-    `regional_quiet_share` is the share of the terminal's region (computed by the caller with `quiet_today`
-    over at least `holiday_min_peers` terminals, else None) that has not traded today although it normally has.
+    `quiet` are intervals the caller declares to count for nothing: a local day on which at least
+    `holiday_share` of the terminal's region (over >= `holiday_min_peers`, see `quiet_today`) sold nothing
+    although they normally had, or a configured holiday. A drop that exists only thanks to them is
+    REGIONAL_QUIET, never a flag.
     """
     if not store.evaluated(slot):
         return NotEvaluated.NO_BASELINE
     if now <= last_txn_at:
         return None
-    needed = threshold(store, slot)
-    expected = expected_between(store, slot, tz, last_txn_at, now)
-    if expected < needed:
-        return None
-    midnight = _local_midnight(tz, now)
-    # A stretch that began before today and was not already improbable yesterday: nothing sold today yet.
-    if last_txn_at < midnight and expected_between(store, slot, tz, last_txn_at, midnight) < needed:
-        if regional_quiet_share is not None and regional_quiet_share >= store.params.holiday_share:
-            return NotEvaluated.REGIONAL_QUIET
-        needed += _opening_slack(store, slot)
-        if expected < needed:
-            return None
-    return Drop(expected, last_txn_at, needed)
+    expected = expected_between(store, slot, tz, last_txn_at, now, quiet)
+    needed = _needed(store, slot, tz, last_txn_at, now, quiet)
+    if expected >= needed:
+        return Drop(expected, last_txn_at, needed)
+    if quiet and expected_between(store, slot, tz, last_txn_at, now) >= _needed(store, slot, tz, last_txn_at, now, ()):
+        return NotEvaluated.REGIONAL_QUIET
+    return None
 
 
-def _opening_slack(store: BaselineStore, slot: int) -> float:
-    """Extra expected count for a day's first sale: `opening_slack_h` hours at the slot's busiest rate."""
-    return store.params.opening_slack_h * max(store.rates(slot))
-
-
-def flag_due(store: BaselineStore, slot: int, tz: ZoneInfo, since: float, until: float) -> float | None:
+def flag_due(
+    store: BaselineStore, slot: int, tz: ZoneInfo, since: float, until: float, quiet: Quiet = ()
+) -> float | None:
     """When silence since `since` is first flagged under the current baseline (None: not before `until`).
 
     Lets a caller schedule one evaluation per silent terminal instead of re-integrating every tick; it agrees
-    with `activity_drop` without a holiday share.
+    with `activity_drop` given the same quiet intervals.
     """
     if not store.evaluated(slot):
         return None
-    needed = threshold(store, slot)
-    due = _due(store, slot, tz, since, until, needed)
-    if due is None:
-        return None
-    midnight = _local_midnight(tz, due)
-    if since >= midnight or expected_between(store, slot, tz, since, midnight) >= needed:
-        return due
-    later = _due(store, slot, tz, since, until, needed + _opening_slack(store, slot))
-    # Past the next midnight the part before it alone is improbable, and no slack applies any more.
-    next_midnight = _local_midnight(tz, midnight + 30 * 3600.0)
-    if later is None or later > next_midnight:
-        return next_midnight if next_midnight <= until else None
-    return later
-
-
-def _due(store: BaselineStore, slot: int, tz: ZoneInfo, since: float, until: float, needed: float) -> float | None:
-    """When the expected count since `since` reaches `needed` (None: not before `until` or the horizon)."""
-    off = slot * RECORD
-    buf = store.buf
-    total = 0.0
-    t = since
     stop = min(until, since + store.params.horizon_h * 3600.0)
-    while t < stop:
-        hour = int(t // 3600)
-        nxt = min(stop, (hour + 1) * 3600.0)
-        b, nb = _cell(tz, hour)
-        rate = min(_RATE[buf[off + b]], _RATE[buf[off + nb]])
-        add = rate * (nxt - t) / 3600.0
-        if total + add >= needed:
-            return t + (needed - total) / rate * 3600.0
-        total += add
-        t = nxt
+    base = threshold(store, slot)
+    slack = store.params.opening_slack_h * max(store.rates(slot))
+    total = 0.0
+    crossed, before_midnight = False, 0.0  # passed a local midnight; expected from `since` to the latest one
+    day_end = local_midnight(tz, local_midnight(tz, since) + 30 * 3600.0)  # days are 23-25 h long
+    for a, b, r in _pieces(store, slot, tz, since, stop, quiet):
+        t = a
+        while t < b:
+            while t >= day_end:  # quiet pieces count nothing, so `total` is the same at every skipped midnight
+                crossed, before_midnight = True, total
+                day_end = local_midnight(tz, day_end + 30 * 3600.0)
+            needed = base + slack if crossed and before_midnight < base else base
+            if total >= needed:
+                return t  # a midnight ended the slack: flagged from then
+            seg_end = min(b, day_end)
+            add = (seg_end - t) * r
+            if total + add >= needed:
+                return t + (needed - total) / r
+            total += add
+            t = seg_end
     return None
 
 

@@ -176,14 +176,39 @@ def test_zones_and_dst() -> None:
 def test_holiday_guard() -> None:
     t = learned(shop(9, 19, 25.0), 21)
     since, now = at(BERLIN, 2026, 1, 24, 19), at(BERLIN, 2026, 1, 26, 11)  # closed on a Monday holiday
+    holiday = [(at(BERLIN, 2026, 1, 26), at(BERLIN, 2026, 1, 27))]
     assert quiet_today(t.store, 1, BERLIN, now, since) is True
     assert quiet_today(t.store, 1, BERLIN, at(BERLIN, 2026, 1, 26, 8), since) is None  # not due to trade yet
     assert isinstance(activity_drop(t.store, 1, BERLIN, now, since), Drop)
-    assert activity_drop(t.store, 1, BERLIN, now, since, regional_quiet_share=0.9) is NotEvaluated.REGIONAL_QUIET
-    assert isinstance(activity_drop(t.store, 1, BERLIN, now, since, regional_quiet_share=0.1), Drop)
-    # Silent since yesterday's trading hours: already a drop yesterday, a holiday today does not excuse it.
+    assert activity_drop(t.store, 1, BERLIN, now, since, holiday) is NotEvaluated.REGIONAL_QUIET
+    assert flag_due(t.store, 1, BERLIN, since, at(BERLIN, 2026, 1, 27, 9), holiday) is None
+    # The day after: the holiday counts for nothing, so no flood at midnight; flagged when it does not open.
+    tuesday = at(BERLIN, 2026, 1, 27)
+    assert activity_drop(t.store, 1, BERLIN, tuesday + 1800, since, holiday) is NotEvaluated.REGIONAL_QUIET
+    due = flag_due(t.store, 1, BERLIN, since, tuesday + 86400, holiday)
+    assert due is not None and at(BERLIN, 2026, 1, 27, 9, 30) < due < at(BERLIN, 2026, 1, 27, 10, 30)
+    assert isinstance(activity_drop(t.store, 1, BERLIN, due + 1, since, holiday), Drop)
+    # Silent since the last trading day's morning: already a drop then, a holiday does not excuse it.
     hung = at(BERLIN, 2026, 1, 23, 11)
-    assert isinstance(activity_drop(t.store, 1, BERLIN, now, hung, regional_quiet_share=0.9), Drop)
+    assert isinstance(activity_drop(t.store, 1, BERLIN, now, hung, holiday), Drop)
+
+
+@pytest.mark.parametrize(
+    ("since", "now", "flagged"),
+    [
+        # Nothing sold yet today: a shop opening late is not a fault; the opening slack (30 min at 25/h) applies.
+        ((1, 24, 19), (1, 26, 9, 45), False),
+        ((1, 24, 19), (1, 26, 10, 15), True),
+        # Sold this morning, then silent: the plain threshold (~41 min at 25/h).
+        ((1, 26, 9, 30), (1, 26, 10, 15), True),
+    ],
+)
+def test_first_sale_of_the_day_gets_opening_slack(since: tuple[int, ...], now: tuple[int, ...], flagged: bool) -> None:
+    t = learned(shop(9, 19, 25.0), 21)
+    s, n = at(BERLIN, 2026, *since), at(BERLIN, 2026, *now)
+    assert isinstance(activity_drop(t.store, 1, BERLIN, n, s), Drop) is flagged
+    due = flag_due(t.store, 1, BERLIN, s, n + 86400)
+    assert due is not None and (due <= n) is flagged
 
 
 def test_gaps_and_first_heartbeat_teach_nothing() -> None:
