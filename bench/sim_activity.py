@@ -340,13 +340,51 @@ def poisson(rng: random.Random, lam: float) -> int:
         k += 1
 
 
+def rss() -> int:
+    """This process's resident set size in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory(sizes: list[int]) -> None:
+    """Bytes per terminal of the baseline store, by tracemalloc and by RSS, every record filled."""
+    import tracemalloc
+
+    tz = ZoneInfo("Europe/Berlin")
+    seed = BaselineStore(1)
+    prev = None
+    for i in range(14 * 24 * 4):  # two weeks of learning, so the record is a real one
+        t = START + i * 900.0
+        seed.observe(0, tz, prev, i * 5, t, i * 5 + 5)
+        prev = t
+    record = seed.record(0)
+    print(f"{'terminals':>10} {'tracemalloc B/terminal':>24} {'RSS B/terminal':>16}")
+    for n in sizes:
+        tracemalloc.start()
+        before, r0 = tracemalloc.get_traced_memory()[0], rss()
+        store = BaselineStore(n)
+        for slot in range(n):
+            store.load(slot, record)
+        traced = tracemalloc.get_traced_memory()[0] - before
+        grown = rss() - r0
+        tracemalloc.stop()
+        print(f"{n:>10,} {traced / n:>24.2f} {grown / n:>16.2f}")
+        del store
+
+
 def main() -> None:
     """Run both experiments and print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--terminals", type=int, default=10000)
     ap.add_argument("--days", type=int, default=28)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--memory", type=int, nargs="*", help="only measure the store's bytes per terminal at these sizes")
     a = ap.parse_args()
+    if a.memory is not None:
+        memory(a.memory or [100_000, 1_000_000])
+        return
     started = time.perf_counter()
     f = run_fleet(a.terminals, a.days, a.seed)
     acq = [(n, run_acquirer(a.days, a.seed, n, None), run_acquirer(a.days, a.seed, n, 22)) for n in (2000, 100)]

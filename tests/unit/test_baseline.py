@@ -300,3 +300,34 @@ def test_store_never_grows_and_is_deterministic(steps: list[tuple[int, float, in
     a, va = play()
     b, vb = play()
     assert a.buf == b.buf and va == vb
+
+
+BUSY = learned(shop(8, 20, 30.0, sunday=True), 21)  # learned once; the properties below only read it
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.floats(0, 14 * 86400),
+    st.sampled_from([None, 0, 1, 2, 5]),
+)
+def test_flag_due_agrees_with_activity_drop(offset: float, quiet_day: int | None) -> None:
+    since = BUSY.now + offset
+    quiet = []
+    if quiet_day is not None:
+        m = local_midnight_of(since, quiet_day)
+        quiet = [(m, local_midnight_of(m, 1))]
+    until = since + 4 * 86400
+    due = flag_due(BUSY.store, 1, BERLIN, since, until, quiet)
+    if due is None:
+        assert not isinstance(activity_drop(BUSY.store, 1, BERLIN, until, since, quiet), Drop)
+        return
+    assert isinstance(activity_drop(BUSY.store, 1, BERLIN, due + 1e-3, since, quiet), Drop)
+    if due - 1.0 > since:
+        assert not isinstance(activity_drop(BUSY.store, 1, BERLIN, due - 1.0, since, quiet), Drop)
+
+
+def local_midnight_of(t: float, days_later: int) -> float:
+    """Local midnight `days_later` days after the day of `t` (Berlin)."""
+    d = datetime.fromtimestamp(t, BERLIN).date().toordinal() + days_later
+    day = datetime.fromordinal(d)
+    return datetime(day.year, day.month, day.day, tzinfo=BERLIN).timestamp()
