@@ -18,8 +18,10 @@ half-life is in calendar days. Hours the terminal was not heard for (offline, sw
 
 Deciding: `activity_drop` integrates the baseline over the silent stretch and flags when the expected count makes
 silence improbable even after allowing for the number of gaps a busy day has (a scan statistic, see
-`threshold`). `acquirer_volume_drop` compares an acquirer feed's recent volume with its baseline. Everything is
-a pure function of the stored bytes and the time passed in; nothing reads the wall clock.
+`threshold`), with extra slack for a day's first sale and nothing counted on days the caller declares quiet
+(a regional holiday). `flag_due` says when that will first happen, so a caller schedules instead of polling.
+`acquirer_volume_drop` compares an acquirer feed's recent volume with its baseline. Everything is a pure
+function of the stored bytes and the time passed in; nothing reads the wall clock.
 """
 
 from __future__ import annotations
@@ -91,8 +93,9 @@ class Params:
     # A silent stretch is integrated over at most this many hours (bounded work per evaluation).
     horizon_h: int = 336
     # Holiday guard: when at least this share of a region's terminals that normally have traded by now have
-    # not traded today, a terminal silent since before local midnight is not evaluated (a calendar, not a
-    # fault: faults are independent per terminal). The caller computes the share over >= holiday_min_peers.
+    # not traded today (`quiet_today`, over >= holiday_min_peers of them), the caller declares the local day
+    # quiet and passes it to `activity_drop` as counting for nothing: faults are independent per terminal, a
+    # whole region quiet together is a calendar (or the acquirer, which `acquirer_volume_drop` watches).
     holiday_share: float = 0.5
     holiday_min_peers: int = 20
     # Acquirer volume: windows tested (seconds), "far below" ratio, one-sided Poisson level, minimum expected.
@@ -103,7 +106,6 @@ class Params:
     # Feed batches arrive late or early by a batch or two: the expected volume is the least of the window and
     # the window shifted by this much either way, so a steep evening fall is not mistaken for a drop.
     volume_slack_s: float = 120.0
-
     # A stretch that began before today's local midnight has no transaction today: the first sale of a day is
     # not a Poisson event (shops open late), so it must also outlast this many hours of the busiest rate.
     opening_slack_h: float = 0.5
