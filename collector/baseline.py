@@ -455,10 +455,13 @@ class VolumeBaseline:
             self.minute_ids[i], self.minutes[i] = minute, 0
         self.minutes[i] += n
         prev = self.last_rx
-        if prev is None or not 0.0 <= rx - prev <= self.params.max_gap_s:
+        if prev is not None and rx < prev:
+            self.count += n  # out of receive order (a host clock step): counted, and the feed is still alive
+            return
+        if prev is None or rx - prev > self.params.max_gap_s:
             self.alive_since = rx
             self._roll(int(rx // 3600), tz)
-            self.last_rx = rx if prev is None else max(prev, rx)
+            self.last_rx = rx
             return
         t = prev
         per_s = n / (rx - prev) if rx > prev else 0.0

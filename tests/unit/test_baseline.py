@@ -253,6 +253,10 @@ def test_acquirer_volume_drop() -> None:
     drop = acquirer_volume_drop(vb, BERLIN, now, True)
     assert isinstance(drop, VolumeDrop) and drop.observed < drop.expected * 0.6
     assert acquirer_volume_drop(vb, BERLIN, now, False) is None  # stopped feed: feed_stale's business
+    # A batch out of receive order is counted and does not restart the feed (its windows stay judged).
+    alive, observed = vb.alive_since, vb.observed_since(now - 600)
+    vb.observe(7, now - 30, BERLIN)
+    assert vb.alive_since == alive and vb.observed_since(now - 600) == observed + 7
 
 
 @pytest.mark.parametrize(("k", "lam"), [(0, 7.0), (3, 20.0), (50, 100.0), (400, 1000.0)])
