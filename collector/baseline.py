@@ -102,7 +102,7 @@ class Params:
     volume_windows_s: tuple[int, ...] = (600, 1800)
     volume_ratio: float = 0.6
     volume_p: float = 1e-6
-    volume_min_expected: float = 100.0  # a halving is then a deficit of >= 50, ~5 standard deviations
+    volume_min_expected: float = 200.0  # a halving is then a deficit of >= 100, ~7 standard deviations
     # Feed batches arrive late or early by a batch or two: the expected volume is the least of the window and
     # the window shifted by this much either way, so a steep evening fall is not mistaken for a drop.
     volume_slack_s: float = 120.0
