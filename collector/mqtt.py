@@ -47,11 +47,13 @@ log = logging.getLogger(__name__)
 def ack_step(batch_size: int) -> int:
     """How many applied messages to acknowledge at a time within a batch of `batch_size`.
 
-    A quarter of the batch, between 4 and 64: a batch is at most what the broker's window let through, so a
-    quarter keeps the window three-quarters full while the rest is applied; 4 keeps a send() per message out of
-    small batches, and 64 bounds redelivery after a crash without costing more than ~0.1 µs per message.
+    A batch is at most what the broker's window let through. Behind a small window (Mosquitto's 20, EMQX's 32)
+    every message is acknowledged as soon as it is applied, which keeps the window as full as "ack after apply"
+    allows (one send() each, ~2 µs; the CPU per message measured the same as in groups of 5); in the large
+    batches of a wide window or a backlog, one send() per 1/16 of the batch (at most 64 messages, which also
+    bounds what a crash makes the broker redeliver) keeps the cost under ~0.1 µs per message.
     """
-    return max(4, min(64, batch_size // 4))
+    return max(1, min(64, batch_size // 16))
 
 
 class FailureLog:
