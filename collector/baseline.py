@@ -198,7 +198,7 @@ class BaselineStore:
         self.buf = bytearray(capacity * RECORD)
 
     def rates(self, slot: int) -> list[float]:
-        """The 48 expected rates (txn/h) of a slot: 0..23 weekday hours, 24..47 weekend hours."""
+        """The 48 expected rates (txn/h) of a slot: weekday hours, then Saturday and Sunday two-hour blocks."""
         off = slot * RECORD
         return [_RATE[q] for q in self.buf[off : off + 48]]
 
@@ -275,7 +275,8 @@ class BaselineStore:
         n = seen // 24 * hpb + seen % hpb + 1  # observations of this bucket so far, assuming whole days
         i = slot * RECORD + b
         old = _RATE[self.buf[i]]
-        improbable_zero = c8 == 0 and cover >= 3600 and old >= -math.log(self.params.p_stretch)
+        # Heard all hour (within a minute of per-heartbeat rounding) and not one sale where silence was improbable.
+        improbable_zero = c8 == 0 and cover >= 3540 and old >= -math.log(self.params.p_stretch)
         alpha = max(self.params.alpha(kind, improbable_zero), 1.0 / n)
         rate = c8 / 8.0 * 3600.0 / cover
         self.buf[i] = _encode(old + alpha * (rate - old), _dither(hour, b))

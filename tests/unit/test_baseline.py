@@ -155,6 +155,15 @@ def test_changed_hours_are_relearned_within_two_weeks() -> None:
     assert t.store.rates(1)[18] < 25.0 * 0.3  # two half-lives: ~1/4 of the old rate
 
 
+@pytest.mark.parametrize("hb", [60.0, 30.4])  # 30.4 s: per-heartbeat rounding leaves an hour ~3,570 s covered
+def test_improbable_silence_is_relearned_in_days(hb: float) -> None:
+    t = Terminal(BaselineStore(2), 1, BERLIN, at(BERLIN, 2026, 1, 5), hb=hb)
+    t.run(t.now + 21 * 86400, shop(9, 19, 25.0))
+    t.run(t.now + 7 * 86400, shop(9, 17, 25.0))  # one week of closing at 17:00: five weekdays
+    assert t.store.rates(1)[18] < 25.0 / 4  # the 2-day half-life; the 7-day one would leave ~12.5
+    assert t.store.rates(1)[12] == pytest.approx(25.0, rel=0.1)  # trading hours untouched
+
+
 def test_zones_and_dst() -> None:
     # Learned in winter (CET), judged after the spring change (CEST): opening hours follow local time.
     t = learned(shop(9, 19, 25.0), 84, start=at(BERLIN, 2026, 1, 5))  # to 2026-03-30, DST began 03-29
