@@ -52,8 +52,16 @@ def write_inputs(workdir: Path, n: int, per_site: int) -> Path:
     return config
 
 
-def heartbeat(i: int, now: float) -> bytes:
-    """One heartbeat shaped like a real terminal's (large counters, own clock, varying signal)."""
+def heartbeat(i: int, now: float, shape: str = "field") -> bytes:
+    """One heartbeat shaped like a real terminal's (large counters, own clock, varying signal), or like
+    bench/bench_ingest.py's (`shape="ingest"`: small counters, no uptime or power: the issue's 950 B baseline)."""
+    if shape == "ingest":
+        return json.dumps({
+            "tid": f"T{i:07d}", "ts": round(now, 3), "seq": 2, "interval_s": 30, "txn_count": 2,
+            "uploaded_count": 2, "queue_depth": 0, "oldest_queued_ts": None, "mid": f"M{i // 20:06d}",
+            "model": ("A920", "P400")[i % 2], "app_version": "3.4.1", "net": {"type": "wifi", "rssi_dbm": -60},
+            "hw": {"printer": "paper_out" if i % 25 == 0 else "ok", "display": "ok", "card_reader": "ok"},
+        }).encode()
     return json.dumps({
         "tid": f"T{i:07d}", "mid": f"M{i // 20:06d}", "seq": 1_000_000 + i * 7, "ts": round(now - i % 100 * 0.01, 3),
         # Most terminals have uploaded everything (the counters are equal); every 10th has one queued.
@@ -67,7 +75,7 @@ def heartbeat(i: int, now: float) -> bytes:
     }).encode()
 
 
-def build_snapshot(config: Path, n: int) -> None:
+def build_snapshot(config: Path, n: int, shape: str) -> None:
     """First process: the fleet after one heartbeat per terminal, written as the snapshot."""
     from collector.app import Collector
     from collector.config import load_config
@@ -77,7 +85,7 @@ def build_snapshot(config: Path, n: int) -> None:
     now = time.time()
     out: list[Any] = []
     for i in range(n):
-        msg = decode(f"pos/v1/T{i:07d}/heartbeat", heartbeat(i, now), "pos/v1", "acquirer/v1")
+        msg = decode(f"pos/v1/T{i:07d}/heartbeat", heartbeat(i, now, shape), "pos/v1", "acquirer/v1")
         assert isinstance(msg, Heartbeat)
         for _ in range(3):  # paper_out needs a few heartbeats (hysteresis); the rest is the same each time
             c.fleet.on_heartbeat(msg, now, out)
@@ -163,11 +171,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--terminals", type=int, default=1_000_000)
     ap.add_argument("--per-site", type=int, default=50)
+    ap.add_argument("--shape", choices=("field", "ingest"), default="field",
+                    help="heartbeats like a real fleet's, or like bench_ingest.py's (small counters, fewer fields)")
     ap.add_argument("--phase", choices=("all", "build", "measure"), default="all", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase == "build":
-        build_snapshot(args.workdir / "collector.yaml", args.terminals)
+        build_snapshot(args.workdir / "collector.yaml", args.terminals, args.shape)
         return
     if args.phase == "measure":
         print(json.dumps(measure(args.workdir / "collector.yaml", args.terminals)))
@@ -176,9 +186,9 @@ def main() -> None:
         workdir = Path(tmp)
         write_inputs(workdir, args.terminals, args.per_site)
         me = [sys.executable, __file__, "--terminals", str(args.terminals), "--workdir", str(workdir)]
-        subprocess.run([*me, "--phase", "build"], check=True)
+        subprocess.run([*me, "--phase", "build", "--shape", args.shape], check=True)
         res = json.loads(subprocess.run([*me, "--phase", "measure"], check=True, capture_output=True).stdout)
-    print(f"terminals (registered, one heartbeat each)   {res['terminals']:,}")
+    print(f"terminals (registered, one heartbeat each)   {res['terminals']:,} ({args.shape}-shaped heartbeats)")
     print(f"load average (1/5/15 min)                   {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"snapshot                                    {res['snapshot_bytes'] / 2**20:.1f} MiB, "
           f"restored in {res['restore_s']:.1f} s")

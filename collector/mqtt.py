@@ -349,7 +349,13 @@ class MqttIngest:
     async def __aenter__(self) -> MqttIngest:
         self.client.connect_async(self.host, self.port, keepalive=self.cfg.keepalive_s)
         self._task = asyncio.create_task(self._run(), name="mqtt")
+        self._task.add_done_callback(self._ended)
         return self
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        # The collector stays up but not ready (thread_alive): say why, with the traceback, once.
+        if not task.cancelled() and task.exception() is not None:
+            log.error("MQTT connection task died; ingest stopped", exc_info=task.exception())
 
     async def __aexit__(self, *exc: object) -> None:
         self._closing = True
@@ -360,6 +366,6 @@ class MqttIngest:
         self._unwatch()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         self.metrics.mqtt_connected.set(0)
