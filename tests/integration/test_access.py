@@ -35,6 +35,7 @@ SCOPED = {  # query-scoped endpoints: terminal -> 404, acquirer -> 403 for a tok
 LISTS = {
     "/api/v1/terminals": "/api/v1/terminals?all=1&limit=1000",
     "/api/v1/support/facets": "/api/v1/support/facets",
+    "/api/v1/sites": "/api/v1/sites?limit=1000",
 }
 PAGE = {"/support", "/support/", "/support/static/{name}"}
 PUBLIC = {"/healthz", "/readyz", "/metrics"}  # no terminal data behind a token by design (Prometheus scrapes)
@@ -93,6 +94,8 @@ async def test_tokens_scope_every_endpoint_and_the_page(tmp_path: Path, mosquitt
             assert get_json(port, "/api/v1/terminals?all=1&acquirer=acq-a", b)["total"] == 0
             facets = get_json(port, LISTS["/api/v1/support/facets"], b)
             assert facets["acquirers"] == ["acq-b"] and set(facets["sites"]) == {"acq-b"}
+            sites = get_json(port, LISTS["/api/v1/sites"], b)["sites"]
+            assert sites and {s["acquirer"] for s in sites} == {"acq-b"}
             for path in ("/api/v1/reconcile", f"/api/v1/reconcile?merchant_id={MERCHANT}"):
                 r = get_json(port, path, b)
                 items = r["missing_at_acquirer"] + r["pending"]
