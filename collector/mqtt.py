@@ -296,18 +296,20 @@ class MqttIngest:
             # While a callback is set paho queues packets instead of writing them in the calling thread: the
             # CONNECT then goes out from the loop, after anything the broker already said (a TLS alert naming a
             # missing client certificate would otherwise be lost to the reset our write provokes).
+            # Left set if we are cancelled meanwhile: a connect still running in its thread then never sends its
+            # CONNECT, so it cannot take the session over from whoever uses the client id next.
             client.on_socket_register_write = _ignore
             try:
                 # The blocking part (TCP connect, TLS handshake) off the loop; nothing else touches the client
                 # meanwhile: the consumer does not ack while disconnected and no reader is registered.
                 await asyncio.to_thread(client.reconnect)
             except (OSError, ValueError) as err:
+                client.on_socket_register_write = None
                 self._on_connect_fail(err)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.cfg.reconnect_max_s)
                 continue
-            finally:
-                client.on_socket_register_write = None
+            client.on_socket_register_write = None
             self._lost.clear()
             self._watch()
             while not self._lost.is_set():
