@@ -3,11 +3,14 @@
 - paho 2.x reads each packet as recv(1) for the command, recv(1) per remaining-length byte and recv(n) for the
   body, after one select() per packet: four system calls per heartbeat. Buffering cuts the receive path of a
   backlog drain roughly in half (bench/bench_ingest.py, docs/performance.md).
-- paho's `ack()` queues a PUBACK and wakes its network thread through a socket pair; that thread then needs the
-  GIL, which the asyncio thread holds while it applies messages (up to the 5 ms switch interval). Behind a
-  broker window of 20 (Mosquitto's default) or 32 (EMQX's), that wait is a stall per window. `ack_many` writes
-  the PUBACKs straight to the socket instead, under a lock that paho's own writes take too, so bytes of two
-  packets never interleave.
+- paho's `ack()` queues one PUBACK per message and, under paho's own thread, wakes that thread through a socket
+  pair; the thread then needs the GIL, which the loop holds while it applies messages (up to the 5 ms switch
+  interval): behind a broker window of 20 (Mosquitto's default) or 32 (EMQX's) that wait was a stall per
+  window. `ack_many` writes a group of PUBACKs straight to the socket from the calling thread instead, under a
+  lock that paho's own writes take too, so bytes of two packets never interleave whichever thread writes
+  (collector/mqtt.py drives paho from the loop; the lock keeps this client safe under `loop_start()` as well).
+- Bytes already read off the socket (our buffer, or a TLS record decrypted and pending) are invisible to
+  select()/epoll: `loop_read` keeps reading while there are any.
 
 Only private parts of paho are used (`_sock_recv`, `_sock_send`, `_packet_write`, `_packet_queue`,
 `_out_packet`, `_sock`, and `loop_read` to keep reading while bytes are buffered); the dependency is pinned below
