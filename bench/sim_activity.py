@@ -374,6 +374,31 @@ def memory(sizes: list[int]) -> None:
         del store
 
 
+def cost() -> None:
+    """Microseconds per call of observe (60-s heartbeats), activity_drop (1-hour stretch) and flag_due."""
+    tz = ZoneInfo("Europe/Berlin")
+    store = BaselineStore(50)
+    started, calls = time.perf_counter(), 0
+    for slot in range(50):
+        prev, count = None, 0
+        for i in range(8 * 1440):
+            t = START + i * 60.0
+            new = count + (i % 3 == 0)
+            store.observe(slot, tz, prev, count, t, new)
+            prev, count, calls = t, new, calls + 1
+    print(f"observe        {(time.perf_counter() - started) / calls * 1e6:6.1f} us per heartbeat")
+    now = START + 8 * 86400 + 10 * 3600
+    for name, call in (
+        ("activity_drop", lambda slot, j: activity_drop(store, slot, tz, now + j * 60, now - 3600)),
+        ("flag_due", lambda slot, j: flag_due(store, slot, tz, now - j * 60, now + 86400)),
+    ):
+        started = time.perf_counter()
+        for slot in range(50):
+            for j in range(200):
+                call(slot, j)
+        print(f"{name:14} {(time.perf_counter() - started) / 10000 * 1e6:6.1f} us per call")
+
+
 def main() -> None:
     """Run both experiments and print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -381,7 +406,11 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=28)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--memory", type=int, nargs="*", help="only measure the store's bytes per terminal at these sizes")
+    ap.add_argument("--cost", action="store_true", help="only time the model's calls")
     a = ap.parse_args()
+    if a.cost:
+        cost()
+        return
     if a.memory is not None:
         memory(a.memory or [100_000, 1_000_000])
         return
