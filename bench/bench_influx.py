@@ -7,7 +7,7 @@ Three phases, each with the writer on the same event loop as the load (as in the
   3. outage  — the server is stopped for --outage-s while the paced load continues (everything spooled), then
                restarted: how fast the spool is replayed while the load goes on
 
-Lines are real heartbeat lines built by exporters.history from decoded protocol messages (~370 bytes, 18 fields).
+Lines are real heartbeat lines built by exporters.history.lines from decoded protocol messages (~370 bytes, 18 fields).
 The cost of building them is measured separately (it is the collector's, per heartbeat).
 
     .venv/bin/python bench/bench_influx.py --rate 25000 --seconds 20 --outage-s 10
@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from collector.protocol import decode  # noqa: E402
-from exporters.history import heartbeat_line, tag_set  # noqa: E402
-from exporters.influx import InfluxConfig, InfluxWriter  # noqa: E402
+from collector.fleet.protocol import decode  # noqa: E402
+from exporters.history.influx import InfluxConfig, InfluxWriter  # noqa: E402
+from exporters.history.lines import heartbeat_line, tag_set  # noqa: E402
 from tests.services_tsdb import VictoriaMetrics, free_port, wait_for  # noqa: E402
 
 TERMINALS = 20_000

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from collector.simulator import make_fleet  # noqa: E402
+from collector.sim.simulator import make_fleet  # noqa: E402
 from tests.services import (  # noqa: E402
     Process,
     free_port,

@@ -79,7 +79,7 @@ def build_snapshot(config: Path, n: int, shape: str) -> None:
     """First process: the fleet after one heartbeat per terminal, written as the snapshot."""
     from collector.app import Collector
     from collector.config import load_config
-    from collector.protocol import Heartbeat, decode
+    from collector.fleet.protocol import Heartbeat, decode
 
     c = Collector(load_config(config))
     now = time.time()
@@ -140,7 +140,7 @@ def measure(config: Path, n: int) -> dict[str, Any]:
     import collector.app  # noqa: F401  (everything imported before the first reading)
     from collector.app import Collector
     from collector.config import load_config
-    from collector.registry import load_registry
+    from collector.fleet.registry import load_registry
 
     cfg = load_config(config)
     gc.collect()

@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import msgspec
 from aiohttp import web
 
-from collector.api import build_metrics_app
 from collector.app import Collector
 from collector.config import Config
-from collector.metrics import render_exposition, take_view
-from collector.registry import Registry, RegistryEntry
-from collector.state import Transition
+from collector.fleet.registry import Registry, RegistryEntry
+from collector.fleet.state import Transition
+from collector.http.metrics import render_exposition, take_view
+from collector.http.routes import build_metrics_app
 
 ACQUIRERS = ("acq-a", "acq-b", "acq-c")
 PROBLEMS = (("offline", "critical", "silent"), ("hardware_fault", "warning", "printer_paper_out"),

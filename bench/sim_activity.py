@@ -1,7 +1,7 @@
 """Activity baselines over weeks of accelerated time: false `activity_drop`s per healthy terminal-day, time to flag
 a busy terminal whose transactions stop, and time to flag an acquirer whose volume halves.
 
-No broker: the model in collector/baseline.py is driven directly, in time order, hour by hour.
+No broker: the model in collector/fleet/baseline.py is driven directly, in time order, hour by hour.
 
 Fleet (seeded): terminals in Berlin, New York, Kolkata (+05:30) and Sydney; quiet (1/h), medium (6/h), busy
 (25/h) and very busy (40/h) shops opening at 7-10 for 8-12 hours, shorter Saturdays or closed, most closed on
@@ -34,7 +34,7 @@ from zoneinfo import ZoneInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collector.baseline import (
+from collector.fleet.baseline import (
     BaselineStore,
     Drop,
     Params,

@@ -19,21 +19,21 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from exporters.history import HistoryRecorder
-from exporters.influx import InfluxWriter
-
-from .api import build_app, build_metrics_app
-from .auth import Tokens, load_tokens
-from .clockjump import ClockWatch, rebase_after_jump
-from .config import Config
-from .metrics import FleetCollector, SelfMetrics
-from .mqtt import Inbound, MqttIngest, ack_step
-from .protocol import DecodeError, Heartbeat, Status, TxnReceipt, UpstreamBatch, decode
-from .registry import Registry, RegistryError, load_registry
-from .snapshot import Restored, SnapshotError, Source, corrupt_files, load_snapshot, save_snapshot
-from .state import Fleet, HeartbeatResult, Transition, UpstreamResult
-from .supervise import DEFAULT_POLICY, RestartPolicy, Supervisor
-from .support import install as install_support
+from collector.config import Config
+from collector.fleet.clockjump import ClockWatch, rebase_after_jump
+from collector.fleet.protocol import DecodeError, Heartbeat, Status, TxnReceipt, UpstreamBatch, decode
+from collector.fleet.registry import Registry, RegistryError, load_registry
+from collector.fleet.snapshot import Restored, SnapshotError, Source, corrupt_files, load_snapshot, save_snapshot
+from collector.fleet.state import Fleet, HeartbeatResult, Transition, UpstreamResult
+from collector.http.auth import Tokens, load_tokens
+from collector.http.metrics import FleetCollector, SelfMetrics
+from collector.http.routes import build_app, build_metrics_app
+from collector.ingest.mqtt import Inbound, MqttIngest, ack_step
+from collector.ingest.source import Source as IngestSource
+from collector.supervise import DEFAULT_POLICY, RestartPolicy, Supervisor
+from collector.support.routes import install as install_support
+from exporters.history.influx import InfluxWriter
+from exporters.history.lines import HistoryRecorder
 
 __all__ = ["Collector", "RateLimitedLog", "run_collector"]
 
@@ -102,7 +102,7 @@ class Collector:
         self.route_hooks: list[Callable[[web.Application], None]] = []
         self.transition_hooks: list[Callable[[list[Transition]], None]] = []
         self.message_hooks: list[Callable[[Any, float, Any], None]] = []
-        self.ingest: MqttIngest | None = None
+        self.ingest: IngestSource[Inbound] | None = None
         self.writer: InfluxWriter | None = None
         self.http_port: int | None = None
         self._stack = AsyncExitStack()

@@ -7,9 +7,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from exporters import alerting_cli, grafana_cli
-
-from . import __version__, commands, support_cli
+from collector import __version__, commands
+from collector.support import cli as support_cli
+from exporters.alerting import cli as alerting_cli
+from exporters.grafana import cli as grafana_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,15 +7,15 @@ import asyncio
 import logging
 import sys
 
-from .config import ConfigError, load_config
+from collector.config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .app import run_collector
-    from .registry import RegistryError
-    from .snapshot import SnapshotError
+    from collector.app import run_collector
+    from collector.fleet.registry import RegistryError
+    from collector.fleet.snapshot import SnapshotError
 
     try:
         cfg = load_config(args.config)
@@ -40,13 +40,13 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .simulator import run_cli
+    from collector.sim.simulator import run_cli
 
     return run_cli(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from collector.sim.demo import run_demo
 
     return run_demo(args)
 
@@ -58,7 +58,7 @@ def render_schema_section() -> str:
     """The generated JSON Schema section of docs/protocol.md."""
     import json
 
-    from .protocol import json_schemas
+    from collector.fleet.protocol import json_schemas
 
     parts = [BEGIN]
     for name, schema in json_schemas().items():
@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("config")
     p.set_defaults(handler=_check_config)
 
-    from .simulator import add_arguments
+    from collector.sim.simulator import add_arguments
 
     p = sub.add_parser("simulate", help="run a simulated fleet of terminals (and acquirer feeds) against a broker")
     add_arguments(p)

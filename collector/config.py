@@ -17,9 +17,8 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
-from exporters.influx import InfluxConfig, resolve_token
-
-from .auth import load_metrics_token
+from collector.http.auth import load_metrics_token
+from exporters.history.influx import InfluxConfig, resolve_token
 
 __all__ = ["Config", "ConfigError", "Hysteresis", "MqttTls", "Thresholds", "config_warnings", "load_config"]
 
@@ -132,7 +131,7 @@ class HttpConfig(Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 9108
     # File with one `token scope[,scope...]` per line; scopes: `read:<acquirer>`, `read:*`,
-    # `write:upstream:<acquirer>` and `write:upstream` (every acquirer); see collector/auth.py.
+    # `write:upstream:<acquirer>` and `write:upstream` (every acquirer); see collector/http/auth.py.
     tokens_file: str | None = None
 
 
@@ -241,7 +240,7 @@ def _semantic_problems(cfg: Config) -> list[str]:
             resolve_token(cfg.influx)
         except (OSError, ValueError) as err:
             problems.append(f"influx.token_file: {getattr(err, 'strerror', None) or err}")
-    from .detect import parse_version
+    from collector.fleet.detect import parse_version
 
     for model, version in cfg.software_policy.items():
         if parse_version(version) is None:

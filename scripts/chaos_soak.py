@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from collector.simulator import Simulator, make_fleet  # noqa: E402
+from collector.sim.simulator import Simulator, make_fleet  # noqa: E402
 from tests.faults import (  # noqa: E402
     BlackholeProxy,
     LineSink,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from exporters import rules
+from exporters.alerting import rules
 from tests.services import ROOT, Process, free_port, http_get, require_binary, wait_until
 
 DEPLOY_PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from collector.api import build_app
 from collector.app import Collector
 from collector.config import Config, HttpConfig, RegistryConfig, StateConfig
-from collector.simulator import Simulator, make_fleet
+from collector.http.routes import build_app
+from collector.sim.simulator import Simulator, make_fleet
 from tests.integration.test_support_stack import ENV_TOKEN, TOKENS, all_heard, get_json, post, start_stack
 from tests.services import Process, http_get, wait_until
 

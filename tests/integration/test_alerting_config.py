@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from exporters import alertmanager as am
-from exporters import rules
+from exporters.alerting import alertmanager as am
+from exporters.alerting import rules
 from tests.services import ROOT, Process, free_port, wait_until
 from tests.services_alerting import (  # noqa: F401 (fixtures)
     DEPLOY_ALERTMANAGER,

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from collector.simulator import FAULTS, Simulator, TerminalSpec
-from exporters import rules
+from collector.sim.simulator import FAULTS, Simulator, TerminalSpec
+from exporters.alerting import rules
 from tests.services import (
     ROOT,
     Process,

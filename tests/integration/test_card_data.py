@@ -17,8 +17,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from collector.protocol import is_card_number, luhn_ok
-from collector.simulator import Simulator, make_fleet
+from collector.fleet.protocol import is_card_number, luhn_ok
+from collector.sim.simulator import Simulator, make_fleet
 from tests.integration.test_support_stack import TOKENS, all_heard, post, start_stack
 from tests.services import Process, http_get, wait_until
 

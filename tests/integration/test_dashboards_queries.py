@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from collector.simulator import Simulator, TerminalSpec, make_fleet
-from exporters.dashboards import DASHBOARDS_DIR, iter_panels
+from collector.sim.simulator import Simulator, TerminalSpec, make_fleet
+from exporters.grafana.dashboards import DASHBOARDS_DIR, iter_panels
 from tests.services import Process, free_port, start_collector, write_collector_config
 from tests.services_dash import Influx, Prometheus, V2WriteBridge, start_influxd, start_prometheus, wait_until
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from collector.protocol import Heartbeat, Status, TxnReceipt, UpstreamBatch, UpstreamTxn
-from exporters.history import condition_line, heartbeat_line, receipt_line, status_line, tag_set, upstream_lines
+from collector.fleet.protocol import Heartbeat, Status, TxnReceipt, UpstreamBatch, UpstreamTxn
+from exporters.history.lines import condition_line, heartbeat_line, receipt_line, status_line, tag_set, upstream_lines
 from tests.services_tsdb import InfluxD, influxd  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.simulator import Simulator, TerminalSpec, make_fleet
+from collector.sim.simulator import Simulator, TerminalSpec, make_fleet
 from tests.services import Process, free_port, http_json, start_collector, write_collector_config
 from tests.services_tsdb import VictoriaMetrics, victoria_metrics
 

@@ -13,8 +13,9 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
-from collector.protocol import Heartbeat, Status, TxnReceipt, UpstreamBatch, UpstreamTxn
-from exporters.history import (
+from collector.fleet.protocol import Heartbeat, Status, TxnReceipt, UpstreamBatch, UpstreamTxn
+from exporters.history.influx import InfluxConfig, InfluxWriter
+from exporters.history.lines import (
     condition_line,
     heartbeat_line,
     receipt_line,
@@ -23,7 +24,6 @@ from exporters.history import (
     to_ns,
     upstream_lines,
 )
-from exporters.influx import InfluxConfig, InfluxWriter
 from tests.services_tsdb import InfluxD, influxd
 
 pytestmark = pytest.mark.integration

@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from collector.app import Collector
 from collector.config import Config
-from collector.mqtt import ack_step
+from collector.ingest.mqtt import ack_step
 from tests.services import Process, free_port, port_open, require_binary, wait_until
 
 pytestmark = pytest.mark.integration
@@ -149,7 +149,7 @@ async def test_acks_slide_behind_a_window_of_20(tmp_path: Path, small_window: Pr
             nonlocal applied
             applied += 1
             # Held inside the application of one message: the acks of what was applied must already be out,
-            # short of at most one group (collector.mqtt.ack_step: at most 64). Acking per batch, the broker had
+            # short of at most one group (collector.ingest.mqtt.ack_step: at most 64). Acking per batch, the broker had
             # only heard of the first batch here (Mosquitto resends the rest of a resumed session at once).
             if applied in CHECK_AT:
                 want = applied - 1 - ack_step(BACKLOG)

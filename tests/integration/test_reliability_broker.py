@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import tests.integration.test_influx_history as history
-from collector.simulator import Simulator, make_fleet
+from collector.sim.simulator import Simulator, make_fleet
 from tests.faults import (
     BlackholeProxy,
     ConditionWatch,
@@ -126,7 +126,7 @@ async def test_broker_restart_mid_stream(tmp_path: Path, how: signal.Signals) ->
 KEEPALIVE_S = 5  # the smallest mqtt.keepalive_s the config accepts
 
 
-@pytest.mark.xfail(strict=True, reason="collector/mqtt.py relies on paho's keepalive, which closes a silent link "
+@pytest.mark.xfail(strict=True, reason="ingest/mqtt.py relies on paho's keepalive, which closes a silent link "
                    "only after 2x keepalive in the worst case (PINGREQ a keepalive after the last exchange, then "
                    "another keepalive for the PINGRESP); the matrix asks for 1.5x")
 async def test_half_open_link_detected_within_one_and_a_half_keepalives(tmp_path: Path, mosquitto: Process) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.simulator import Simulator, make_fleet
+from collector.sim.simulator import Simulator, make_fleet
 from tests.faults import ConditionWatch, LineSink, lost_and_extra
 from tests.integration.test_reliability_broker import caught_up, collector_config, wait
 from tests.services import Process, free_port, start_collector

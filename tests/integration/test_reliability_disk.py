@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import tests.integration.test_influx_history as history
-from collector.simulator import Simulator, make_fleet
+from collector.sim.simulator import Simulator, make_fleet
 from tests.faults import ConditionWatch, fill_disk, metric_sample, terminal_views, tmpfs
 from tests.services import Process, free_port, start_collector, wait_until, write_collector_config
 from tests.services_tsdb import VictoriaMetrics

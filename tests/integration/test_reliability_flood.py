@@ -20,8 +20,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from collector.protocol import DecodeError, decode
-from collector.simulator import Simulator, make_fleet
+from collector.fleet.protocol import DecodeError, decode
+from collector.sim.simulator import Simulator, make_fleet
 from tests.faults import (
     ConditionWatch,
     metric_sample,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import tests.integration.test_influx_history as history
-from collector.simulator import Simulator, make_fleet
+from collector.sim.simulator import Simulator, make_fleet
 from tests.faults import ConditionWatch, LineSink, lost_and_extra, metric_sample
 from tests.services import Process, free_port, start_collector, wait_until, write_collector_config
 from tests.services_tsdb import VictoriaMetrics

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from collector.simulator import Simulator, make_fleet
+from collector.sim.simulator import Simulator, make_fleet
 from tests.services import (
     Process,
     free_port,

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from collector.simulator import Simulator, TerminalSpec
+from collector.sim.simulator import Simulator, TerminalSpec
 from tests.services import ROOT, Process, free_port, http_get, start_collector, write_collector_config
 
 TOKENS = {

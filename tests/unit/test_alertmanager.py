@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from collector.cli import main
-from exporters import alertmanager as am
-from exporters.alerting_cli import window_end
+from exporters.alerting import alertmanager as am
+from exporters.alerting.cli import window_end
 from tests.services import free_port
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)

@@ -14,9 +14,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from collector.api import build_app
 from collector.app import Collector
 from collector.config import Config
+from collector.http.routes import build_app
 
 TID = "T00000"
 
@@ -119,7 +119,7 @@ async def test_a_nan_that_slips_through_is_a_json_500_not_invalid_json(tmp_path:
     collector = Collector(msgspec.convert({"state": {"snapshot_path": None}}, Config))
 
     async def nan(_request: web.Request) -> web.Response:
-        from collector.api import json_response
+        from collector.http.routes import json_response
 
         return json_response({"x": math.nan})
 

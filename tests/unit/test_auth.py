@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.auth import Tokens, load_metrics_token, load_tokens, token_matches
+from collector.http.auth import Tokens, load_metrics_token, load_tokens, token_matches
 
 TOKEN = "tok-0123456789abcdef"
 

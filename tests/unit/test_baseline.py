@@ -1,4 +1,4 @@
-"""Activity baselines (collector/baseline.py) on a fake clock: learning, decay, the silence test, time zones and
+"""Activity baselines (collector/fleet/baseline.py) on a fake clock: learning, decay, the silence test, time zones and
 DST, the acquirer volume test, and hypothesis properties (the store never grows, decisions are deterministic)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector.baseline import (
+from collector.fleet.baseline import (
     RECORD,
     BaselineStore,
     Drop,

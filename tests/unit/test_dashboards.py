@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from exporters import dashboards, grafana_cli
+from exporters.grafana import cli as grafana_cli
+from exporters.grafana import dashboards
 
 ROOT = Path(__file__).resolve().parents[2]
 UIDS = {"posfleet-fleet-overview", "posfleet-terminal", "posfleet-upstream", "posfleet-collector"}

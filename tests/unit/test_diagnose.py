@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from collector.config import Config, Thresholds
-from collector.diagnose import RANK, STEPS, Facts, LedgerFacts, diagnose, facts_from
-from collector.protocol import Hardware, Heartbeat, Net
-from collector.registry import Registry, RegistryEntry
-from collector.simulator import ACQUIRER_FAULTS, FAULTS
-from collector.state import FeedState, Fleet, Transition
+from collector.fleet.protocol import Hardware, Heartbeat, Net
+from collector.fleet.registry import Registry, RegistryEntry
+from collector.fleet.state import FeedState, Fleet, Transition
+from collector.sim.simulator import ACQUIRER_FAULTS, FAULTS
+from collector.support.diagnose import RANK, STEPS, Facts, LedgerFacts, diagnose, facts_from
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 SINCE = NOW - 600

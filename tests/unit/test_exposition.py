@@ -9,9 +9,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.config import Config
-from collector.metrics import FleetCollector, SelfMetrics, render_problem_series
-from collector.registry import Registry, RegistryEntry
-from collector.state import Active, Fleet, Terminal
+from collector.fleet.registry import Registry, RegistryEntry
+from collector.fleet.state import Active, Fleet, Terminal
+from collector.http.metrics import FleetCollector, SelfMetrics, render_problem_series
 from tests.services import require_binary
 
 T0 = 1_764_510_000.0
@@ -37,7 +37,7 @@ def hostile_fleet() -> Fleet:
 
 
 def exposition(fleet: Fleet) -> str:
-    """The /metrics body as collector.api.metrics builds it."""
+    """The /metrics body as collector.http.routes.metrics builds it."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(fleet, SelfMetrics(registry), 5000, lambda: T0))
     return generate_latest(registry).decode() + render_problem_series(fleet, 5000)

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collector.config import Config
-from collector.detect import CONDITIONS, SEVERITY
-from collector.protocol import Hardware, Heartbeat, Net, Power, Status, UpstreamBatch, UpstreamTxn
-from collector.registry import Registry, RegistryEntry
-from collector.state import Fleet, HeartbeatResult, Terminal, Transition, classify
+from collector.fleet.detect import CONDITIONS, SEVERITY
+from collector.fleet.protocol import Hardware, Heartbeat, Net, Power, Status, UpstreamBatch, UpstreamTxn
+from collector.fleet.registry import Registry, RegistryEntry
+from collector.fleet.state import Fleet, HeartbeatResult, Terminal, Transition, classify
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 T0 = 1_764_510_000.0

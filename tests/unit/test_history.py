@@ -10,8 +10,8 @@ import msgspec
 import pytest
 from influxdb_client.client.write.point import Point as _Point
 
-from collector.protocol import Heartbeat, Status, TxnReceipt, UpstreamBatch, UpstreamTxn, decode
-from exporters.history import (
+from collector.fleet.protocol import Heartbeat, Status, TxnReceipt, UpstreamBatch, UpstreamTxn, decode
+from exporters.history.lines import (
     HistoryRecorder,
     condition_line,
     heartbeat_line,

@@ -18,7 +18,14 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from exporters.influx import DROP_REASONS, RESULTS, InfluxConfig, InfluxWriter, _parse_retry_after, resolve_token
+from exporters.history.influx import (
+    DROP_REASONS,
+    RESULTS,
+    InfluxConfig,
+    InfluxWriter,
+    _parse_retry_after,
+    resolve_token,
+)
 from tests.services import free_port
 
 Reply = tuple[int, dict[str, str], str]
@@ -422,7 +429,7 @@ async def test_unwritable_spool_is_loud_counted_and_never_blocks_the_caller(
     subprocess.run(["chattr", "+i", str(spool)], check=True)
     immutable.append(spool)
     cfg = config("http://127.0.0.1:1", max_buffer_bytes=20_000, shutdown_deadline_s=0.2)  # nothing listens on port 1
-    with caplog.at_level(logging.ERROR, logger="exporters.influx"):
+    with caplog.at_level(logging.ERROR, logger="exporters.history.influx"):
         async with InfluxWriter(cfg, reg, spool) as w:
             for i in range(30):
                 for line in lines(100, i * 100):

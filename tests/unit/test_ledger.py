@@ -3,8 +3,8 @@ counted; transition history bounded; condition intervals for the timeline."""
 
 from __future__ import annotations
 
-from collector.ledger import Ledger, LedgerLimits, condition_intervals
-from collector.state import Transition
+from collector.fleet.state import Transition
+from collector.support.ledger import Ledger, LedgerLimits, condition_intervals
 
 T0 = 1_800_000_000.0
 
@@ -124,9 +124,9 @@ def test_a_feed_marks_and_evicts_only_its_own_acquirers_receipts() -> None:
     """Before: records naming another acquirer's terminal marked its receipts recorded (hiding a missing
     transaction) and, past the per-terminal bound, evicted its real receipts."""
     from collector.config import Config
-    from collector.protocol import UpstreamBatch, UpstreamTxn
-    from collector.registry import Registry, RegistryEntry
-    from collector.state import Fleet
+    from collector.fleet.protocol import UpstreamBatch, UpstreamTxn
+    from collector.fleet.registry import Registry, RegistryEntry
+    from collector.fleet.state import Fleet
 
     fleet = Fleet(Config(), T0, Registry({"A1": RegistryEntry("A1", "M1", "acq-a", "A920", "s", "r"),
                                           "B1": RegistryEntry("B1", "M2", "acq-b", "A920", "s", "r")}))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from collector.api import build_app
 from collector.app import Collector
 from collector.config import Config
-from collector.ledger import Ledger, LedgerLimits
-from collector.protocol import TxnReceipt, UpstreamBatch, UpstreamTxn
-from collector.registry import Registry, RegistryEntry
-from collector.state import Transition
-from collector.support import LEDGER, LedgerMetrics
+from collector.fleet.protocol import TxnReceipt, UpstreamBatch, UpstreamTxn
+from collector.fleet.registry import Registry, RegistryEntry
+from collector.fleet.state import Transition
+from collector.http.routes import build_app
+from collector.support.ledger import Ledger, LedgerLimits
+from collector.support.routes import LEDGER, LedgerMetrics
 
 NOW = 1_800_000_000.0
 

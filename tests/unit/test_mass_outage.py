@@ -24,14 +24,14 @@ from hypothesis import given
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.api import build_app
 from collector.app import Collector
 from collector.config import Config, Thresholds
-from collector.detect import MassOffline, mass_offline_step
-from collector.metrics import CHUNK, FleetCollector, SelfMetrics, render_exposition, render_exposition_async
-from collector.protocol import Heartbeat, Status
-from collector.registry import Registry, RegistryEntry
-from collector.state import Fleet, Transition
+from collector.fleet.detect import MassOffline, mass_offline_step
+from collector.fleet.protocol import Heartbeat, Status
+from collector.fleet.registry import Registry, RegistryEntry
+from collector.fleet.state import Fleet, Transition
+from collector.http.metrics import CHUNK, FleetCollector, SelfMetrics, render_exposition, render_exposition_async
+from collector.http.routes import build_app
 from tests.unit import test_fleet_properties as props
 
 T0 = 1_764_510_000.0
@@ -142,7 +142,7 @@ def test_raised_only_after_two_ticks_in_a_row(caplog: pytest.LogCaptureFixture) 
     for tid in tids("s1", 3):  # three last wills, confirmed offline on the next tick
         fc.fleet.on_status(msgspec.convert({"tid": tid, "ts": fc.now, "state": "offline"}, Status), fc.now, False,
                            out)
-    caplog.set_level(logging.INFO, logger="collector.state")
+    caplog.set_level(logging.INFO, logger="collector.fleet.state")
     fc.tick(40)
     assert {tr.tid for tr in fc.out if tr.condition == "offline"} == set(tids("s1", 3))
     assert fc.mass() == set(), "one tick at 75% is not enough"

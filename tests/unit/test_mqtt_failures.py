@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from collector.mqtt import FailureLog, PahoLog
+from collector.ingest.mqtt import FailureLog, PahoLog
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""collector/pahofast.py against the paho it runs on, through a socket pair (no broker needed).
+"""collector/ingest/pahofast.py against the paho it runs on, through a socket pair (no broker needed).
 
 pahofast overrides and calls private parts of paho. These tests fence them: a paho release that renames or
 reshapes any of them fails here, loudly, instead of corrupting the MQTT stream or losing acknowledgements.
@@ -16,8 +16,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from collector.mqtt import ack_step
-from collector.pahofast import BufferedClient
+from collector.ingest.mqtt import ack_step
+from collector.ingest.pahofast import BufferedClient
 
 
 @pytest.fixture

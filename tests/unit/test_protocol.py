@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from collector.protocol import (
+from collector.fleet.protocol import (
     CARD_BRANDS,
     REJECT_REASONS,
     DecodeError,

@@ -19,7 +19,7 @@ import msgspec
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from collector.protocol import (
+from collector.fleet.protocol import (
     CARD_BRANDS,
     DecodeError,
     Heartbeat,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.reconcile import (
+from collector.support.reconcile import (
     Completed,
     Progress,
     Recorded,

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from collector.cli import main
-from exporters import rules
+from exporters.alerting import rules
 
 ROOT = Path(__file__).resolve().parents[2]
 RULE_TESTS = sorted((ROOT / "alert_rules" / "tests").glob("*.test.yml"))

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from collector.app import Collector
 from collector.config import Config
-from collector.protocol import Heartbeat
-from collector.registry import Registry, RegistryEntry
-from collector.snapshot import (
+from collector.fleet.protocol import Heartbeat
+from collector.fleet.registry import Registry, RegistryEntry
+from collector.fleet.snapshot import (
     KEEP_CORRUPT,
     LEGACY_FORMAT,
     MAGIC,
@@ -31,7 +31,7 @@ from collector.snapshot import (
     load_snapshot,
     save_snapshot,
 )
-from collector.state import Fleet, Terminal, Transition
+from collector.fleet.state import Fleet, Terminal, Transition
 
 T0 = 1_764_510_000.0
 CFG = msgspec.convert({"software_policy": {"*": "3.0.0"}}, Config)

@@ -13,8 +13,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from collector.snapshot import FORMAT, MAGIC, Source, _Snapshot, load_snapshot, save_snapshot
-from collector.state import Active, Fleet, Terminal
+from collector.fleet.snapshot import FORMAT, MAGIC, Source, _Snapshot, load_snapshot, save_snapshot
+from collector.fleet.state import Active, Fleet, Terminal
 from tests.unit.test_snapshot import CFG, T0
 
 _HEADER = struct.Struct("<8sIQI")
@@ -74,7 +74,7 @@ def test_repeated_values_are_one_object_each(tmp_path: Path) -> None:
 
 
 def test_a_fleet_restarted_from_its_snapshot_is_the_same_fleet(tmp_path: Path) -> None:
-    from collector.registry import Registry, RegistryEntry
+    from collector.fleet.registry import Registry, RegistryEntry
 
     reg = Registry({f"T{i:07d}": RegistryEntry(f"T{i:07d}", f"M{i // 20:06d}", "acq-a", "A920", f"S{i // 50:06d}", "r")
                     for i in range(40)})

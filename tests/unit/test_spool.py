@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exporters.spool import Spool
+from exporters.history.spool import Spool
 
 
 def make(tmp_path: Path, max_bytes: int = 1 << 20, segment_bytes: int = 4096, compress: bool = True) -> Spool:

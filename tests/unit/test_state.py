@@ -9,10 +9,10 @@ import msgspec
 import pytest
 
 from collector.config import Config
-from collector.protocol import Heartbeat, Status, UpstreamBatch, UpstreamTxn
-from collector.registry import Registry, RegistryEntry
-from collector.snapshot import load_snapshot, save_snapshot
-from collector.state import Fleet, HeartbeatResult, Transition
+from collector.fleet.protocol import Heartbeat, Status, UpstreamBatch, UpstreamTxn
+from collector.fleet.registry import Registry, RegistryEntry
+from collector.fleet.snapshot import load_snapshot, save_snapshot
+from collector.fleet.state import Fleet, HeartbeatResult, Transition
 
 T0 = 1_764_510_000.0
 CFG = msgspec.convert(
@@ -520,7 +520,7 @@ def test_distinct_versions_are_capped_and_the_overflow_counted(clock: Clock) -> 
 
 
 def test_terminal_view_shows_rejects_and_a_clock_reset_to_the_epoch(clock: Clock) -> None:
-    from collector.api import terminal_view
+    from collector.http.routes import terminal_view
 
     clock.fleet.on_heartbeat(raw_beat(seq=0, ts=0.0), clock.now, clock.out)
     clock.fleet.on_rejected("T1", "card_data", clock.now + 5, clock.out)

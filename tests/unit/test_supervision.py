@@ -13,11 +13,11 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from collector.app import Collector, run_collector
-from collector.clockjump import ClockWatch
 from collector.config import Config
-from collector.protocol import Heartbeat
-from collector.registry import Registry, RegistryEntry
-from collector.state import BOUNDS, Transition
+from collector.fleet.clockjump import ClockWatch
+from collector.fleet.protocol import Heartbeat
+from collector.fleet.registry import Registry, RegistryEntry
+from collector.fleet.state import BOUNDS, Transition
 from collector.supervise import RestartPolicy, Supervisor, backoff_delay
 from tests.services import Process, http_get, wait_until
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from collector.cli import main
-from collector.reconcile import SettlementError, read_receipts
+from collector.support.reconcile import SettlementError, read_receipts
 
 
 @pytest.mark.parametrize("args", [

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from .state import Active, FeedState, Fleet, Terminal, share_float
+from collector.fleet.state import Active, FeedState, Fleet, Terminal, share_float
 
 __all__ = [
     "FORMAT",

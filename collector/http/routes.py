@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .auth import OPEN, Principal, load_metrics_token, token_matches
-from .detect import CONDITIONS, probable_cause
-from .metrics import render_exposition_async
-from .protocol import DecodeError, check_id, decode_upstream
-from .state import Terminal
+from collector.fleet.detect import CONDITIONS, probable_cause
+from collector.fleet.protocol import DecodeError, check_id, decode_upstream
+from collector.fleet.state import Terminal
+from collector.http.auth import OPEN, Principal, load_metrics_token, token_matches
+from collector.http.metrics import render_exposition_async
 
 if TYPE_CHECKING:
-    from .app import Collector
+    from collector.app import Collector
 
 __all__ = ["build_app", "build_metrics_app", "json_response", "strict_dumps", "terminal_view"]
 

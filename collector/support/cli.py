@@ -18,7 +18,7 @@ import urllib.parse
 import urllib.request
 from typing import IO, Any
 
-from .reconcile import (
+from collector.support.reconcile import (
     Completed,
     Progress,
     Recorded,
@@ -178,7 +178,7 @@ def _offline(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError(f"bad --day/--from/--to: {err}") from None
     grace = args.grace
     if grace is None:
-        from .config import ConfigError, load_config
+        from collector.config import ConfigError, load_config
 
         try:
             grace = load_config(args.config).thresholds.upstream_grace_s

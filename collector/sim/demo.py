@@ -17,10 +17,10 @@ from typing import Any
 
 import msgspec
 
-from .api import terminal_view
-from .app import Collector
-from .config import Config
-from .simulator import FAULTS, MIN_APP, Simulator, make_fleet
+from collector.app import Collector
+from collector.config import Config
+from collector.http.routes import terminal_view
+from collector.sim.simulator import FAULTS, MIN_APP, Simulator, make_fleet
 
 __all__ = ["DEMO_FAULTS", "demo_config", "run_demo"]
 

@@ -1,6 +1,7 @@
 """`posfleet rules` (render/check the Prometheus alert rules) and `posfleet maintenance` (Alertmanager silences).
 
-Argument parsing and wiring only: the rules come from exporters.rules, the silences from exporters.alertmanager.
+Argument parsing and wiring only: the rules come from exporters.alerting.rules, the silences from
+exporters.alerting.alertmanager.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import cast
 
-from . import alertmanager as am
-from . import rules
+from exporters.alerting import alertmanager as am
+from exporters.alerting import rules
 
 __all__ = ["register"]
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import dashboards
+from exporters.grafana import dashboards
 
 __all__ = ["register"]
 

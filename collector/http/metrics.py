@@ -20,10 +20,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .detect import CONDITIONS
-from .protocol import REJECT_REASONS
-from .state import BOUNDS, Fleet, Terminal
+from collector import __version__
+from collector.fleet.detect import CONDITIONS
+from collector.fleet.protocol import REJECT_REASONS
+from collector.fleet.state import BOUNDS, Fleet, Terminal
 
 __all__ = ["FleetCollector", "FleetView", "SelfMetrics", "render_exposition",
            "render_exposition_async", "render_problem_series", "take_view"]

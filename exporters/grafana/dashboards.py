@@ -31,7 +31,7 @@ Json = dict[str, Any]
 # Grafana 11's dashboard schema; older Grafanas migrate it on load, newer ones accept it unchanged.
 SCHEMA_VERSION = 39
 TAGS = ["posfleet"]
-DASHBOARDS_DIR = Path(__file__).resolve().parent.parent / "dashboards"
+DASHBOARDS_DIR = Path(__file__).resolve().parents[2] / "dashboards"
 # uids of the provisioned datasources (deploy/grafana/provisioning/datasources); the variables default to them
 # and fall back to the first datasource of the right type anywhere else.
 PROMETHEUS_DS_UID = "posfleet-prometheus"

@@ -34,7 +34,7 @@ from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .spool import Spool
+from exporters.history.spool import Spool
 
 __all__ = ["DROP_REASONS", "TOKEN_ENV", "InfluxConfig", "InfluxWriter", "resolve_token"]
 

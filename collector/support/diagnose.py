@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from .detect import probable_cause
+from collector.fleet.detect import probable_cause
 
 if TYPE_CHECKING:
-    from .config import Thresholds
-    from .registry import RegistryEntry
-    from .state import FeedState, Terminal
+    from collector.config import Thresholds
+    from collector.fleet.registry import RegistryEntry
+    from collector.fleet.state import FeedState, Terminal
 
 __all__ = ["RANK", "STEPS", "Diagnosis", "Facts", "Finding", "LedgerFacts", "diagnose", "facts_from"]
 

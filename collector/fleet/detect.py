@@ -17,9 +17,9 @@ import re
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 if TYPE_CHECKING:
-    from .config import Thresholds
-    from .registry import RegistryEntry
-    from .state import FeedState, Terminal
+    from collector.config import Thresholds
+    from collector.fleet.registry import RegistryEntry
+    from collector.fleet.state import FeedState, Terminal
 
 __all__ = [
     "CONDITIONS",

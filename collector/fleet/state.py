@@ -1,6 +1,6 @@
 """Per-terminal and per-acquirer state, and the rules that move it forward (never backwards).
 
-`Fleet` applies decoded messages with the receive time they came with, runs detection (collector.detect)
+`Fleet` applies decoded messages with the receive time they came with, runs detection (collector.fleet.detect)
 and keeps condition counts per (acquirer, site) incrementally, so /metrics never walks the whole fleet.
 
 Two invariants hold whatever senders do:
@@ -21,8 +21,8 @@ from typing import Final
 
 import msgspec
 
-from .config import Config
-from .detect import (
+from collector.config import Config
+from collector.fleet.detect import (
     HEARTBEAT_CONDITIONS,
     TIME_CONDITIONS,
     MassOffline,
@@ -32,8 +32,8 @@ from .detect import (
     parse_version,
     time_conditions,
 )
-from .protocol import Heartbeat, Status, UpstreamBatch
-from .registry import EMPTY, Registry, RegistryEntry
+from collector.fleet.protocol import Heartbeat, Status, UpstreamBatch
+from collector.fleet.registry import EMPTY, Registry, RegistryEntry
 
 __all__ = [
     "BOUNDS",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 
-from .protocol import valid_id
+from collector.fleet.protocol import valid_id
 
 __all__ = ["Registry", "RegistryEntry", "RegistryError", "load_registry"]
 

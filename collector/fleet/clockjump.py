@@ -9,7 +9,7 @@ does not step, so the difference of the two clocks' advance is the jump.
 
 from __future__ import annotations
 
-from .state import Fleet
+from collector.fleet.state import Fleet
 
 __all__ = ["ClockWatch", "rebase_after_jump"]
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from .protocol import UpstreamBatch
-from .state import Transition
+from collector.fleet.protocol import UpstreamBatch
+from collector.fleet.state import Transition
 
 __all__ = ["EVICTION_KINDS", "EVICTION_REASONS", "Entry", "Ledger", "LedgerLimits", "condition_intervals"]
 

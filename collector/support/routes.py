@@ -19,16 +19,16 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector as MetricsCollector
 
-from .api import COLLECTOR, json_error, json_response, principal_of, strict_dumps, visible_terminal
-from .detect import CONDITIONS
-from .diagnose import LedgerFacts, diagnose, facts_from
-from .ledger import Ledger, LedgerLimits, condition_intervals
-from .protocol import TxnReceipt, UpstreamBatch
-from .reconcile import Completed, Recorded, Window, day_window, parse_time, reconcile
-from .state import Terminal, Transition
+from collector.fleet.detect import CONDITIONS
+from collector.fleet.protocol import TxnReceipt, UpstreamBatch
+from collector.fleet.state import Terminal, Transition
+from collector.http.routes import COLLECTOR, json_error, json_response, principal_of, strict_dumps, visible_terminal
+from collector.support.diagnose import LedgerFacts, diagnose, facts_from
+from collector.support.ledger import Ledger, LedgerLimits, condition_intervals
+from collector.support.reconcile import Completed, Recorded, Window, day_window, parse_time, reconcile
 
 if TYPE_CHECKING:
-    from .app import Collector
+    from collector.app import Collector
 
 __all__ = ["LEDGER", "install", "ledger_facts"]
 
@@ -299,7 +299,7 @@ async def get_facets(request: web.Request) -> web.Response:
 
 
 def _static_bytes(name: str) -> bytes:
-    return (resources.files("collector") / "support_static" / name).read_bytes()
+    return (resources.files("collector.support") / "static" / name).read_bytes()
 
 
 async def get_page(_request: web.Request) -> web.Response:

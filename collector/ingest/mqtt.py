@@ -35,9 +35,9 @@ from urllib.parse import urlparse
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from .config import MqttConfig
-from .metrics import SelfMetrics
-from .pahofast import BufferedClient
+from collector.config import MqttConfig
+from collector.ingest.pahofast import BufferedClient
+from collector.ingest.source import IngestMetrics
 
 __all__ = ["FailureLog", "Inbound", "MqttIngest", "PahoLog", "ack_step"]
 
@@ -136,7 +136,7 @@ def _ignore(*_args: object) -> None:
 class MqttIngest:
     """Owns the paho client and drives it from the loop; `async with` connects, exit disconnects cleanly."""
 
-    def __init__(self, cfg: MqttConfig, metrics: SelfMetrics, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cfg: MqttConfig, metrics: IngestMetrics, loop: asyncio.AbstractEventLoop) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.loop = loop

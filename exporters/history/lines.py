@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any, Protocol
 
-from collector.protocol import Heartbeat, Status, TxnReceipt, UpstreamBatch
+from collector.fleet.protocol import Heartbeat, Status, TxnReceipt, UpstreamBatch
 
 __all__ = [
     "HistoryRecorder",
@@ -40,7 +40,7 @@ _STR_ESCAPE = str.maketrans({'"': r"\"", "\\": "\\\\", "\n": " ", "\r": " "})
 
 
 class TransitionLike(Protocol):
-    """What `condition_line` needs from a collector.state.Transition."""
+    """What `condition_line` needs from a collector.fleet.state.Transition."""
 
     @property
     def tid(self) -> str: ...
@@ -186,7 +186,7 @@ class HistoryRecorder:
 
     def __init__(self, write: Callable[[str], None], lookup: Callable[[str], Any]) -> None:
         self._write = write
-        self._lookup = lookup  # tid -> collector.state.Terminal (or None): registry-derived tags
+        self._lookup = lookup  # tid -> collector.fleet.state.Terminal (or None): registry-derived tags
 
     def tags(self, tid: str, terminal: Any = None) -> str:
         """Tag set of a terminal from its state (registry merchant/acquirer/model), or just its id."""

@@ -8,7 +8,7 @@
   interval): behind a broker window of 20 (Mosquitto's default) or 32 (EMQX's) that wait was a stall per
   window. `ack_many` writes a group of PUBACKs straight to the socket from the calling thread instead, under a
   lock that paho's own writes take too, so bytes of two packets never interleave whichever thread writes
-  (collector/mqtt.py drives paho from the loop; the lock keeps this client safe under `loop_start()` as well).
+  (collector/ingest/mqtt.py drives paho from the loop; the lock keeps this client safe under `loop_start()` as well).
 - Bytes already read off the socket (our buffer, or a TLS record decrypted and pending) are invisible to
   select()/epoll: `loop_read` keeps reading while there are any.
 

@@ -1,0 +1,1 @@
+"""Ingest: broker clients that deliver raw messages and acknowledge them once applied."""

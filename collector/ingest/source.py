@@ -1,0 +1,57 @@
+"""The source interface: what the collector needs from any broker client (MQTT today, a second one next).
+
+A source delivers raw messages stamped with their receive time and takes them back as acknowledged once the
+collector has applied them (at-least-once: an unacknowledged message is redelivered after a restart). It knows
+nothing of the protocol: decoding happens in collector.fleet.protocol, so a new source reuses it unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+from prometheus_client import Counter, Gauge
+
+__all__ = ["IngestMetrics", "Message", "Source"]
+
+M = TypeVar("M", bound="Message")
+
+
+class Message(Protocol):
+    """One raw message as a source hands it over."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def retain(self) -> bool: ...
+    @property
+    def rx(self) -> float: ...
+
+
+class Source(Protocol[M]):
+    """A source of messages that can be acknowledged; `async with` connects it, exit disconnects cleanly."""
+
+    subscribed: bool
+
+    async def batches(self, max_batch: int = 2000) -> list[M]:
+        """Wait for messages and take up to `max_batch` of them."""
+        ...
+
+    def ack(self, items: list[M]) -> None:
+        """Acknowledge applied messages (a no-op for those that need none)."""
+        ...
+
+    def thread_alive(self) -> bool:
+        """Whether the task driving the connection is still running."""
+        ...
+
+
+class IngestMetrics(Protocol):
+    """The self-metrics a source updates (collector.http.metrics.SelfMetrics has them); typed here so ingest
+    does not import the HTTP room."""
+
+    mqtt_connected: Gauge
+    mqtt_connects: Counter
+    queue_depth: Gauge
+    queue_capacity: Gauge

@@ -1,0 +1,1 @@
+"""Simulation: a fleet of fake terminals with injectable faults, and the one-process demo."""

@@ -1,0 +1,1 @@
+"""The support desk: diagnosis, transaction ledger, reconciliation, its routes, CLI and page."""

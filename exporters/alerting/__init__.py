@@ -1,0 +1,1 @@
+"""Alerting (build time): Prometheus rule generator, Alertmanager silences and their CLI."""

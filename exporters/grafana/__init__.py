@@ -1,0 +1,1 @@
+"""Grafana (build time): dashboard generator and its CLI."""

@@ -1,0 +1,1 @@
+"""History (runtime): InfluxDB line protocol, the batched writer and its disk spool."""
