@@ -10,6 +10,7 @@ demo: setup
 lint:
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports  # the rooms' import contracts (pyproject.toml [tool.importlinter])
 
 check-generated:
 	.venv/bin/posfleet rules check
@@ -17,6 +18,9 @@ check-generated:
 
 unit:
 	.venv/bin/python -m pytest tests/unit -q
+
+integration:
+	.venv/bin/python -m pytest tests/integration -q
 
 test:
 	scripts/setup.sh --services

@@ -96,7 +96,7 @@ def measure_render(c: Collector, repeat: int) -> tuple[float, float, float, byte
         t0 = time.perf_counter()
         view = take_view(c.fleet, cap, time.time())
         t1 = time.perf_counter()
-        body = render_exposition(c.registry, view)
+        body = render_exposition(c.prom_registry, view)
         totals.append(time.perf_counter() - t0)
         views.append(t1 - t0)
     return statistics.median(totals) * 1e3, max(totals) * 1e3, statistics.median(views) * 1e3, body

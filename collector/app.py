@@ -14,18 +14,19 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from collector.config import Config
 from collector.fleet.clockjump import ClockWatch, rebase_after_jump
+from collector.fleet.hooks import MessageSink, TransitionSink
 from collector.fleet.protocol import DecodeError, Heartbeat, Status, TxnReceipt, UpstreamBatch, decode
 from collector.fleet.registry import Registry, RegistryError, load_registry
 from collector.fleet.snapshot import Restored, SnapshotError, Source, corrupt_files, load_snapshot, save_snapshot
 from collector.fleet.state import Fleet, HeartbeatResult, Transition, UpstreamResult
 from collector.http.auth import Tokens, load_tokens
+from collector.http.host import RouteHook
 from collector.http.metrics import FleetCollector, SelfMetrics
 from collector.http.routes import build_app, build_metrics_app
 from collector.ingest.mqtt import Inbound, MqttIngest, ack_step
@@ -82,8 +83,8 @@ class Collector:
         self.cfg = cfg
         self.clock = clock
         self.monotonic = monotonic
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.metrics = SelfMetrics(self.registry)
+        self.prom_registry = CollectorRegistry(auto_describe=False)
+        self.metrics = SelfMetrics(self.prom_registry)
         self.metrics.snapshot_enabled = bool(cfg.state.snapshot_path)
         self.registry_file = self._load_registry()
         restored = self._restore()
@@ -97,11 +98,11 @@ class Collector:
         self.exit_code = 0
         self.supervisor = Supervisor(self.metrics.task_restarts, self._task_gave_up, restart_policy, monotonic)
         self.fleet_collector = FleetCollector(self.fleet, self.metrics, cfg.metrics.max_problem_series, clock)
-        self.registry.register(self.fleet_collector)
+        self.prom_registry.register(self.fleet_collector)
         self.tokens: Tokens = load_tokens(cfg.http.tokens_file)
-        self.route_hooks: list[Callable[[web.Application], None]] = []
-        self.transition_hooks: list[Callable[[list[Transition]], None]] = []
-        self.message_hooks: list[Callable[[Any, float, Any], None]] = []
+        self.route_hooks: list[RouteHook] = []
+        self.transition_hooks: list[TransitionSink] = []
+        self.message_hooks: list[MessageSink] = []
         self.ingest: IngestSource[Inbound] | None = None
         self.writer: InfluxWriter | None = None
         self.http_port: int | None = None
@@ -157,7 +158,7 @@ class Collector:
             if self.cfg.influx.enabled:
                 # Entered first, so it is closed last: what the loop drains on shutdown still reaches it.
                 self.writer = await self._stack.enter_async_context(
-                    InfluxWriter(self.cfg.influx, self.registry, self.cfg.state.spool_dir)
+                    InfluxWriter(self.cfg.influx, self.prom_registry, self.cfg.state.spool_dir)
                 )
                 recorder = HistoryRecorder(self.writer.write, self.fleet.terminals.get)
                 self.message_hooks.append(recorder.on_message)

@@ -9,23 +9,125 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final
 from urllib.parse import urlparse
 
 import msgspec
 import yaml
 from msgspec import Meta, Struct
 
-from collector.http.auth import load_metrics_token
-from exporters.history.influx import InfluxConfig, resolve_token
-
-__all__ = ["Config", "ConfigError", "Hysteresis", "MqttTls", "Thresholds", "config_warnings", "load_config"]
+__all__ = [
+    "TOKEN_ENV", "Config", "ConfigError", "Hysteresis", "InfluxConfig", "MqttTls", "Thresholds", "config_warnings",
+    "load_config", "load_metrics_token", "parse_version", "resolve_token",
+]
 
 log = logging.getLogger(__name__)
 
 Positive = Annotated[float, Meta(gt=0)]
 Count = Annotated[int, Meta(ge=1)]
+
+
+
+# ---- values read while loading, kept here so config depends on nothing else in posfleet ----------------
+
+_VERSION_RE: Final = re.compile(r"^v?(\d+(?:\.\d+){0,3})")
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    """'3.2.10-rc1' -> (3, 2, 10); None when there is no leading dotted number."""
+    if not text:
+        return None
+    m = _VERSION_RE.match(text.strip())
+    return tuple(int(p) for p in m.group(1).split(".")) if m else None
+
+
+def load_metrics_token(path: str | None) -> str | None:
+    """The /metrics bearer token from `metrics.token_file` (first line), or None when not configured."""
+    if not path:
+        return None
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ValueError(f"{path}: the /metrics token must be one word of at least 16 characters")
+    return token
+
+
+TOKEN_ENV = "POSFLEET_INFLUX_TOKEN"
+
+
+class InfluxConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The `influx:` section of the collector configuration. The token is never here (see `resolve_token`)."""
+
+    # history is optional: monitoring and alerting never depend on it
+    enabled: bool = False
+    # InfluxDB's own default port; VictoriaMetrics serves the same API on its port (8428)
+    url: str = "http://127.0.0.1:8086"
+    # InfluxDB 2/3 need an org; 1.8+ and VictoriaMetrics ignore it
+    org: str = "posfleet"
+    # InfluxDB 1.8+: "database/retention_policy"
+    bucket: str = "posfleet"
+    # file holding the token; the environment variable POSFLEET_INFLUX_TOKEN wins; empty = no token
+    token_file: str = ""
+    # InfluxData's recommended batch size (5,000 lines, ~1.5 MB of heartbeats)
+    batch_size: int = 5000
+    # a partial batch is sent after at most this long: bounds history latency and what a crash can lose
+    flush_interval_s: float = 1.0
+    # memory bound of unsent lines (~7 s of 25k heartbeats/s); beyond it data goes to the spool, then is dropped
+    max_buffer_bytes: int = 64 * 1024 * 1024
+    # a 5,000-line write takes tens of ms; 10 s means the server is in trouble (InfluxDB clients' default)
+    request_timeout_s: float = 10.0
+    # gzip costs CPU in the collector; worth it only over a slow link to the server
+    gzip: bool = False
+    # first retry after ~0.5 s: a restarting server is usually back within seconds
+    backoff_initial_s: float = 0.5
+    # cap between retries: recovery is noticed within 30 s without hammering a struggling server
+    backoff_max_s: float = 30.0
+    # spooled data is compressed ~10x: 2 GiB hold ~45 min of 25k heartbeats/s; size it for your longest outage
+    spool_max_bytes: int = 2 * 1024 * 1024 * 1024
+    # the unit of drop-oldest when the spool is full: small enough to lose little, large enough for few files
+    spool_segment_bytes: int = 16 * 1024 * 1024
+    # fsync each spooled batch: a power cut loses nothing acknowledged to the spool; a few fsyncs per second
+    spool_fsync: bool = True
+    # zlib level 1 on spooled batches only (outages), ~10x more outage per byte of disk
+    spool_compress: bool = True
+    # stays within systemd's (90 s) and Kubernetes' (30 s) stop grace periods; the rest is spooled
+    shutdown_deadline_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.url.startswith(("http://", "https://")):
+            problems.append(f"url must start with http:// or https://, got {self.url!r}")
+        if not self.bucket:
+            problems.append("bucket must not be empty")
+        for name in ("batch_size", "max_buffer_bytes", "spool_max_bytes", "spool_segment_bytes"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0")
+        for name in ("flush_interval_s", "request_timeout_s", "backoff_initial_s", "backoff_max_s",
+                     "shutdown_deadline_s"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0")
+        if self.spool_segment_bytes > self.spool_max_bytes:
+            problems.append("spool_segment_bytes must not exceed spool_max_bytes")
+        if self.backoff_max_s < self.backoff_initial_s:
+            problems.append("backoff_max_s must be >= backoff_initial_s")
+        if problems:
+            raise ValueError("influx: " + "; ".join(problems))
+
+
+def resolve_token(cfg: InfluxConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The API token: $POSFLEET_INFLUX_TOKEN, else the token file's content, else None (no auth)."""
+    env = os.environ if environ is None else environ
+    token = env.get(TOKEN_ENV, "").strip()
+    if token:
+        return token
+    if cfg.token_file:
+        token = Path(cfg.token_file).read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"influx: token file {cfg.token_file} is empty")
+        return token
+    return None
 
 
 class ConfigError(ValueError):
@@ -240,8 +342,6 @@ def _semantic_problems(cfg: Config) -> list[str]:
             resolve_token(cfg.influx)
         except (OSError, ValueError) as err:
             problems.append(f"influx.token_file: {getattr(err, 'strerror', None) or err}")
-    from collector.fleet.detect import parse_version
-
     for model, version in cfg.software_policy.items():
         if parse_version(version) is None:
             problems.append(f"software_policy.{model}: {version!r} is not a dotted version like 3.2.0")

@@ -13,8 +13,9 @@ Nothing here reads the wall clock: `now` is always passed in.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Final, NamedTuple
+
+from collector.config import parse_version
 
 if TYPE_CHECKING:
     from collector.config import Thresholds
@@ -68,17 +69,6 @@ SEVERITY: Final = {
 
 # condition -> (severity, detail)
 Raw = dict[str, tuple[str, str]]
-
-_VERSION_RE: Final = re.compile(r"^v?(\d+(?:\.\d+){0,3})")
-
-
-def parse_version(text: str | None) -> tuple[int, ...] | None:
-    """'3.2.10-rc1' -> (3, 2, 10); None when there is no leading dotted number."""
-    if not text:
-        return None
-    m = _VERSION_RE.match(text.strip())
-    return tuple(int(p) for p in m.group(1).split(".")) if m else None
-
 
 def _outdated(app_version: str | None, model: str, policy: dict[str, tuple[int, ...]]) -> bool:
     minimum = policy.get(model) or policy.get("*")

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from collector.config import load_metrics_token
+
 __all__ = ["Principal", "Tokens", "bearer", "load_metrics_token", "load_tokens", "token_matches"]
 
 
@@ -60,16 +62,6 @@ def token_matches(expected: str, header: str | None) -> bool:
     """Does the header carry exactly this bearer token? (constant time)"""
     given = bearer(header)
     return given is not None and hmac.compare_digest(expected.encode(), given)
-
-
-def load_metrics_token(path: str | None) -> str | None:
-    """The /metrics bearer token from `metrics.token_file` (first line), or None when not configured."""
-    if not path:
-        return None
-    token = Path(path).read_text(encoding="utf-8").strip()
-    if len(token) < 16 or any(c.isspace() for c in token):
-        raise ValueError(f"{path}: the /metrics token must be one word of at least 16 characters")
-    return token
 
 
 @dataclass(frozen=True, slots=True)

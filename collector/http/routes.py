@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -15,16 +15,14 @@ from collector.fleet.detect import CONDITIONS, probable_cause
 from collector.fleet.protocol import DecodeError, check_id, decode_upstream
 from collector.fleet.state import Terminal
 from collector.http.auth import OPEN, Principal, load_metrics_token, token_matches
+from collector.http.host import ApiHost
 from collector.http.metrics import render_exposition_async
-
-if TYPE_CHECKING:
-    from collector.app import Collector
 
 __all__ = ["build_app", "build_metrics_app", "json_response", "strict_dumps", "terminal_view"]
 
 log = logging.getLogger(__name__)
 
-COLLECTOR: web.AppKey[Collector] = web.AppKey("collector")
+COLLECTOR: web.AppKey[ApiHost] = web.AppKey("collector")
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 METRICS_TOKEN: web.AppKey[str | None] = web.AppKey("metrics_token", str)
 
@@ -154,7 +152,7 @@ async def metrics(request: web.Request) -> web.Response:
     # Copy (bounded by acquirers and problems), then format in chunks that yield to the loop: formatting thousands
     # of series in one go would stall ingest for the whole render.
     view = collector.fleet_collector.view()
-    body = await render_exposition_async(collector.registry, view)
+    body = await render_exposition_async(collector.prom_registry, view)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -276,7 +274,7 @@ async def post_upstream(request: web.Request) -> web.Response:
     )
 
 
-def build_app(collector: Collector) -> web.Application:
+def build_app(collector: ApiHost) -> web.Application:
     """The aiohttp application; routes only, the logic lives in the pipeline stages."""
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=2 * 1024 * 1024)
     app[COLLECTOR] = collector
@@ -294,7 +292,7 @@ def build_app(collector: Collector) -> web.Application:
     return app
 
 
-def build_metrics_app(collector: Collector) -> web.Application:
+def build_metrics_app(collector: ApiHost) -> web.Application:
     """/metrics alone, for its own listener (`metrics.port`): it names problem terminals of every acquirer."""
     app = web.Application(middlewares=[error_middleware], client_max_size=1024)
     app[COLLECTOR] = collector

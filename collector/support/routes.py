@@ -13,22 +13,22 @@ import math
 import time
 from collections.abc import Iterator
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import Final, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector as MetricsCollector
 
 from collector.fleet.detect import CONDITIONS
-from collector.fleet.protocol import TxnReceipt, UpstreamBatch
-from collector.fleet.state import Terminal, Transition
+from collector.fleet.hooks import MessageSink, TransitionSink
+from collector.fleet.protocol import Message, TxnReceipt, UpstreamBatch
+from collector.fleet.state import Fleet, Terminal, Transition
+from collector.http.host import RouteHook
 from collector.http.routes import COLLECTOR, json_error, json_response, principal_of, strict_dumps, visible_terminal
 from collector.support.diagnose import LedgerFacts, diagnose, facts_from
 from collector.support.ledger import Ledger, LedgerLimits, condition_intervals
 from collector.support.reconcile import Completed, Recorded, Window, day_window, parse_time, reconcile
-
-if TYPE_CHECKING:
-    from collector.app import Collector
 
 __all__ = ["LEDGER", "install", "ledger_facts"]
 
@@ -63,12 +63,27 @@ class LedgerMetrics(MetricsCollector):
         yield size
 
 
-def install(collector: Collector, limits: LedgerLimits | None = None) -> Ledger:
+class SupportHost(Protocol):
+    """What `install` needs from the collector: the fleet, its hook lists and the Prometheus registry."""
+
+    @property
+    def fleet(self) -> Fleet: ...
+    @property
+    def message_hooks(self) -> list[MessageSink]: ...
+    @property
+    def transition_hooks(self) -> list[TransitionSink]: ...
+    @property
+    def route_hooks(self) -> list[RouteHook]: ...
+    @property
+    def prom_registry(self) -> CollectorRegistry: ...
+
+
+def install(collector: SupportHost, limits: LedgerLimits | None = None) -> Ledger:
     """Attach the ledger, the support routes and the ledger metrics to a collector."""
     fleet = collector.fleet
     ledger = Ledger(limits or LedgerLimits(), known=lambda tid: tid in fleet.terminals)
 
-    def on_message(msg: Any, rx: float, terminal: Any) -> None:
+    def on_message(msg: Message, rx: float, terminal: Terminal | None) -> None:
         if isinstance(msg, TxnReceipt):
             if terminal is not None:  # receipts from ids outside the fleet would be unbounded
                 ledger.add_receipt(msg.tid, msg.txn_id, msg.ts, msg.amount_minor, msg.currency, msg.status, rx)
@@ -93,7 +108,7 @@ def install(collector: Collector, limits: LedgerLimits | None = None) -> Ledger:
     collector.message_hooks.append(on_message)
     collector.transition_hooks.append(on_transitions)
     collector.route_hooks.append(routes)
-    collector.registry.register(LedgerMetrics(ledger))
+    collector.prom_registry.register(LedgerMetrics(ledger))
     return ledger
 
 

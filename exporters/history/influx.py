@@ -20,7 +20,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +28,18 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
-import msgspec
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from collector.config import TOKEN_ENV, InfluxConfig, resolve_token
 from exporters.history.spool import Spool
 
 __all__ = ["DROP_REASONS", "TOKEN_ENV", "InfluxConfig", "InfluxWriter", "resolve_token"]
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "POSFLEET_INFLUX_TOKEN"
 RESULTS = ("written", "spooled", "replayed", "dropped")
 DROP_REASONS = (
     "spool_full",  # the spool reached spool_max_bytes: its oldest segment was deleted
@@ -58,79 +57,6 @@ _LOG_EVERY_S = 60.0  # repeated errors of one kind are logged at most this often
 _PARTIAL_RE = re.compile(rb"dropped=(\d+)")
 
 T = TypeVar("T")
-
-
-class InfluxConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """The `influx:` section of the collector configuration. The token is never here (see `resolve_token`)."""
-
-    # history is optional: monitoring and alerting never depend on it
-    enabled: bool = False
-    # InfluxDB's own default port; VictoriaMetrics serves the same API on its port (8428)
-    url: str = "http://127.0.0.1:8086"
-    # InfluxDB 2/3 need an org; 1.8+ and VictoriaMetrics ignore it
-    org: str = "posfleet"
-    # InfluxDB 1.8+: "database/retention_policy"
-    bucket: str = "posfleet"
-    # file holding the token; the environment variable POSFLEET_INFLUX_TOKEN wins; empty = no token
-    token_file: str = ""
-    # InfluxData's recommended batch size (5,000 lines, ~1.5 MB of heartbeats)
-    batch_size: int = 5000
-    # a partial batch is sent after at most this long: bounds history latency and what a crash can lose
-    flush_interval_s: float = 1.0
-    # memory bound of unsent lines (~7 s of 25k heartbeats/s); beyond it data goes to the spool, then is dropped
-    max_buffer_bytes: int = 64 * 1024 * 1024
-    # a 5,000-line write takes tens of ms; 10 s means the server is in trouble (InfluxDB clients' default)
-    request_timeout_s: float = 10.0
-    # gzip costs CPU in the collector; worth it only over a slow link to the server
-    gzip: bool = False
-    # first retry after ~0.5 s: a restarting server is usually back within seconds
-    backoff_initial_s: float = 0.5
-    # cap between retries: recovery is noticed within 30 s without hammering a struggling server
-    backoff_max_s: float = 30.0
-    # spooled data is compressed ~10x: 2 GiB hold ~45 min of 25k heartbeats/s; size it for your longest outage
-    spool_max_bytes: int = 2 * 1024 * 1024 * 1024
-    # the unit of drop-oldest when the spool is full: small enough to lose little, large enough for few files
-    spool_segment_bytes: int = 16 * 1024 * 1024
-    # fsync each spooled batch: a power cut loses nothing acknowledged to the spool; a few fsyncs per second
-    spool_fsync: bool = True
-    # zlib level 1 on spooled batches only (outages), ~10x more outage per byte of disk
-    spool_compress: bool = True
-    # stays within systemd's (90 s) and Kubernetes' (30 s) stop grace periods; the rest is spooled
-    shutdown_deadline_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.url.startswith(("http://", "https://")):
-            problems.append(f"url must start with http:// or https://, got {self.url!r}")
-        if not self.bucket:
-            problems.append("bucket must not be empty")
-        for name in ("batch_size", "max_buffer_bytes", "spool_max_bytes", "spool_segment_bytes"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be > 0")
-        for name in ("flush_interval_s", "request_timeout_s", "backoff_initial_s", "backoff_max_s",
-                     "shutdown_deadline_s"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be > 0")
-        if self.spool_segment_bytes > self.spool_max_bytes:
-            problems.append("spool_segment_bytes must not exceed spool_max_bytes")
-        if self.backoff_max_s < self.backoff_initial_s:
-            problems.append("backoff_max_s must be >= backoff_initial_s")
-        if problems:
-            raise ValueError("influx: " + "; ".join(problems))
-
-
-def resolve_token(cfg: InfluxConfig, environ: Mapping[str, str] | None = None) -> str | None:
-    """The API token: $POSFLEET_INFLUX_TOKEN, else the token file's content, else None (no auth)."""
-    env = os.environ if environ is None else environ
-    token = env.get(TOKEN_ENV, "").strip()
-    if token:
-        return token
-    if cfg.token_file:
-        token = Path(cfg.token_file).read_text(encoding="utf-8").strip()
-        if not token:
-            raise ValueError(f"influx: token file {cfg.token_file} is empty")
-        return token
-    return None
 
 
 class _Metrics:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any, Protocol
 
-from collector.fleet.protocol import Heartbeat, Status, TxnReceipt, UpstreamBatch
+from collector.fleet.protocol import Heartbeat, Message, Status, TxnReceipt, UpstreamBatch
 
 __all__ = [
     "HistoryRecorder",
@@ -195,7 +195,7 @@ class HistoryRecorder:
             return tag_set(tid)
         return tag_set(tid, t.merchant or t.mid or "", t.acquirer or "", t.model or "")
 
-    def on_message(self, msg: object, rx: float, terminal: Any) -> None:
+    def on_message(self, msg: Message, rx: float, terminal: Any) -> None:
         """`Collector.message_hooks` entry: one accepted message."""
         if isinstance(msg, Heartbeat):
             self._write(heartbeat_line(msg, rx, self.tags(msg.tid, terminal)))

@@ -48,4 +48,4 @@ def test_install_feeds_the_ledger_from_the_collector_hooks() -> None:
     for thook in collector.transition_hooks:
         thook([Transition("T1", "offline", True, NOW, "critical", "silent")])
     assert [t.condition for t in ledger.transitions("T1", NOW + 3)] == ["offline"]
-    assert collector.registry.get_sample_value("posfleet_ledger_entries", {"kind": "txn"}) == 1
+    assert collector.prom_registry.get_sample_value("posfleet_ledger_entries", {"kind": "txn"}) == 1

@@ -242,7 +242,7 @@ def test_disk_full_is_counted_by_the_collector(tiny_disk: Path) -> None:
     fill(tiny_disk / "filler")
     collector.fleet.on_heartbeat(beat("T9", 1), T0, [])
     assert collector.snapshot_now() is False
-    assert collector.registry.get_sample_value("posfleet_snapshot_failures_total") == 1
+    assert collector.prom_registry.get_sample_value("posfleet_snapshot_failures_total") == 1
     assert not (tiny_disk / "state.snapshot.tmp").exists()
 
 
@@ -254,7 +254,7 @@ def test_the_collector_starts_from_the_previous_generation_and_says_so(
     with caplog.at_level(logging.INFO):
         collector = Collector(cfg, clock=lambda: T0 + 50)
     assert seqs(list(collector.fleet.terminals.values())) == {1}
-    sample = collector.registry.get_sample_value
+    sample = collector.prom_registry.get_sample_value
     assert [sample("posfleet_snapshot_restore", {"source": s}) for s in ("current", "previous", "empty")] == [0, 1, 0]
     assert sample("posfleet_snapshot_corrupt_files") == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -271,7 +271,7 @@ def test_the_collector_starts_from_the_previous_generation_and_says_so(
 
 def test_a_clean_start_reports_the_current_generation(two_generations: Path) -> None:
     cfg = msgspec.convert({"state": {"snapshot_path": str(two_generations)}}, Config)
-    sample = Collector(cfg, clock=lambda: T0).registry.get_sample_value
+    sample = Collector(cfg, clock=lambda: T0).prom_registry.get_sample_value
     assert [sample("posfleet_snapshot_restore", {"source": s}) for s in ("current", "previous", "empty")] == [1, 0, 0]
     assert sample("posfleet_snapshot_corrupt_files") == 0
 

@@ -131,7 +131,7 @@ def collector_config(tmp_path: Path, broker_port: int) -> Config:
 
 
 def sample(c: Collector, name: str, **labels: str) -> float | None:
-    return c.registry.get_sample_value(name, labels)
+    return c.prom_registry.get_sample_value(name, labels)
 
 
 async def test_a_dying_tick_makes_the_collector_not_ready_and_recovers(tmp_path: Path, mosquitto: Process) -> None:
@@ -238,7 +238,7 @@ class Host:
         return {tid for tid, t in self.c.fleet.terminals.items() if t.conds and "offline" in t.conds}
 
     def jumps(self, direction: str) -> float | None:
-        return self.c.registry.get_sample_value("posfleet_clock_jumps_total", {"direction": direction})
+        return self.c.prom_registry.get_sample_value("posfleet_clock_jumps_total", {"direction": direction})
 
 
 @pytest.fixture
@@ -293,7 +293,7 @@ def test_clock_watch_measures_the_difference_of_the_advances(wall: float, mono: 
 
 def test_new_self_metrics_are_pre_initialised_and_bound_refusals_exported() -> None:
     c = Host().c
-    value = c.registry.get_sample_value
+    value = c.prom_registry.get_sample_value
     assert [value("posfleet_task_restarts_total", {"task": t}) for t in ("consume", "tick", "snapshot", "registry")] \
         == [0, 0, 0, 0]
     assert [value("posfleet_clock_jumps_total", {"direction": d}) for d in ("forward", "backward")] == [0, 0]
