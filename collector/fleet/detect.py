@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from collector.config import parse_version
+from collector.fleet.conditions import CATALOGUE
 
 if TYPE_CHECKING:
     from collector.config import Thresholds
@@ -51,21 +52,9 @@ CONDITIONS: Final = (
     "offline", "upstream_missing", *HEARTBEAT_CONDITIONS, "flapping", "messages_rejected"
 )
 
-# Severity when a condition is active; hardware_fault is downgraded to warning for paper_out alone.
-SEVERITY: Final = {
-    "offline": "critical",
-    "upload_backlog": "critical",
-    "upstream_missing": "critical",
-    "unregistered": "warning",
-    "merchant_mismatch": "critical",
-    "outdated_software": "warning",
-    "hardware_fault": "critical",
-    "weak_signal": "warning",
-    "clock_skew": "warning",
-    "flapping": "warning",
-    # Never critical: the collector itself refused these messages, the terminal is alive (see time_conditions).
-    "messages_rejected": "warning",
-}
+# Severity when a condition is active (the catalogue's); hardware_fault is downgraded to warning for paper_out
+# alone. messages_rejected is never critical: the collector itself refused those messages, the terminal is alive.
+SEVERITY: Final = {c.name: c.severity for c in CATALOGUE.values()}
 
 # condition -> (severity, detail)
 Raw = dict[str, tuple[str, str]]
@@ -190,41 +179,8 @@ def mass_offline_step(state: MassOffline, offline: int, expected: int, th: Thres
     return MassOffline(True, 0) if streak >= th.mass_offline.raise_after else MassOffline(False, streak)
 
 
-_CAUSES: Final = {
-    ("offline", "last_will"): "The terminal's connection broke (its last will was published) and no heartbeat "
-    "followed: network outage at the shop (router, Wi-Fi, SIM/cellular coverage) or a crash.",
-    ("offline", "silent"): "No heartbeat and no goodbye: the terminal most likely lost power (unplugged, battery "
-    "empty) or its network dropped silently.",
-    ("offline", "never_seen"): "Registered but never heard from since the collector started: not installed, "
-    "powered off, or configured with the wrong broker address or terminal id.",
-    ("upload_backlog", "queue_depth"): "Transactions are piling up in the terminal's local queue: it cannot reach "
-    "the acquirer's host (network path, host certificate, or host refusing the terminal).",
-    ("upload_backlog", "queue_age"): "A completed transaction has waited too long in the terminal's upload queue: "
-    "uploads are stuck, so the acquirer cannot see these payments yet.",
-    ("upstream_missing", ""): "The terminal reports uploads acknowledged by the host, but the acquirer's records "
-    "contain none of them: the host is dropping or mis-filing this terminal's transactions (registration, "
-    "permissions or routing on the acquirer's side).",
-    ("unregistered", ""): "Heartbeats from a terminal id the registry does not know: a new or swapped device not "
-    "registered with the acquirer, whose transactions cannot be attributed to a merchant.",
-    ("merchant_mismatch", ""): "The terminal is configured with a different merchant id than the acquirer has "
-    "on record: its transactions are booked to the wrong merchant or refused.",
-    ("outdated_software", ""): "The payment application is older than the acquirer's minimum version: the host may "
-    "refuse or mishandle its uploads.",
-    ("hardware_fault", "printer_paper_out"): "The printer is out of paper: payments still go through but receipts "
-    "do not print, and staff may void or repeat transactions.",
-    ("weak_signal", ""): "The network signal has stayed weak: uploads time out and transactions queue up.",
-    ("clock_skew", ""): "The terminal's clock is far from real time: host-side checks can reject its uploads and "
-    "its records appear at the wrong time.",
-    ("flapping", ""): "The terminal keeps rebooting or reconnecting: unstable power supply, failing battery or "
-    "intermittent network.",
-    ("messages_rejected", ""): "The terminal is alive, but the collector rejects its messages (the reason is the "
-    "detail): its firmware sends something protocol v1 does not allow, so its health cannot be judged.",
-    ("messages_rejected", "card_data"): "The terminal is alive, but its messages are rejected because they "
-    "appear to contain a card number: a firmware or configuration fault that must be fixed (PCI), not a "
-    "network problem.",
-    ("messages_rejected", "counter_backwards"): "The terminal is alive, but its transaction counters went "
-    "backwards (reset or replaced device under the same id), so its heartbeats are rejected.",
-}
+# (condition, detail) -> probable cause, from the catalogue; detail "" is the condition's default.
+_CAUSES: Final = {(c.name, detail): cause for c in CATALOGUE.values() for detail, cause in c.causes.items()}
 
 
 def probable_cause(condition: str, detail: str) -> str:

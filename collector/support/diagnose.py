@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
+from collector.fleet.conditions import CATALOGUE, FINDINGS, RANK, STEPS, step_of
 from collector.fleet.detect import probable_cause
 
 if TYPE_CHECKING:
@@ -26,50 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = ["RANK", "STEPS", "Diagnosis", "Facts", "Finding", "LedgerFacts", "diagnose", "facts_from"]
 
-# The checklist, in the order a support agent walks it.
-STEPS: Final = (
-    ("network_power", "Network and power"),
-    ("hardware", "Printer, display and card reader"),
-    ("software", "Software version and clock"),
-    ("registration", "Merchant registration"),
-    ("local_records", "Terminal's own records (upload queue)"),
-    ("acquirer_records", "Reconciliation with the acquirer's records"),
-    ("acquirer_host", "Acquirer's host (maintenance)"),
-)
-
-# Most explanatory first. Offline: nothing leaves the terminal. Maintenance: the acquirer publishes no records
-# for anyone, so every other acquirer-side finding is unverifiable. Backlog: the terminal holds the payments.
-# Then the acquirer holding or misfiling what it received, then reasons the host may refuse or misplace
-# uploads, then faults that contribute (signal, flapping) or only hide receipts (paper).
-RANK: Final = (
-    "offline",
-    "acquirer_maintenance",
-    "upload_backlog",
-    "upstream_missing",
-    "unrecorded_transactions",
-    # The terminal is alive but its reports are refused: nothing it says can be checked (queue, hardware,
-    # software), so this comes before every finding that rests on its reports.
-    "messages_rejected",
-    "merchant_mismatch",
-    "unregistered",
-    "outdated_software",
-    "clock_skew",
-    "hardware_fault",
-    "weak_signal",
-    "flapping",
-    "paper_out",
-    "acquirer_feed_unknown",
-)
-
-STEP_OF: Final = {
-    "offline": "network_power", "weak_signal": "network_power", "flapping": "network_power",
-    "shutdown": "network_power", "hardware_fault": "hardware", "outdated_software": "software",
-    "clock_skew": "software", "messages_rejected": "software", "unregistered": "registration",
-    "merchant_mismatch": "registration",
-    "upload_backlog": "local_records", "upstream_missing": "acquirer_records",
-    "unrecorded_transactions": "acquirer_records", "acquirer_maintenance": "acquirer_host",
-    "acquirer_feed_unknown": "acquirer_host",
-}
+# The checklist (STEPS), the rank of findings (RANK), their steps, causes and merchant messages come from
+# the catalogue (collector.fleet.conditions); the evidence and next steps, which read the facts, are here.
+STEP_OF: Final = {code: step_of(code) for code in (*CATALOGUE, *FINDINGS)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,15 +278,7 @@ def _evidence(code: str, f: Facts, now: float) -> dict[str, Any]:
     return {}
 
 
-_EXTRA_CAUSES: Final = {
-    "acquirer_maintenance": "The acquirer's host publishes no records (maintenance or outage): transactions "
-    "are held on the acquirer's side and appear when its feed resumes.",
-    "unrecorded_transactions": "Some transactions the terminal completed are not in the acquirer's records "
-    "after the grace period: the host dropped or mis-filed them.",
-    "acquirer_feed_unknown": "Nothing has been received from the acquirer's feed yet: whether transactions reach "
-    "the acquirer cannot be verified.",
-    "shutdown": "The terminal was switched off cleanly (not a fault): it takes no payments until switched on.",
-}
+_EXTRA_CAUSES: Final = {f.name: f.cause for f in FINDINGS.values() if f.cause}
 
 
 def _findings(f: Facts, now: float) -> list[Finding]:
@@ -439,86 +391,8 @@ def _next_steps(code: str, f: Facts, day: str) -> list[str]:
 
 
 _MESSAGES: Final = {
-    "offline": (
-        "Your payment terminal {tid} has been disconnected since {since}. Please check that it is switched on "
-        "and that your internet connection (router, cable, Wi-Fi or SIM) works, then restart it. Payments taken "
-        "while it was offline are sent when it reconnects.",
-        "您的POS终端 {tid} 自 {since} 起与网络断开。请确认终端已开机、网络（路由器、网线、Wi-Fi 或 SIM 卡）正常，"
-        "然后重启终端。离线期间的交易会在恢复连接后上传。",
-    ),
-    "acquirer_maintenance": (
-        "Your terminal {tid} is working. The payment institution's system is in maintenance since {since}, so "
-        "recent payments show up later. Please do not repeat payments; they will appear when maintenance ends.",
-        "您的POS终端 {tid} 工作正常。支付机构系统自 {since} 起维护中，近期交易会延迟显示。"
-        "请勿重复收款，维护结束后交易即可查到。",
-    ),
-    "upload_backlog": (
-        "Your terminal {tid} has payments it could not send yet (since {since}). Please keep it switched on "
-        "and connected, and do not reset it; we are working on the connection to the payment institution.",
-        "您的POS终端 {tid} 自 {since} 起有交易尚未上传。请保持终端开机联网，不要重置终端；"
-        "我们正在处理与支付机构的连接问题。",
-    ),
-    "upstream_missing": (
-        "Your terminal {tid} sent its payments, but the payment institution has not recorded them (since "
-        "{since}). We have reported this to them; you do not need to do anything or repeat payments.",
-        "您的POS终端 {tid} 已上传交易，但支付机构自 {since} 起未入账。"
-        "我们已向支付机构报告，您无需操作，也请勿重复收款。",
-    ),
-    "unrecorded_transactions": (
-        "Some payments from terminal {tid} (since {since}) are not yet in the payment institution's records. We "
-        "have sent them the list; you do not need to repeat these payments.",
-        "终端 {tid} 自 {since} 起的部分交易尚未出现在支付机构的记录中。我们已将交易清单发送给支付机构，请勿重复收款。",
-    ),
-    "merchant_mismatch": (
-        "Your terminal {tid} is set up with a different merchant number than the one registered, so payments "
-        "are filed under the wrong merchant. We will correct its settings; please keep it switched on.",
-        "您的POS终端 {tid} 设置的商户号与登记的不一致，交易被记到了其他商户下。我们会更正终端设置，请保持终端开机。",
-    ),
-    "unregistered": (
-        "Your terminal {tid} is not registered with the payment institution yet, so its payments cannot be "
-        "found under your shop. We are registering it.",
-        "您的POS终端 {tid} 尚未在支付机构登记，因此交易无法在您的商户下查到。我们正在为其办理登记。",
-    ),
-    "outdated_software": (
-        "Your terminal {tid} needs a software update. Please keep it switched on and connected so the update "
-        "can install; we will confirm when it is done.",
-        "您的POS终端 {tid} 需要更新软件。请保持终端开机联网以便完成更新，完成后我们会通知您。",
-    ),
-    "clock_skew": (
-        "The clock of your terminal {tid} is wrong, so payments show at the wrong time. We will correct it; "
-        "please restart the terminal when asked.",
-        "您的POS终端 {tid} 时间不准确，交易显示的时间有误。我们会进行校正，请按提示重启终端。",
-    ),
-    "hardware_fault": (
-        "Your terminal {tid} reports a hardware fault since {since}. We have filed a repair request; please use "
-        "another terminal for now.",
-        "您的POS终端 {tid} 自 {since} 起报告硬件故障。我们已申报维修，请暂时使用其他终端收款。",
-    ),
-    "paper_out": (
-        "Your terminal {tid} is out of receipt paper. Please load a new roll; payments still go through and "
-        "receipts can be reprinted from the transaction list.",
-        "您的POS终端 {tid} 打印纸用完了。请装入新纸卷；交易不受影响，可从交易记录中补打小票。",
-    ),
-    "weak_signal": (
-        "The network signal at terminal {tid} is weak, so payments may be sent late. Please move it closer to "
-        "the router or use a cable if you can.",
-        "终端 {tid} 网络信号弱，交易可能延迟上传。请将终端移近路由器，或尽量使用有线网络。",
-    ),
-    "flapping": (
-        "Your terminal {tid} keeps restarting. Please check the charger, power socket and battery.",
-        "您的POS终端 {tid} 频繁重启。请检查充电器、电源插座和电池。",
-    ),
-    "messages_rejected": (
-        "Your terminal {tid} is switched on, but since {since} our monitoring cannot read the status reports it "
-        "sends. This alone does not stop payments; we are working with the terminal's vendor to fix it.",
-        "您的POS终端 {tid} 已开机，但自 {since} 起我们的监控系统无法读取它发送的状态报告。"
-        "这本身不影响收款；我们正在与终端厂商一起处理。",
-    ),
-    "acquirer_feed_unknown": (
-        "Your terminal {tid} is working. We cannot confirm yet that the payment institution received its "
-        "payments; we are checking.",
-        "您的POS终端 {tid} 工作正常。我们暂时无法确认支付机构是否已收到交易，正在核查。",
-    ),
+    **{c.name: c.merchant for c in CATALOGUE.values()},
+    **{f.name: f.merchant for f in FINDINGS.values() if f.merchant is not None},
 }
 
 

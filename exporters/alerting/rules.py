@@ -19,6 +19,8 @@ from typing import Any, Final, Literal
 
 import yaml
 
+from collector.fleet.conditions import CATALOGUE
+
 __all__ = [
     "ALERT_NAMES",
     "DEFAULT_CONFIG_PATH",
@@ -291,149 +293,11 @@ class TerminalAlert:
     severity_matcher: str = ""  # extra matcher on the series' own severity label
 
 
-_NETWORK_POWER = (
-    "Check power (plugged in, battery) and the network at the shop (router, Wi-Fi, SIM/cellular coverage)."
-)
-
-TERMINAL_ALERTS: Final = (
-    TerminalAlert(
-        "PosTerminalOffline",
-        "offline",
-        "critical",
-        "POS terminal is offline.",
-        "has sent no heartbeat for longer than its offline threshold and did not shut down cleanly{{ with $detail }}"
-        " ({{ . }}){{ end }}. It cannot take card payments, or its payments are not reaching the acquirer.",
-        "The terminal lost power or its network. " + _NETWORK_POWER,
-        (
-            ("last_will", "The terminal's connection broke (its last will was published) and no heartbeat "
-             "followed: a network outage at the shop or a crash. " + _NETWORK_POWER),
-            ("silent", "No heartbeat and no goodbye: the terminal most likely lost power or its network dropped "
-             "silently. " + _NETWORK_POWER),
-            ("never_seen", "Registered but never heard from since the collector started: not installed, powered "
-             "off, or configured with the wrong broker address or terminal id."),
-        ),
-    ),
-    TerminalAlert(
-        "PosTerminalUploadBacklog",
-        "upload_backlog",
-        "critical",
-        "POS terminal cannot upload its transactions.",
-        "has completed transactions waiting in its local upload queue{{ with $detail }} ({{ . }}){{ end }}. "
-        "The acquirer cannot see these payments yet and the merchant will find them missing.",
-        "The terminal cannot reach the acquirer's host: network path, host certificate, or the host refusing "
-        "the terminal.",
-        (
-            ("queue_depth", "Transactions are piling up in the local queue: the terminal cannot reach the "
-             "acquirer's host (network path, host certificate, or the host refusing the terminal)."),
-            ("queue_age", "A completed transaction has waited too long in the upload queue: uploads are stuck "
-             "(network path to the host, or the host rejecting uploads)."),
-        ),
-    ),
-    TerminalAlert(
-        "PosTerminalUpstreamMissing",
-        "upstream_missing",
-        "critical",
-        "Acquirer has no record of transactions the POS terminal says were acknowledged.",
-        "reports transactions acknowledged by the host, but the feed of acquirer {{ $labels.acquirer }} recorded "
-        "none of them within the grace period. The merchant's payments cannot be found on the acquirer's side.",
-        "The host is dropping or mis-filing this terminal's transactions: merchant or terminal registration, "
-        "permissions or routing on the acquirer's side, or the acquirer's processing is delayed by maintenance.",
-    ),
-    TerminalAlert(
-        "PosTerminalUnregistered",
-        "unregistered",
-        "warning",
-        "Unregistered POS terminal is sending heartbeats.",
-        "sends heartbeats but is not in the terminal registry. Its transactions cannot be attributed to a "
-        "registered merchant.",
-        "A new or swapped device that was never registered with the acquirer, or a typo in its terminal id.",
-    ),
-    TerminalAlert(
-        "PosTerminalMerchantMismatch",
-        "merchant_mismatch",
-        "critical",
-        "POS terminal is configured for a different merchant than registered.",
-        "reports merchant id{{ with $detail }} {{ . }}{{ end }}, which differs from the registry's merchant "
-        "{{ $labels.merchant_id }}. Its payments are booked to the wrong merchant or refused by the host.",
-        "The terminal was moved between merchants or re-parameterised without updating the registration; "
-        "or the registry is out of date.",
-    ),
-    TerminalAlert(
-        "PosTerminalOutdatedSoftware",
-        "outdated_software",
-        "warning",
-        "POS terminal runs outdated payment software.",
-        "runs a payment application older than the minimum version required for model {{ $labels.model }}.",
-        "The terminal missed a software update (offline during the rollout, update failed, or updates "
-        "disabled); the host may refuse or mishandle its uploads.",
-    ),
-    TerminalAlert(
-        "PosTerminalHardwareFault",
-        "hardware_fault",
-        "critical",
-        "POS terminal reports a hardware fault.",
-        "reports a hardware fault{{ with $detail }} ({{ . }}){{ end }}. It cannot complete or record payments "
-        "reliably.",
-        "A printer, display or card reader fault reported by the terminal: the device needs repair or replacement.",
-        severity_matcher='severity="critical"',
-    ),
-    TerminalAlert(
-        "PosTerminalHardwareFault",
-        "hardware_fault",
-        "warning",
-        "POS terminal reports a hardware fault.",
-        "reports a hardware fault{{ with $detail }} ({{ . }}){{ end }}. Payments still go through but receipts "
-        "do not print.",
-        "The printer is out of paper or its cover is open: staff may void or repeat payments without a receipt.",
-        severity_matcher='severity!="critical"',
-    ),
-    TerminalAlert(
-        "PosTerminalWeakSignal",
-        "weak_signal",
-        "warning",
-        "POS terminal has a weak network signal.",
-        "has reported a weak network signal for a sustained period{{ with $detail }} ({{ . }}){{ end }}. Uploads "
-        "time out and transactions start to queue.",
-        "The terminal sits in a coverage dead spot, its antenna or SIM is failing, or the shop's Wi-Fi is "
-        "congested or too far away.",
-    ),
-    TerminalAlert(
-        "PosTerminalClockSkew",
-        "clock_skew",
-        "warning",
-        "POS terminal clock is wrong.",
-        "has a clock that differs from real time by more than the collector allows{{ with $detail }} (terminal "
-        "is {{ . }}){{ end }}. Host-side checks can reject its uploads and its records appear at the wrong time.",
-        "The terminal's time sync failed (no NTP or host time sync after a reboot, a drained clock battery).",
-    ),
-    TerminalAlert(
-        "PosTerminalFlapping",
-        "flapping",
-        "warning",
-        "POS terminal keeps rebooting or reconnecting.",
-        "has rebooted or gone offline and back several times within the collector's flapping window. Payments "
-        "fail intermittently.",
-        "An unstable power supply or failing battery, or an intermittent network link.",
-    ),
-    TerminalAlert(
-        "PosTerminalMessagesRejected",
-        "messages_rejected",
-        # Never critical: the terminal is alive and the collector itself refused what it sent. Paging would be
-        # the collector paging for its own rejection; the fix is a firmware ticket, not a call at night.
-        "warning",
-        "POS terminal is alive but the collector rejects its messages.",
-        "keeps sending messages, but the collector rejects them{{ with $detail }} ({{ . }}){{ end }}, so no "
-        "accepted heartbeat arrived for its offline period. It is not offline, but its health (upload queue, "
-        "hardware, software) cannot be judged.",
-        "The terminal's firmware or configuration sends messages that protocol v1 does not allow (a new firmware "
-        "version, a changed field type or unit).",
-        (
-            ("card_data", "Its messages appear to contain a card number: a firmware or configuration fault and a "
-             "PCI matter. The rejected content was not stored or logged."),
-            ("counter_backwards", "Its transaction counters went backwards: the device was reset or replaced "
-             "under the same terminal id."),
-        ),
-    ),
+# One rule per alert of each condition in the catalogue, in its order.
+TERMINAL_ALERTS: Final = tuple(
+    TerminalAlert(a.name, c.name, a.severity, a.summary, a.what, a.cause, a.causes, a.severity_matcher)
+    for c in CATALOGUE.values()
+    for a in c.alerts
 )
 
 _OTHER_ALERTS: Final = (

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from collector.fleet.conditions import critical_conditions
+
 __all__ = [
     "DASHBOARDS_DIR",
     "INFLUX_DS_UID",
@@ -339,7 +341,8 @@ JOB_VAR = query_var("job", "Collector job", PROM, "label_values(posfleet_up, job
 
 # ------------------------------------------------------------------------------------------------- dashboards
 
-CONDITIONS_CRITICAL = "offline|upload_backlog|upstream_missing|merchant_mismatch|hardware_fault"
+# Conditions that mean "not taking or not delivering payments" (the catalogue's critical ones).
+CONDITIONS_CRITICAL = "|".join(critical_conditions())
 OK_BAD = [(1, "red")]
 
 
