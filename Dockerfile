@@ -9,6 +9,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml README.md ./
 COPY collector ./collector
 COPY exporters ./exporters
+# Shipped inside the wheel as package data: `posfleet rules check` / `dashboards check` work in the image.
+COPY alert_rules ./alert_rules
+COPY dashboards ./dashboards
+COPY docs/runbooks ./docs/runbooks
 # Wheels for posfleet and every dependency, so the runtime stage needs no compiler and no network.
 RUN pip wheel --wheel-dir /wheels .
 

@@ -20,7 +20,6 @@ from exporters.alerting import rules
 __all__ = ["register"]
 
 DEFAULT_ALERTMANAGER: str = "http://127.0.0.1:9093"
-RUNBOOKS_DIR: Path = rules.ROOT / "docs" / "runbooks"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,6 +37,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = rules_sub.add_parser("check", help="exit 1 with a diff when the committed rules drift from the config")
     check.add_argument("--config", default=str(rules.DEFAULT_CONFIG_PATH), help="thresholds and selectors")
     check.add_argument("--rules", default=str(rules.DEFAULT_RULES_PATH), help="committed default-profile file")
+    check.add_argument("--runbooks", type=Path, default=rules.RUNBOOKS_DIR, help="folder of <AlertName>.md runbooks")
     check.set_defaults(handler=_rules_check)
 
     p_maint = sub.add_parser("maintenance", help="maintenance windows as Alertmanager silences")
@@ -120,9 +120,9 @@ def _rules_check(args: argparse.Namespace) -> int:
         print(f"\n{path} drifted from its config: run `posfleet rules render` and commit the result.",
               file=sys.stderr)
         status = 1
-    missing = [n for n in rules.ALERT_NAMES if not (RUNBOOKS_DIR / f"{n}.md").is_file()]
+    missing = [n for n in rules.ALERT_NAMES if not (args.runbooks / f"{n}.md").is_file()]
     if missing:
-        print(f"posfleet rules check: no runbook docs/runbooks/<name>.md for: {', '.join(missing)}",
+        print(f"posfleet rules check: no runbook {args.runbooks}/<name>.md for: {', '.join(missing)}",
               file=sys.stderr)
         status = 1
     if status == 0:

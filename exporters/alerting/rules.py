@@ -20,11 +20,14 @@ from typing import Any, Final, Literal
 import yaml
 
 from collector.fleet.conditions import CATALOGUE
+from exporters.artifacts import artifact_dir
 
 __all__ = [
     "ALERT_NAMES",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_RULES_PATH",
+    "RULES_DIR",
+    "RUNBOOKS_DIR",
     "AlertConfig",
     "AlertConfigError",
     "Profile",
@@ -38,9 +41,11 @@ __all__ = [
     "rule_file_name",
 ]
 
-ROOT: Final = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG_PATH: Final = ROOT / "alert_rules" / "config.yaml"
-DEFAULT_RULES_PATH: Final = ROOT / "alert_rules" / "posfleet.rules.yml"
+
+RULES_DIR: Final = artifact_dir(__file__, "alert_rules", "shipped")
+DEFAULT_CONFIG_PATH: Final = RULES_DIR / "config.yaml"
+DEFAULT_RULES_PATH: Final = RULES_DIR / "posfleet.rules.yml"
+RUNBOOKS_DIR: Final = artifact_dir(__file__, "docs/runbooks", "runbooks")
 
 Severity = Literal["critical", "warning", "none"]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from collector.fleet.conditions import critical_conditions
+from exporters.artifacts import artifact_dir
 
 __all__ = [
     "DASHBOARDS_DIR",
@@ -33,7 +34,8 @@ Json = dict[str, Any]
 # Grafana 11's dashboard schema; older Grafanas migrate it on load, newer ones accept it unchanged.
 SCHEMA_VERSION = 39
 TAGS = ["posfleet"]
-DASHBOARDS_DIR = Path(__file__).resolve().parents[2] / "dashboards"
+# The repository's dashboards/ in a checkout, the copy shipped in the wheel otherwise (exporters.artifacts).
+DASHBOARDS_DIR = artifact_dir(__file__, "dashboards", "shipped")
 # uids of the provisioned datasources (deploy/grafana/provisioning/datasources); the variables default to them
 # and fall back to the first datasource of the right type anywhere else.
 PROMETHEUS_DS_UID = "posfleet-prometheus"
