@@ -81,7 +81,7 @@ def build_snapshot(config: Path, n: int, shape: str) -> None:
     from collector.config import load_config
     from collector.fleet.protocol import Heartbeat, decode
 
-    c = Collector(load_config(config))
+    c = Collector.load(load_config(config))
     now = time.time()
     out: list[Any] = []
     for i in range(n):
@@ -146,7 +146,7 @@ def measure(config: Path, n: int) -> dict[str, Any]:
     gc.collect()
     before = rss_bytes()
     started = time.monotonic()
-    c = Collector(cfg)
+    c = Collector.load(cfg)
     restore_s = time.monotonic() - started
     gc.collect()
     gc.freeze()  # as Collector.__aenter__ does

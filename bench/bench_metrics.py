@@ -54,7 +54,7 @@ for _ in range(int(sys.argv[2])):
 def build(terminals: int, sites: int, problems: int) -> Collector:
     """A collector whose fleet has `terminals` registered on `sites` sites, `problems` of them in a condition."""
     cfg = msgspec.convert({"state": {"snapshot_path": None}}, Config)
-    c = Collector(cfg)
+    c = Collector.load(cfg)
     entries = {}
     for i in range(terminals):
         site = i % sites

@@ -70,6 +70,31 @@ def _kind_of_topic(topic: str) -> str:
     return {"heartbeat": "heartbeat", "status": "status", "txn": "txn", "transactions": "upstream"}.get(tail, "other")
 
 
+def _load_registry(cfg: Config) -> Registry:
+    return load_registry(cfg.registry.path) if cfg.registry.path else Registry({})
+
+
+def _restore(cfg: Config, now: float) -> Restored:
+    """Load the newest good snapshot generation; say loudly what was set aside and what is used instead."""
+    path = cfg.state.snapshot_path
+    if not path:
+        return Restored([], [], Source.EMPTY)
+    restored = load_snapshot(path, now)
+    for bad in restored.set_aside:
+        where = f"moved to {bad.moved_to}" if bad.moved_to else "left in place"
+        log.error("state snapshot %s is corrupt (%s): %s", bad.original, bad.reason, where)
+    if restored.set_aside or restored.source is Source.PREVIOUS:
+        used = {
+            Source.CURRENT: f"the current snapshot {path}",
+            Source.PREVIOUS: f"the previous snapshot generation {path}.prev",
+            Source.EMPTY: "an empty state (every terminal gets a full offline period to be heard)",
+        }[restored.source]
+        log.log(logging.ERROR if restored.set_aside else logging.WARNING, "restoring state from %s", used)
+    if restored.terminals:
+        log.info("restored state of %d terminals (%s)", len(restored.terminals), restored.source.value)
+    return restored
+
+
 class Collector:
     """The running collector. Use `async with Collector(cfg) as c:`; `await c.wait_stopped()`."""
 
@@ -79,15 +104,25 @@ class Collector:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         restart_policy: RestartPolicy = DEFAULT_POLICY,
+        *,
+        registry: Registry | None = None,
+        restored: Restored | None = None,
+        corrupt_snapshots: int = 0,
+        tokens: Tokens | None = None,
     ) -> None:
+        """Wire the rooms from what is given, without I/O; `Collector.load(cfg)` reads the registry file, the state
+        snapshot and the API tokens first (what `run_collector` and the demo use)."""
         self.cfg = cfg
         self.clock = clock
         self.monotonic = monotonic
         self.prom_registry = CollectorRegistry(auto_describe=False)
         self.metrics = SelfMetrics(self.prom_registry)
         self.metrics.snapshot_enabled = bool(cfg.state.snapshot_path)
-        self.registry_file = self._load_registry()
-        restored = self._restore()
+        self.registry_file = registry if registry is not None else Registry({})
+        if restored is None:
+            restored = Restored([], [], Source.EMPTY)
+        self.metrics.snapshot_restore.labels(restored.source.value).set(1)
+        self.metrics.snapshot_corrupt_files.set(corrupt_snapshots)
         self.fleet = Fleet(cfg, started_at=clock(), registry=self.registry_file, restored=restored.state)
         # What happened at restore, without a second reference to every restored terminal (8 B each).
         self.restored = restored._replace(terminals=[], feeds=[])
@@ -99,7 +134,7 @@ class Collector:
         self.supervisor = Supervisor(self.metrics.task_restarts, self._task_gave_up, restart_policy, monotonic)
         self.fleet_collector = FleetCollector(self.fleet, self.metrics, cfg.metrics.max_problem_series, clock)
         self.prom_registry.register(self.fleet_collector)
-        self.tokens: Tokens = load_tokens(cfg.http.tokens_file)
+        self.tokens: Tokens = tokens if tokens is not None else Tokens({})
         self.route_hooks: list[RouteHook] = []
         self.transition_hooks: list[TransitionSink] = []
         self.message_hooks: list[MessageSink] = []
@@ -116,31 +151,23 @@ class Collector:
         install_support(self)  # ledger, diagnosis/reconcile API, /support page
 
     # ---- setup -----------------------------------------------------------------------------------------
-    def _load_registry(self) -> Registry:
-        return load_registry(self.cfg.registry.path) if self.cfg.registry.path else Registry({})
+    @classmethod
+    def load(
+        cls,
+        cfg: Config,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        restart_policy: RestartPolicy = DEFAULT_POLICY,
+    ) -> Collector:
+        """Read the terminal registry, the newest good state snapshot and the API tokens; build the collector."""
+        registry = _load_registry(cfg)
+        restored = _restore(cfg, clock())
+        corrupt = len(corrupt_files(cfg.state.snapshot_path)) if cfg.state.snapshot_path else 0
+        return cls(cfg, clock, monotonic, restart_policy, registry=registry, restored=restored,
+                   corrupt_snapshots=corrupt, tokens=load_tokens(cfg.http.tokens_file))
 
-    def _restore(self) -> Restored:
-        """Load the newest good snapshot generation; say loudly what was set aside and what is used instead."""
-        path = self.cfg.state.snapshot_path
-        if not path:
-            self.metrics.snapshot_restore.labels(Source.EMPTY.value).set(1)
-            return Restored([], [], Source.EMPTY)
-        restored = load_snapshot(path, self.clock())
-        for bad in restored.set_aside:
-            where = f"moved to {bad.moved_to}" if bad.moved_to else "left in place"
-            log.error("state snapshot %s is corrupt (%s): %s", bad.original, bad.reason, where)
-        if restored.set_aside or restored.source is Source.PREVIOUS:
-            used = {
-                Source.CURRENT: f"the current snapshot {path}",
-                Source.PREVIOUS: f"the previous snapshot generation {path}.prev",
-                Source.EMPTY: "an empty state (every terminal gets a full offline period to be heard)",
-            }[restored.source]
-            log.log(logging.ERROR if restored.set_aside else logging.WARNING, "restoring state from %s", used)
-        if restored.terminals:
-            log.info("restored state of %d terminals (%s)", len(restored.terminals), restored.source.value)
-        self.metrics.snapshot_restore.labels(restored.source.value).set(1)
-        self.metrics.snapshot_corrupt_files.set(len(corrupt_files(path)))
-        return restored
+    def _load_registry(self) -> Registry:
+        return _load_registry(self.cfg)
 
     def _task_gave_up(self, task: str) -> None:
         # Limping on without the tick or the consumer would hide every fault: exit non-zero so systemd or the
@@ -210,9 +237,12 @@ class Collector:
     # ---- pipeline ----------------------------------------------------------------------------------------
     def count_reject(self, kind: str, err: DecodeError) -> None:
         """Count and (rate-limited) log a rejected message; the payload is never logged."""
+        self._count_rejected(kind, err.reason, str(err))
+
+    def _count_rejected(self, kind: str, reason: str, text: str = "") -> None:
         self.metrics.messages.labels(kind, "rejected").inc()
-        self.metrics.rejected.labels(err.reason).inc()
-        self._reject_log.warning(err.reason, "rejected %s message: %s", kind, err)
+        self.metrics.rejected.labels(reason).inc()
+        self._reject_log.warning(reason, "rejected %s message: %s", kind, text or reason)
 
     def apply_upstream(self, batch: UpstreamBatch, rx: float) -> UpstreamResult:
         """Apply an acquirer batch (from MQTT or HTTP) to that acquirer's own terminals."""
@@ -228,7 +258,7 @@ class Collector:
         out: list[Transition] = []
         result = self.fleet.on_feed(batch, rx, out)
         if result.refused:
-            self.count_reject("upstream", DecodeError("unknown_acquirer", batch.acquirer, acquirer=batch.acquirer))
+            self._count_rejected("upstream", "unknown_acquirer", f"unknown_acquirer: {batch.acquirer}")
             return result
         m.messages.labels("upstream", "accepted").inc()
         records = m.feed_records
@@ -267,11 +297,8 @@ class Collector:
         out: list[Transition] = []
         if isinstance(msg, Heartbeat):
             result = self.fleet.on_heartbeat(msg, item.rx, out)
-            if result is None:
-                self.count_reject("heartbeat", DecodeError("unknown_terminal_overflow"))
-                return
-            if result is HeartbeatResult.BACKWARDS:
-                self.count_reject("heartbeat", DecodeError("counter_backwards"))
+            if result is HeartbeatResult.REFUSED or result is HeartbeatResult.BACKWARDS:
+                self._count_rejected("heartbeat", result.value)  # the state's verdict, not the decoder's
                 return
             if result in (HeartbeatResult.DUPLICATE, HeartbeatResult.STALE):
                 self._hb_counters[result.value].inc()
@@ -426,7 +453,7 @@ async def run_collector(
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     try:
-        async with Collector(cfg, restart_policy=restart_policy) as collector:
+        async with Collector.load(cfg, restart_policy=restart_policy) as collector:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, collector.stop)
             with contextlib.suppress(NotImplementedError, RuntimeError):

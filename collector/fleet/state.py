@@ -100,6 +100,7 @@ class HeartbeatResult(enum.Enum):
     DUPLICATE = "duplicate"
     STALE = "stale"  # evidently an older message of a boot still running: state does not move back
     BACKWARDS = "counter_backwards"  # newer, but a cumulative counter decreased: rejected
+    REFUSED = "unknown_terminal_overflow"  # an unknown terminal while the fleet holds its maximum of those
 
 
 class Active(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -505,15 +506,15 @@ class Fleet:
             self._count(UNKNOWN, UNKNOWN, "_known", 1)
         return t
 
-    def on_heartbeat(self, hb: Heartbeat, rx: float, out: list[Transition]) -> HeartbeatResult | None:
-        """Apply a heartbeat received at `rx`; None when the fleet is full of unknown terminals.
+    def on_heartbeat(self, hb: Heartbeat, rx: float, out: list[Transition]) -> HeartbeatResult:
+        """Apply a heartbeat received at `rx`; REFUSED when the fleet is full of unknown terminals.
 
         A BACKWARDS heartbeat is recorded as a rejected message of the terminal (reason counter_backwards):
         callers must not report it to `on_rejected` again.
         """
         t = self._terminal_for(hb.tid)
         if t is None:
-            return None
+            return HeartbeatResult.REFUSED
         result = classify(t, hb, rx)
         if result in (HeartbeatResult.DUPLICATE, HeartbeatResult.STALE):
             return result

@@ -132,7 +132,7 @@ async def _demo(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
     started = time.time()
     try:
-        async with Collector(cfg) as collector, sim:
+        async with Collector.load(cfg) as collector, sim:
             # Faults start after a few healthy heartbeats, as in the field.
             await asyncio.sleep(3 * args.interval)
             for tid, fault in plan:

@@ -157,7 +157,7 @@ async def test_upstream_scopes_per_acquirer_and_any_case_bearer(
                  state=StateConfig(snapshot_path=None))
     body = json.dumps({"ts": 1_800_000_000, "txns": [{"tid": A_TID, "txn_id": "x1", "ts": 1_800_000_000}]})
 
-    collector = Collector(cfg)
+    collector = Collector.load(cfg)
     async with TestClient(TestServer(build_app(collector))) as client:
         async def post_as(token: str, acquirer: str, scheme: str = "Bearer") -> tuple[int, dict[str, object]]:
             resp = await client.post(f"/api/v1/upstream/{acquirer}/transactions", data=body,

@@ -138,7 +138,7 @@ async def test_acks_slide_behind_a_window_of_20(tmp_path: Path, small_window: Pr
         "state": {"snapshot_path": str(tmp_path / "state.snapshot")},
     }, Config)
     try:
-        async with Collector(cfg) as c:  # registers the persistent session, then leaves
+        async with Collector.load(cfg) as c:  # registers the persistent session, then leaves
             await asyncio.to_thread(wait_until, lambda: c.ingest is not None and c.ingest.subscribed, 10, "subscribed")
         await asyncio.to_thread(publish_backlog, small_window.port)
         before = tap.count()
@@ -158,7 +158,7 @@ async def test_acks_slide_behind_a_window_of_20(tmp_path: Path, small_window: Pr
             # ... and never more than what was applied: ack after apply.
             assert tap.count() - before <= applied - 1
 
-        c = Collector(cfg)
+        c = Collector.load(cfg)
         c.message_hooks.append(hook)  # before connecting: the backlog arrives as soon as the session resumes
         async with c:
             await asyncio.to_thread(wait_until, lambda: applied >= BACKLOG and tap.count() - before >= BACKLOG, 30,

@@ -34,7 +34,7 @@ async def client(tmp_path: Path) -> AsyncIterator[TestClient[web.Request, web.Ap
     registry = tmp_path / "terminals.csv"
     registry.write_text(f"terminal_id,merchant_id,acquirer,model,site,region\n{TID},M00000,acq-a,A920,s0,r\n")
     cfg = msgspec.convert({"registry": {"path": str(registry)}, "state": {"snapshot_path": None}}, Config)
-    collector = Collector(cfg)
+    collector = Collector.load(cfg)
     async with TestClient(TestServer(build_app(collector))) as c:
         yield c
 

@@ -285,7 +285,7 @@ async def client(
     path.write_text("terminal_id,merchant_id,acquirer,model,site,region\n" + "\n".join(rows) + "\n")
     monkeypatch.setenv("POSFLEET_API_TOKENS", "tok-a-0123456789abcdef read:acq-a;tok-all-0123456789abcdef read:*")
     cfg = msgspec.convert({"registry": {"path": str(path)}, "state": {"snapshot_path": None}}, Config)
-    collector = Collector(cfg, clock=lambda: T0)
+    collector = Collector.load(cfg, clock=lambda: T0)
     out: list[Transition] = []
     for tid in ("a1-0", "a1-1", "a1-2", "a2-0", "b1-0"):
         collector.fleet.on_heartbeat(beat(tid, 1, T0), T0, out)

@@ -238,7 +238,7 @@ def test_disk_full_keeps_the_old_snapshot_and_removes_the_tmp_file(tiny_disk: Pa
 
 def test_disk_full_is_counted_by_the_collector(tiny_disk: Path) -> None:
     cfg = msgspec.convert({"state": {"snapshot_path": str(tiny_disk / "state.snapshot")}}, Config)
-    collector = Collector(cfg, clock=lambda: T0)
+    collector = Collector.load(cfg, clock=lambda: T0)
     fill(tiny_disk / "filler")
     collector.fleet.on_heartbeat(beat("T9", 1), T0, [])
     assert collector.snapshot_now() is False
@@ -252,7 +252,7 @@ def test_the_collector_starts_from_the_previous_generation_and_says_so(
     two_generations.write_bytes(_truncate(two_generations.read_bytes()))
     cfg = msgspec.convert({"state": {"snapshot_path": str(two_generations)}}, Config)
     with caplog.at_level(logging.INFO):
-        collector = Collector(cfg, clock=lambda: T0 + 50)
+        collector = Collector.load(cfg, clock=lambda: T0 + 50)
     assert seqs(list(collector.fleet.terminals.values())) == {1}
     sample = collector.prom_registry.get_sample_value
     assert [sample("posfleet_snapshot_restore", {"source": s}) for s in ("current", "previous", "empty")] == [0, 1, 0]
@@ -271,7 +271,7 @@ def test_the_collector_starts_from_the_previous_generation_and_says_so(
 
 def test_a_clean_start_reports_the_current_generation(two_generations: Path) -> None:
     cfg = msgspec.convert({"state": {"snapshot_path": str(two_generations)}}, Config)
-    sample = Collector(cfg, clock=lambda: T0).prom_registry.get_sample_value
+    sample = Collector.load(cfg, clock=lambda: T0).prom_registry.get_sample_value
     assert [sample("posfleet_snapshot_restore", {"source": s}) for s in ("current", "previous", "empty")] == [1, 0, 0]
     assert sample("posfleet_snapshot_corrupt_files") == 0
 
@@ -279,3 +279,18 @@ def test_a_clean_start_reports_the_current_generation(two_generations: Path) -> 
 def test_crc_is_over_the_body(two_generations: Path) -> None:
     data = two_generations.read_bytes()
     assert int.from_bytes(data[20:24], "little") == zlib.crc32(data[24:])
+
+
+def test_constructing_a_collector_reads_nothing(two_generations: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default config's snapshot path is relative (var/state.snapshot): a Collector built in a directory that
+    # holds one must not restore it (nor set a damaged one aside) unless asked to with Collector.load.
+    monkeypatch.chdir(two_generations.parent)
+    (two_generations.parent / "var").mkdir()
+    default_path = two_generations.parent / "var" / "state.snapshot"
+    default_path.write_bytes(_truncate(two_generations.read_bytes()))
+    before = sorted(p.name for p in default_path.parent.iterdir())
+    collector = Collector(Config(), clock=lambda: T0)
+    assert collector.fleet.terminals == {} and collector.restored.source is Source.EMPTY
+    assert sorted(p.name for p in default_path.parent.iterdir()) == before
+    loaded = Collector.load(Config(), clock=lambda: T0)  # the explicit factory does read it
+    assert loaded.restored.source is not Source.EMPTY or loaded.restored.set_aside

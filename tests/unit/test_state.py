@@ -144,7 +144,7 @@ def test_unregistered_terminal(clock: Clock) -> None:
 def test_unknown_ids_are_bounded(clock: Clock) -> None:
     clock.fleet.max_unregistered = 3
     results = [clock.hb(tid=f"X{i}", seq=0) for i in range(5)]
-    assert results[:3] == [HeartbeatResult.ACCEPTED] * 3 and results[3:] == [None, None]
+    assert results[:3] == [HeartbeatResult.ACCEPTED] * 3 and results[3:] == [HeartbeatResult.REFUSED] * 2
     assert len(clock.fleet.terminals) == 2 + 3
 
 

@@ -135,7 +135,7 @@ def sample(c: Collector, name: str, **labels: str) -> float | None:
 
 
 async def test_a_dying_tick_makes_the_collector_not_ready_and_recovers(tmp_path: Path, mosquitto: Process) -> None:
-    async with Collector(collector_config(tmp_path, mosquitto.port), restart_policy=FAST) as c:
+    async with Collector.load(collector_config(tmp_path, mosquitto.port), restart_policy=FAST) as c:
         assert all(sample(c, "posfleet_task_restarts_total", task=t) == 0
                    for t in ("consume", "tick", "snapshot", "registry")), "pre-initialised"
         await asyncio.to_thread(wait_until, lambda: not c.readiness_problems(), 10, "ready")
@@ -208,7 +208,7 @@ class Host:
         cfg = msgspec.convert(
             {"state": {"snapshot_path": None, "eval_interval_s": 2}, "software_policy": {"*": "3.0.0"}}, Config
         )
-        self.c = Collector(cfg, clock=lambda: self.wall, monotonic=lambda: self.mono)
+        self.c = Collector.load(cfg, clock=lambda: self.wall, monotonic=lambda: self.mono)
         self.c.fleet.set_registry(REG)
         self.hears = True  # whether the collector hears its broker (no broker here: the test says)
         self.c.hearing = lambda: self.hears  # type: ignore[method-assign]
