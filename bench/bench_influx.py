@@ -36,7 +36,8 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 from collector.fleet.protocol import decode  # noqa: E402
 from exporters.history.influx import InfluxConfig, InfluxWriter  # noqa: E402
 from exporters.history.lines import heartbeat_line, tag_set  # noqa: E402
-from tests.services_tsdb import VictoriaMetrics, free_port, wait_for  # noqa: E402
+from tests.harness.core import free_port, wait_until  # noqa: E402
+from tests.harness.tsdb import VictoriaMetrics  # noqa: E402
 
 TERMINALS = 20_000
 
@@ -120,7 +121,7 @@ async def null_sink(lines: list[str], seconds: float, tmp: str) -> float:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", NULL_SINK, str(port)])
     try:
-        wait_for("the null sink", lambda: _listening(port), 20)
+        wait_until(lambda: _listening(port), 20, "the null sink")
         reg = CollectorRegistry()
         cfg = InfluxConfig(enabled=True, url=f"http://127.0.0.1:{port}")
         async with InfluxWriter(cfg, reg, Path(tmp) / "spool-null") as w:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from collector.sim.simulator import make_fleet  # noqa: E402
-from tests.services import (  # noqa: E402
+from tests.harness.core import (  # noqa: E402
     Process,
     free_port,
     http_get,

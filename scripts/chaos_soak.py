@@ -40,7 +40,7 @@ from tests.faults import (  # noqa: E402
     start_deploy_mosquitto,
     terminal_views,
 )
-from tests.services import Process, free_port, start_collector, wait_until, write_collector_config  # noqa: E402
+from tests.harness.core import Process, free_port, start_collector, wait_until, write_collector_config  # noqa: E402
 
 FAULTS = ("broker_restart", "broker_kill", "collector_kill", "blackhole", "malformed_flood", "unknown_flood")
 KEEPALIVE_S = 5

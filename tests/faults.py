@@ -33,7 +33,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.services import ROOT, Process, free_port, http_json, start_mosquitto, wait_until
+from tests.harness.core import ROOT, Process, free_port, http_json, start_mosquitto, wait_until
 
 __all__ = [
     "BlackholeProxy",
@@ -352,7 +352,7 @@ def _apply_deploy_persistence(broker: Process) -> None:
 
 
 def start_deploy_mosquitto() -> Process:
-    """tests.services.start_mosquitto, switched to deploy/'s persistence (autosave_interval 60), in a directory
+    """tests.harness.core.start_mosquitto, switched to deploy/'s persistence (autosave_interval 60), in a directory
     the broker can write: run as root, Mosquitto drops to its own user, which cannot enter pytest's 0700 temp
     dirs, so its database would never be saved. Remove `broker.workdir` when done."""
     workdir = Path(tempfile.mkdtemp(prefix="posfleet-broker-"))

@@ -14,8 +14,8 @@ from collector.app import Collector
 from collector.config import Config, HttpConfig, RegistryConfig, StateConfig
 from collector.http.routes import build_app
 from collector.sim.simulator import Simulator, make_fleet
+from tests.harness.core import Process, http_get, wait_until
 from tests.integration.test_support_stack import ENV_TOKEN, TOKENS, all_heard, get_json, post, start_stack
-from tests.services import Process, http_get, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -15,18 +15,16 @@ import yaml
 
 from exporters.alerting import alertmanager as am
 from exporters.alerting import rules
-from tests.services import ROOT, Process, free_port, wait_until
-from tests.services_alerting import (  # noqa: F401 (fixtures)
+from tests.harness.alerting import (
     DEPLOY_ALERTMANAGER,
     DEPLOY_PROMETHEUS,
-    alertmanager_fixture,
     am_alerts,
     amtool,
     promtool,
-    webhook_sink_fixture,
     write_alertmanager_config,
     write_prometheus_config,
 )
+from tests.harness.core import ROOT, Process, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,8 @@ import pytest
 
 from collector.sim.simulator import FAULTS, Simulator, TerminalSpec
 from exporters.alerting import rules
-from tests.services import (
+from tests.harness.alerting import WebhookSink, am_alerts, start_prometheus, write_prometheus_config
+from tests.harness.core import (
     ROOT,
     Process,
     free_port,
@@ -34,14 +35,6 @@ from tests.services import (
     start_collector,
     wait_until,
     write_collector_config,
-)
-from tests.services_alerting import (  # noqa: F401 (fixtures)
-    WebhookSink,
-    alertmanager_fixture,
-    am_alerts,
-    start_prometheus,
-    webhook_sink_fixture,
-    write_prometheus_config,
 )
 
 pytestmark = pytest.mark.integration

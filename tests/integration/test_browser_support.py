@@ -14,8 +14,8 @@ import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
 from collector.sim.simulator import Simulator, make_fleet
+from tests.harness.core import ROOT, Process, require_binary, wait_until
 from tests.integration.test_support_stack import TOKENS, all_heard, get_json, start_stack
-from tests.services import ROOT, Process, require_binary, wait_until
 
 pytestmark = pytest.mark.integration
 

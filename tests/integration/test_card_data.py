@@ -19,8 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from collector.fleet.protocol import is_card_number, luhn_ok
 from collector.sim.simulator import Simulator, make_fleet
+from tests.harness.core import Process, http_get, wait_until
 from tests.integration.test_support_stack import TOKENS, all_heard, post, start_stack
-from tests.services import Process, http_get, wait_until
 
 pytestmark = pytest.mark.integration
 

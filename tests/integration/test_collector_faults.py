@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 
 from collector.sim.simulator import FAULTS, Simulator, TerminalSpec, make_fleet
-from tests.services import Process, free_port, http_get, http_json, start_collector, wait_until, write_collector_config
+from tests.harness.core import (
+    Process,
+    free_port,
+    http_get,
+    http_json,
+    start_collector,
+    wait_until,
+    write_collector_config,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -28,8 +28,8 @@ import pytest
 
 from collector.sim.simulator import Simulator, TerminalSpec, make_fleet
 from exporters.grafana.dashboards import DASHBOARDS_DIR, iter_panels
-from tests.services import Process, free_port, start_collector, write_collector_config
-from tests.services_dash import Influx, Prometheus, V2WriteBridge, start_influxd, start_prometheus, wait_until
+from tests.harness.core import Process, free_port, start_collector, wait_until, write_collector_config
+from tests.harness.dash import Influx, Prometheus, V2WriteBridge, start_influxd, start_prometheus
 
 pytestmark = pytest.mark.integration
 
@@ -292,7 +292,7 @@ async def test_every_dashboard_query_returns_the_fleet_it_describes(tmp_path: Pa
                     # A healthy start first: the drill-down terminal uploads (and its acquirer records) some
                     # transactions before its uploads get stuck, as in a real incident.
                     await asyncio.to_thread(
-                        wait_until, "history of a healthy fleet", lambda: drilldown_history_exists(influx), 30
+                        wait_until, lambda: drilldown_history_exists(influx), 30, "history of a healthy fleet"
                     )
                     for tid, fault in (FAULTS | MASS_OUTAGE).items():
                         sim.set_fault(tid, fault)

@@ -8,23 +8,20 @@ The Dockerfile is not built here (no Docker engine on this machine); docs/deploy
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.services import free_port, require_binary
-from tests.services_dash import http_get, wait_until
+from tests.harness.core import http_get, require_binary, wait_until
+from tests.harness.stack import alive, port_args, script, stack_pids
 
 pytestmark = pytest.mark.integration
 
@@ -158,71 +155,6 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------------------- single host
 
 
-def script(prefix: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", str(SCRIPT), "--prefix", str(prefix), *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def stack_pids(prefix: Path) -> dict[str, int]:
-    return {p.stem: int(p.read_text()) for p in (prefix / "run").glob("*.pid")}
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purpose; it is reaped by init, not by us.
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
-
-
-@pytest.fixture
-def ports() -> dict[str, int]:
-    names = ["mqtt", "gateway", "collector", "prometheus", "alertmanager", "vm"]
-    return {name: free_port() for name in names}
-
-
-def port_args(ports: dict[str, int]) -> list[str]:
-    return [
-        "--bind",
-        "127.0.0.1",
-        "--mqtt-bind",
-        "127.0.0.1",
-        "--mqtt-port",
-        str(ports["mqtt"]),
-        "--mqtt-gateway-port",
-        str(ports["gateway"]),
-        "--collector-port",
-        str(ports["collector"]),
-        "--prometheus-port",
-        str(ports["prometheus"]),
-        "--alertmanager-port",
-        str(ports["alertmanager"]),
-        "--vm-port",
-        str(ports["vm"]),
-        "--scrape-interval",
-        "1s",
-        "--timeout",
-        "60",
-    ]
-
-
-@pytest.fixture
-def stack_prefix(tmp_path: Path) -> Iterator[Path]:
-    """A prefix whose stack is always torn down, and whose processes are killed by PID if `down` failed."""
-    prefix = tmp_path / "stack"
-    prefix.mkdir()
-    try:
-        yield prefix
-    finally:
-        script(prefix, "down", timeout=120)
-        for pid in stack_pids(prefix).values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
 def metric(port: int, name: str) -> float | None:
     status, body = http_get(f"http://127.0.0.1:{port}/metrics")
     assert status == 200
@@ -285,13 +217,13 @@ def test_single_host_stack_up_status_down(stack_prefix: Path, ports: dict[str, i
         targets = json.loads(http_get(f"{prom}/api/v1/targets")[1])["data"]["activeTargets"]
         return any(t["labels"]["job"] == "posfleet" and t["health"] == "up" for t in targets)
 
-    wait_until("Prometheus to scrape the collector", posfleet_target_up, 30)
+    wait_until(posfleet_target_up, 30, "Prometheus to scrape the collector")
     rules = json.loads(http_get(f"{prom}/api/v1/rules")[1])["data"]["groups"]
     assert rules, "no alert rules loaded from alert_rules/"
     wait_until(
-        "Prometheus to discover Alertmanager",
         lambda: bool(json.loads(http_get(f"{prom}/api/v1/alertmanagers")[1])["data"]["activeAlertmanagers"]),
         30,
+        "Prometheus to discover Alertmanager",
     )
     assert http_get(f"http://127.0.0.1:{ports['vm']}/health")[0] == 200
 
@@ -313,7 +245,7 @@ def test_single_host_stack_up_status_down(stack_prefix: Path, ports: dict[str, i
         publish(gateway, "posfleet-simulator", simulator_password, "pos/v1/T00003/heartbeat", heartbeat("T00003", 1))
         == 0
     )
-    wait_until("the two permitted heartbeats", lambda: metric(collector, accepted) == 2, 10)
+    wait_until(lambda: metric(collector, accepted) == 2, 10, "the two permitted heartbeats")
     # The forged and misrouted heartbeats (sent first, same broker) never reached the collector.
     terminals = json.loads(http_get(f"http://127.0.0.1:{collector}/api/v1/terminals?all=1")[1])["terminals"]
     by_id = {t["terminal_id"]: t for t in terminals}
@@ -329,7 +261,7 @@ def test_single_host_stack_up_status_down(stack_prefix: Path, ports: dict[str, i
         lines = http_get(f"{vm}/api/v1/export?{match}")[1].decode().splitlines()
         return any(json.loads(line)["metric"].get("acquirer") == "acq-a" for line in lines)
 
-    wait_until("heartbeat history in VictoriaMetrics", history_stored, 20)
+    wait_until(history_stored, 20, "heartbeat history in VictoriaMetrics")
 
     down = script(stack_prefix, "down", timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr

@@ -8,7 +8,7 @@ import pytest
 
 from collector.fleet.protocol import Heartbeat, Status, TxnReceipt, UpstreamBatch, UpstreamTxn
 from exporters.history.lines import condition_line, heartbeat_line, receipt_line, status_line, tag_set, upstream_lines
-from tests.services_tsdb import InfluxD, influxd  # noqa: F401 - the fixture
+from tests.harness.tsdb import InfluxD
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def stored_field(value: str) -> str:
 
 
 @pytest.mark.parametrize("n", range(len(HOSTILE)))
-def test_hostile_values_round_trip_through_influxdb(influxd: InfluxD, n: int) -> None:  # noqa: F811
+def test_hostile_values_round_trip_through_influxdb(influxd: InfluxD, n: int) -> None:
     value = HOSTILE[n]
     tags = tag_set(f"T{n}{value}", value, f"acq{value}", value)
     hb = msgspec.convert({"tid": "T00001", "ts": RX, "seq": 1, "interval_s": 30, "txn_count": 0,

@@ -11,7 +11,7 @@ import subprocess
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.sim.simulator import Simulator, TerminalSpec, make_fleet
-from tests.services import Process, free_port, http_json, start_collector, write_collector_config
-from tests.services_tsdb import VictoriaMetrics, victoria_metrics
+from tests.harness.core import Process, free_port, http_json, start_collector, wait_until_async, write_collector_config
+from tests.harness.tsdb import VictoriaMetrics
 
 pytestmark = pytest.mark.integration
-__all__ = ["victoria_metrics"]  # the fixture, re-exported for pytest
 
 INTERVAL = 0.5  # heartbeats per terminal per second x fleet size = load; small and fast for tests
 OUTAGE_S = 32.0  # the issue asks for at least 30 s of database outage
@@ -75,28 +74,13 @@ def diff(sent: dict[str, Counter[int]], stored: dict[str, Counter[int]]) -> str:
     return f"lost={ {t: v for t, v in lost.items() if v} } extra={ {t: v for t, v in dup.items() if v} }"
 
 
-async def poll(what: str, check: Callable[[], Any], timeout: float, step: float = 0.25) -> Any:
-    """Poll `check` (run in a thread: it does blocking HTTP) until truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = await asyncio.to_thread(check)
-        except OSError as err:  # a service restarting
-            last = err
-        if last and not isinstance(last, Exception):
-            return last
-        await asyncio.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
-
-
 async def assert_stored_exactly_once(sim: Simulator, vm: VictoriaMetrics, timeout: float = 60) -> None:
     """Every heartbeat the simulator sent is in the database exactly once (waits for it to become visible)."""
     sent = sent_counts(sim)
     expected = total(sent)
     assert expected > 0
     try:
-        await poll("every heartbeat stored", lambda: total(stored_counts(vm)) >= expected, timeout)
+        await wait_until_async(lambda: total(stored_counts(vm)) >= expected, timeout, "every heartbeat stored")
     except AssertionError:
         raise AssertionError(diff(sent, stored_counts(vm))) from None
     stored = stored_counts(vm)
@@ -151,8 +135,8 @@ class Stack:
     async def wait_all_accepted(self, timeout: float = 30) -> None:
         """The collector took every heartbeat the simulator sent (nothing left in the broker)."""
         sent = total(sent_counts(self.sim))
-        await poll(f"the collector to accept all {sent} heartbeats", lambda: accepted(self.http_port) >= sent,
-                   timeout)
+        await wait_until_async(lambda: accepted(self.http_port) >= sent,
+            timeout, f"the collector to accept all {sent} heartbeats")
 
 
 @pytest.fixture
@@ -173,8 +157,9 @@ async def test_every_heartbeat_stored_exactly_once(
     stacks.append(stack)
     port = stack.start_collector().port
     async with stack.sim:
-        await poll("20 heartbeats per terminal", lambda: all(
-            len(v) >= 20 for v in stack.sim.sent_seqs.values()) and len(stack.sim.sent_seqs) == 60, 60)
+        await wait_until_async(
+            lambda: all(len(v) >= 20 for v in stack.sim.sent_seqs.values()) and len(stack.sim.sent_seqs) == 60,
+            60, "20 heartbeats per terminal")
     await stack.wait_all_accepted()
     await assert_stored_exactly_once(stack.sim, victoria_metrics)
     assert metric(port, "posfleet_influx_points_total", result="dropped") == 0
@@ -191,13 +176,13 @@ async def test_outage_loses_nothing_duplicates_nothing_and_alerts_nothing(
     port = stack.start_collector().port
     vm = victoria_metrics
     async with stack.sim:
-        await poll("a healthy fleet, heard in full", lambda: all_healthy(port, stack.specs), 30)
-        await poll("history flowing", lambda: metric(port, "posfleet_influx_points_total", result="written") > 200,
-                   30)
+        await wait_until_async(lambda: all_healthy(port, stack.specs), 30, "a healthy fleet, heard in full")
+        await wait_until_async(lambda: metric(port, "posfleet_influx_points_total", result="written") > 200,
+            30, "history flowing")
 
         vm.stop()
         outage_started = time.monotonic()
-        await poll("the writer to notice", lambda: metric(port, "posfleet_influx_up") == 0, 20)
+        await wait_until_async(lambda: metric(port, "posfleet_influx_up") == 0, 20, "the writer to notice")
         spool_peak = 0.0
         while time.monotonic() - outage_started < OUTAGE_S:
             # monitoring must not notice the database: every terminal healthy, all the time
@@ -211,11 +196,11 @@ async def test_outage_loses_nothing_duplicates_nothing_and_alerts_nothing(
         assert metric(port, "posfleet_influx_responses_total", code="connection_error") > 0
 
         vm.start()
-        await poll("the spool drained", lambda: metric(port, "posfleet_influx_up") == 1
-                   and metric(port, "posfleet_influx_spool_points") == 0, 120)
+        await wait_until_async(lambda: metric(port, "posfleet_influx_up") == 1
+                   and metric(port, "posfleet_influx_spool_points") == 0, 120, "the spool drained")
         assert await asyncio.to_thread(all_healthy, port, stack.specs)
-        await poll("more heartbeats after the recovery", lambda: metric(
-            port, "posfleet_influx_points_total", result="written") > 0, 10)
+        await wait_until_async(lambda: metric(
+            port, "posfleet_influx_points_total", result="written") > 0, 10, "more heartbeats after the recovery")
     await stack.wait_all_accepted()
     await assert_stored_exactly_once(stack.sim, vm)
 
@@ -242,17 +227,17 @@ async def test_kill_9_with_full_spool_replays_on_restart(
     port = stack.start_collector().port
     vm = victoria_metrics
     async with stack.sim:
-        await poll("history flowing", lambda: metric(port, "posfleet_influx_points_total", result="written") > 100,
-                   30)
+        await wait_until_async(lambda: metric(port, "posfleet_influx_points_total", result="written") > 100,
+            30, "history flowing")
         vm.stop()
-        await poll("a few seconds of heartbeats in the spool",
-                   lambda: metric(port, "posfleet_influx_spool_points") > 200, 60)
+        await wait_until_async(lambda: metric(port, "posfleet_influx_spool_points") > 200,
+            60, "a few seconds of heartbeats in the spool")
     await stack.wait_all_accepted()
     # everything the collector accepted is in the spool, and its state snapshot is newer than the last message
     # (so MQTT redelivery after the kill cannot be mistaken for new heartbeats)
-    await poll("memory spooled and snapshot current", lambda: metric(port, "posfleet_influx_buffer_points") == 0
+    await wait_until_async(lambda: metric(port, "posfleet_influx_buffer_points") == 0
                and metric(port, "posfleet_snapshot_age_seconds") < time.time() - metric(
-                   port, "posfleet_mqtt_last_message_seconds") - 0.1, 20)
+                   port, "posfleet_mqtt_last_message_seconds") - 0.1, 20, "memory spooled and snapshot current")
     spooled = metric(port, "posfleet_influx_spool_points")
     written = metric(port, "posfleet_influx_points_total", result="written")
     assert spooled > 0
@@ -262,8 +247,8 @@ async def test_kill_9_with_full_spool_replays_on_restart(
 
     vm.start()
     stack.start_collector()
-    await poll("the old spool replayed", lambda: metric(port, "posfleet_influx_points_total", result="replayed")
-               >= spooled and metric(port, "posfleet_influx_spool_points") == 0, 60)
+    await wait_until_async(lambda: metric(port, "posfleet_influx_points_total", result="replayed")
+               >= spooled and metric(port, "posfleet_influx_spool_points") == 0, 60, "the old spool replayed")
     await assert_stored_exactly_once(stack.sim, vm)
     assert written + spooled >= total(sent_counts(stack.sim))
     assert metric(port, "posfleet_influx_points_total", result="dropped") == 0
@@ -282,14 +267,15 @@ async def test_unwritable_spool_is_loud_and_monitoring_continues(
         stacks.append(stack)
         port = stack.start_collector().port
         async with stack.sim:
-            await poll("a healthy fleet, heard in full", lambda: all_healthy(port, stack.specs), 30)
-            await poll("spool marked unwritable", lambda: metric(port, "posfleet_influx_spool_writable") == 0, 20)
-            await poll("losses counted", lambda: metric(
-                port, "posfleet_influx_dropped_total", reason="spool_unwritable") > 0, 60)
+            await wait_until_async(lambda: all_healthy(port, stack.specs), 30, "a healthy fleet, heard in full")
+            await wait_until_async(lambda: metric(port, "posfleet_influx_spool_writable") == 0,
+                20, "spool marked unwritable")
+            await wait_until_async(lambda: metric(
+                port, "posfleet_influx_dropped_total", reason="spool_unwritable") > 0, 60, "losses counted")
             # monitoring still works: a fault is detected on its terminal, and only there
             faulty = stack.specs[0].tid
             stack.sim.set_fault(faulty, "paper_out")
-            await poll("the fault detected", lambda: conditions(port).get(faulty) == ["hardware_fault"], 30)
+            await wait_until_async(lambda: conditions(port).get(faulty) == ["hardware_fault"], 30, "the fault detected")
             others = {t: c for t, c in conditions(port).items() if t != faulty}
             assert not any(others.values()), others
             assert metric(port, "posfleet_influx_buffer_points") * 300 < 50_000 + 5000 * 300
@@ -312,22 +298,24 @@ async def test_kill_9_mid_stream_loses_at_most_the_unflushed_interval(
     port = stack.start_collector().port
     vm = victoria_metrics
     async with stack.sim:
-        await poll("history flowing", lambda: metric(port, "posfleet_influx_points_total", result="written") > 100,
-                   30)
+        await wait_until_async(lambda: metric(port, "posfleet_influx_points_total", result="written") > 100,
+            30, "history flowing")
         vm.stop()
-        await poll("heartbeats in the spool", lambda: metric(port, "posfleet_influx_spool_points") > 200, 60)
+        await wait_until_async(lambda: metric(port, "posfleet_influx_spool_points") > 200,
+            60, "heartbeats in the spool")
         assert stack.collector is not None
         os.kill(stack.collector.proc.pid, signal.SIGKILL)
         killed_at = time.time()
         stack.collector.proc.wait(10)
         vm.start()
         stack.start_collector()
-        await poll("the old spool replayed", lambda: metric(port, "posfleet_influx_spool_points") == 0
-                   and metric(port, "posfleet_influx_points_total", result="replayed") > 200, 60)
-        await poll("heartbeats written after the restart",
-                   lambda: metric(port, "posfleet_influx_points_total", result="written") > 100, 30)
-    await poll("the broker's backlog consumed", lambda: time.time() - metric(
-        port, "posfleet_mqtt_last_message_seconds") > 2 and metric(port, "posfleet_influx_buffer_points") == 0, 30)
+        await wait_until_async(lambda: metric(port, "posfleet_influx_spool_points") == 0
+                               and metric(port, "posfleet_influx_points_total", result="replayed") > 200,
+                               60, "the old spool replayed")
+        await wait_until_async(lambda: metric(port, "posfleet_influx_points_total", result="written") > 100,
+            30, "heartbeats written after the restart")
+    await wait_until_async(lambda: time.time() - metric(port, "posfleet_mqtt_last_message_seconds") > 2
+                           and metric(port, "posfleet_influx_buffer_points") == 0, 30, "the broker's backlog consumed")
     assert stack.collector is not None and stack.collector.stop() == 0  # SIGTERM: flush
 
     sent = sent_counts(stack.sim)
@@ -339,7 +327,7 @@ async def test_kill_9_mid_stream_loses_at_most_the_unflushed_interval(
         return all(not (c - stored.get(t, Counter())) for t, c in must_have.items())
 
     try:
-        await poll("everything older than the kill window stored", complete, 60)
+        await wait_until_async(complete, 60, "everything older than the kill window stored")
     except AssertionError:
         raise AssertionError(diff(must_have, stored_counts(vm))) from None
     stored = stored_counts(vm)

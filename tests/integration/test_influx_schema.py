@@ -24,10 +24,9 @@ from exporters.history.lines import (
     to_ns,
     upstream_lines,
 )
-from tests.services_tsdb import InfluxD, influxd
+from tests.harness.tsdb import InfluxD
 
 pytestmark = pytest.mark.integration
-__all__ = ["influxd"]  # the fixture, re-exported for pytest
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "storage.md"
 TID = "T00042"

@@ -3,7 +3,7 @@ still being applied, so the broker keeps sending; and still never before a messa
 
 A real Mosquitto with `max_inflight_messages 20`, a backlog waiting in the collector's persistent session, and a
 TCP tap between them that counts the PUBACKs the broker receives. No timing is asserted: the checks wait for a
-count (tests.services.wait_until) while the collector's loop is held inside the application of one message.
+count (tests.harness.core.wait_until) while the collector's loop is held inside the application of one message.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from collector.app import Collector
 from collector.config import Config
 from collector.ingest.mqtt import ack_step
-from tests.services import Process, free_port, port_open, require_binary, wait_until
+from tests.harness.core import Process, free_port, port_open, require_binary, wait_until
 
 pytestmark = pytest.mark.integration
 BACKLOG = 200

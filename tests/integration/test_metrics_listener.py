@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.services import (
+from tests.harness.alerting import start_prometheus
+from tests.harness.core import (
     Process,
     free_port,
     http_get,
@@ -18,7 +19,6 @@ from tests.services import (
     wait_until,
     write_collector_config,
 )
-from tests.services_alerting import start_prometheus
 
 pytestmark = pytest.mark.integration
 

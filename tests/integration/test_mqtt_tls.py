@@ -14,7 +14,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.services import (
+from tests.harness.core import (
     ROOT,
     Process,
     free_port,

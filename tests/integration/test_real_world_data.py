@@ -21,7 +21,15 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.services import Process, free_port, http_get, http_json, start_collector, wait_until, write_collector_config
+from tests.harness.core import (
+    Process,
+    free_port,
+    http_get,
+    http_json,
+    start_collector,
+    wait_until,
+    write_collector_config,
+)
 
 pytestmark = pytest.mark.integration
 

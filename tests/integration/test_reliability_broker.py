@@ -29,7 +29,14 @@ from tests.faults import (
     start_deploy_mosquitto,
     terminal_views,
 )
-from tests.services import Process, free_port, http_get, start_collector, wait_until, write_collector_config
+from tests.harness.core import (
+    Process,
+    free_port,
+    http_get,
+    start_collector,
+    wait_until_async,
+    write_collector_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -49,11 +56,6 @@ def collector_config(tmp_path: Path, mqtt_port: int, http_port: int, sink: LineS
 
 def connected(port: int) -> float:
     return metric_sample(port, "posfleet_mqtt_connected")
-
-
-async def wait(what: str, check: Any, timeout: float, step: float = 0.1) -> Any:
-    """tests.services.wait_until, off the event loop (the simulator runs on it)."""
-    return await asyncio.to_thread(wait_until, check, timeout, what, step)
 
 
 def caught_up(sim: Simulator, sink: LineSink) -> bool:
@@ -81,17 +83,30 @@ async def test_broker_restart_mid_stream(tmp_path: Path, how: signal.Signals) ->
     try:
         async with sim:
             with ConditionWatch(http_port, [s.tid for s in specs]) as watch:
-                await wait("every terminal heard twice", lambda: all(
-                    len(sink.heartbeat_seqs().get(s.tid, ())) >= 2 for s in specs), 30, 0.25)
+                await wait_until_async(
+                    lambda: all(len(sink.heartbeat_seqs().get(s.tid, ())) >= 2 for s in specs),
+                    30,
+                    "every terminal heard twice",
+                    0.25,
+                )
                 down_at = time.time()
                 broker = await asyncio.to_thread(restart_mosquitto, broker, how)
-                await wait("the collector reconnected", lambda: connected(http_port) == 1, 30)
+                await wait_until_async(lambda: connected(http_port) == 1, 30, "the collector reconnected", 0.1)
                 up_at = time.time()
-                await wait("two more heartbeats from every terminal", lambda: all(
-                    sum(1 for _, ts in sim.sent_seqs[s.tid] if ts > up_at) >= 2 for s in specs), 30, 0.25)
+                await wait_until_async(
+                    lambda: all(sum(1 for _, ts in sim.sent_seqs[s.tid] if ts > up_at) >= 2 for s in specs),
+                    30,
+                    "two more heartbeats from every terminal",
+                    0.25,
+                )
         sent = sum(len(v) for v in sim.sent_seqs.values())
         try:
-            await wait("the last heartbeat of every terminal applied", lambda: caught_up(sim, sink), 30, 0.25)
+            await wait_until_async(
+                lambda: caught_up(sim, sink),
+                30,
+                "the last heartbeat of every terminal applied",
+                0.25,
+            )
             results = {r: metric_sample(http_port, "posfleet_messages_total", kind="heartbeat", result=r)
                        for r in ("accepted", "duplicate", "stale", "rejected")}
         finally:
@@ -139,8 +154,12 @@ async def test_half_open_link_detected_within_one_and_a_half_keepalives(tmp_path
         collector = start_collector(tmp_path, config, http_port)
         try:
             proxy.blackhole_after_pingresp()
-            await wait("the link black-holed after a PINGRESP", lambda: proxy.holed_at is not None, 3 * KEEPALIVE_S)
-            await wait("the dead link noticed", lambda: connected(http_port) == 0, 4 * KEEPALIVE_S)
+            await wait_until_async(
+                lambda: proxy.holed_at is not None,
+                3 * KEEPALIVE_S,
+                "the link black-holed after a PINGRESP", 0.1,
+            )
+            await wait_until_async(lambda: connected(http_port) == 0, 4 * KEEPALIVE_S, "the dead link noticed", 0.1)
             assert proxy.holed_at is not None
             detected_after = time.monotonic() - proxy.holed_at
             print(f"\nhalf-open link right after a keepalive exchange: noticed after {detected_after:.1f} s "
@@ -168,22 +187,32 @@ async def test_half_open_link_detected_and_nothing_lost(tmp_path: Path, mosquitt
     try:
         async with sim:
             with ConditionWatch(http_port, [s.tid for s in specs]) as watch:
-                await wait("every terminal heard", lambda: len(sink.heartbeat_seqs()) == len(specs), 30, 0.25)
+                await wait_until_async(
+                    lambda: len(sink.heartbeat_seqs()) == len(specs),
+                    30,
+                    "every terminal heard",
+                    0.25,
+                )
                 proxy.blackhole()
                 assert proxy.holed_at is not None
-                await wait("the dead link noticed", lambda: connected(http_port) == 0, 4 * KEEPALIVE_S)
+                await wait_until_async(lambda: connected(http_port) == 0, 4 * KEEPALIVE_S, "the dead link noticed", 0.1)
                 detected_after = time.monotonic() - proxy.holed_at
                 status, body = http_get(f"http://127.0.0.1:{http_port}/readyz")
                 assert status == 503, body
                 during = sum(len(v) for v in sim.sent_seqs.values())
                 proxy.restore()
-                await wait("reconnected", lambda: connected(http_port) == 1, 30)
+                await wait_until_async(lambda: connected(http_port) == 1, 30, "reconnected", 0.1)
                 status, _ = http_get(f"http://127.0.0.1:{http_port}/readyz")
                 assert status == 200
-                await wait("heartbeats flowing again", lambda: sum(
-                    len(v) for v in sim.sent_seqs.values()) > during + 60, 30, 0.25)
+                await wait_until_async(lambda: sum(
+                    len(v) for v in sim.sent_seqs.values()) > during + 60, 30, "heartbeats flowing again", 0.25)
         try:
-            await wait("the last heartbeat of every terminal applied", lambda: caught_up(sim, sink), 30, 0.25)
+            await wait_until_async(
+                lambda: caught_up(sim, sink),
+                30,
+                "the last heartbeat of every terminal applied",
+                0.25,
+            )
         finally:
             assert collector.stop() == 0
         lost, extra = lost_and_extra(sim.sent_seqs, sink.heartbeat_seqs())
@@ -218,13 +247,18 @@ async def test_broker_outage_longer_than_the_offline_threshold_raises_no_termina
     try:
         async with sim:
             with ConditionWatch(http_port, [s.tid for s in specs], step=0.2) as watch:
-                await wait("every terminal heard", lambda: len(sink.heartbeat_seqs()) == len(specs), 30, 0.25)
+                await wait_until_async(
+                    lambda: len(sink.heartbeat_seqs()) == len(specs),
+                    30,
+                    "every terminal heard",
+                    0.25,
+                )
                 broker.stop()
-                await wait("the collector noticed", lambda: connected(http_port) == 0, 10)
+                await wait_until_async(lambda: connected(http_port) == 0, 10, "the collector noticed", 0.1)
                 await asyncio.sleep(3 * 0.5 * 3)  # three offline thresholds without a broker
                 broker = await asyncio.to_thread(restart_mosquitto, broker, signal.SIGTERM)
-                await wait("the collector reconnected", lambda: connected(http_port) == 1, 30)
-                await wait("heartbeats again", lambda: caught_up(sim, sink), 30, 0.25)
+                await wait_until_async(lambda: connected(http_port) == 1, 30, "the collector reconnected", 0.1)
+                await wait_until_async(lambda: caught_up(sim, sink), 30, "heartbeats again", 0.25)
         assert not watch.seen, f"raised while the collector could not hear the broker: {watch.seen}"
     finally:
         collector.stop()

@@ -18,8 +18,8 @@ import pytest
 
 from collector.sim.simulator import Simulator, make_fleet
 from tests.faults import ConditionWatch, LineSink, lost_and_extra
-from tests.integration.test_reliability_broker import caught_up, collector_config, wait
-from tests.services import Process, free_port, start_collector
+from tests.harness.core import Process, free_port, start_collector, wait_until_async
+from tests.integration.test_reliability_broker import caught_up, collector_config
 
 pytestmark = pytest.mark.integration
 
@@ -37,17 +37,30 @@ async def test_collector_kill_9_under_load_loses_no_heartbeat(tmp_path: Path, mo
     try:
         async with sim:
             with ConditionWatch(http_port, [s.tid for s in specs]) as watch:
-                await wait("every terminal heard twice", lambda: all(
-                    len(sink.heartbeat_seqs().get(s.tid, ())) >= 2 for s in specs), 30, 0.25)
+                await wait_until_async(
+                    lambda: all(len(sink.heartbeat_seqs().get(s.tid, ())) >= 2 for s in specs),
+                    30,
+                    "every terminal heard twice",
+                    0.25,
+                )
                 collector.stop(signal.SIGKILL)
                 killed_at = time.time()
                 await asyncio.sleep(3)  # heartbeats queue in the broker for the collector's session
                 collector = await asyncio.to_thread(start_collector, tmp_path, config, http_port)
                 up_at = time.time()
-                await wait("two more heartbeats from every terminal", lambda: all(
-                    sum(1 for _, ts in sim.sent_seqs[s.tid] if ts > up_at) >= 2 for s in specs), 30, 0.25)
+                await wait_until_async(
+                    lambda: all(sum(1 for _, ts in sim.sent_seqs[s.tid] if ts > up_at) >= 2 for s in specs),
+                    30,
+                    "two more heartbeats from every terminal",
+                    0.25,
+                )
         try:
-            await wait("the last heartbeat of every terminal applied", lambda: caught_up(sim, sink), 30, 0.25)
+            await wait_until_async(
+                lambda: caught_up(sim, sink),
+                30,
+                "the last heartbeat of every terminal applied",
+                0.25,
+            )
         finally:
             assert collector.stop() == 0
         lost, extra = lost_and_extra(sim.sent_seqs, sink.heartbeat_seqs())

@@ -31,7 +31,7 @@ from tests.faults import (
     series_count,
     terminal_views,
 )
-from tests.services import Process, free_port, http_json, start_collector, wait_until, write_collector_config
+from tests.harness.core import Process, free_port, http_json, start_collector, wait_until, write_collector_config
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ import pytest
 import tests.integration.test_influx_history as history
 from collector.sim.simulator import Simulator, make_fleet
 from tests.faults import ConditionWatch, LineSink, lost_and_extra, metric_sample
-from tests.services import Process, free_port, start_collector, wait_until, write_collector_config
-from tests.services_tsdb import VictoriaMetrics
+from tests.harness.core import Process, free_port, start_collector, wait_until, write_collector_config
+from tests.harness.tsdb import VictoriaMetrics
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from collector.sim.simulator import Simulator, make_fleet
-from tests.services import (
+from tests.harness.core import (
     Process,
     free_port,
     http_get,

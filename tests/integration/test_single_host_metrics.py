@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_deploy import port_args, ports, script, stack_prefix  # noqa: F401 - fixtures
-from tests.services import free_port, http_get, require_binary, wait_until
+from tests.harness.core import free_port, http_get, require_binary, wait_until
+from tests.harness.stack import port_args, script
 
 pytestmark = pytest.mark.integration
 
 
-def test_single_host_metrics_listener(stack_prefix: Path, ports: dict[str, int]) -> None:  # noqa: F811
+def test_single_host_metrics_listener(stack_prefix: Path, ports: dict[str, int]) -> None:
     for binary in ("mosquitto", "mosquitto_passwd", "victoria-metrics", "prometheus", "prometheus-alertmanager"):
         require_binary(binary)
     metrics_port = free_port()

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from collector.sim.simulator import FAULTS, Simulator, make_fleet
+from tests.harness.core import Process, wait_until
 from tests.integration.test_support_stack import TOKENS, all_heard, get_json, post, run_cli, start_stack
-from tests.services import Process, wait_until
 
 pytestmark = pytest.mark.integration
 

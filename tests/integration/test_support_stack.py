@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from collector.sim.simulator import Simulator, TerminalSpec
-from tests.services import ROOT, Process, free_port, http_get, start_collector, write_collector_config
+from tests.harness.core import ROOT, Process, free_port, http_get, start_collector, write_collector_config
 
 TOKENS = {
     "all": "tok-all-0123456789abcdef",

@@ -14,7 +14,7 @@ import pytest
 from collector.cli import main
 from exporters.alerting import alertmanager as am
 from exporters.alerting.cli import window_end
-from tests.services import free_port
+from tests.harness.core import free_port
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 LATER = NOW + timedelta(hours=2)

@@ -193,7 +193,7 @@ def test_push_without_url_fails_clearly(monkeypatch: pytest.MonkeyPatch, capsys:
 
 
 def test_push_to_unreachable_grafana_exits_1(tmp_path: Path) -> None:
-    from tests.services import free_port
+    from tests.harness.core import free_port
 
     token = tmp_path / "token"
     token.write_text("t\n")
@@ -204,7 +204,7 @@ def test_push_to_unreachable_grafana_exits_1(tmp_path: Path) -> None:
 
 
 def test_push_creates_the_folder_and_overwrites_each_dashboard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.services_dash import FakeGrafana
+    from tests.harness.dash import FakeGrafana
 
     token = tmp_path / "token"
     token.write_text("s3cret\n")

@@ -12,7 +12,7 @@ from collector.config import Config
 from collector.fleet.registry import Registry, RegistryEntry
 from collector.fleet.state import Active, Fleet, Terminal
 from collector.http.metrics import FleetCollector, SelfMetrics, render_problem_series
-from tests.services import require_binary
+from tests.harness.core import require_binary
 
 T0 = 1_764_510_000.0
 HOSTILE = [

@@ -26,7 +26,7 @@ from exporters.history.influx import (
     _parse_retry_after,
     resolve_token,
 )
-from tests.services import free_port
+from tests.harness.core import free_port
 
 Reply = tuple[int, dict[str, str], str]
 

@@ -19,7 +19,7 @@ from collector.fleet.protocol import Heartbeat
 from collector.fleet.registry import Registry, RegistryEntry
 from collector.fleet.state import BOUNDS, Transition
 from collector.supervise import RestartPolicy, Supervisor, backoff_delay
-from tests.services import Process, http_get, wait_until
+from tests.harness.core import Process, http_get, wait_until
 
 T0 = 1_764_510_000.0
 FAST = RestartPolicy(backoff_min_s=0.01, backoff_max_s=0.05, max_failures=1000, window_s=60)

@@ -9,44 +9,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.services import free_port
+from tests.harness.core import Process, free_port, spawn, wait_until
 
 __all__ = [
     "InfluxD",
     "VictoriaMetrics",
     "free_port",
-    "influxd",
-    "victoria_metrics",
-    "wait_for",
 ]
 
 VM_BIN = os.environ.get("POSFLEET_VM_BIN", "/usr/bin/victoria-metrics")
 INFLUXD_BIN = os.environ.get("POSFLEET_INFLUXD_BIN", "/usr/bin/influxd")
-
-
-def wait_for(what: str, check: Any, timeout: float, interval: float = 0.1) -> Any:
-    """Poll `check()` until it returns a truthy value; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 def _binary(path: str) -> str:
@@ -64,24 +45,13 @@ def _http_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def _stop_pid(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    os.kill(proc.pid, sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
 @dataclass
 class VictoriaMetrics:
     """A VictoriaMetrics process; InfluxDB line protocol in at /api/v2/write, samples out at /api/v1/export."""
 
     data_dir: Path
     port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Process | None = None
 
     @property
     def url(self) -> str:
@@ -90,27 +60,25 @@ class VictoriaMetrics:
 
     def start(self, timeout: float = 30.0) -> None:
         """Start (or restart, same data and port) and wait until /health answers."""
-        assert self.proc is None or self.proc.poll() is not None, "already running"
+        assert self.proc is None or not self.proc.alive(), "already running"
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
+            "victoria-metrics",
             [_binary(VM_BIN), f"-httpListenAddr=127.0.0.1:{self.port}", f"-storageDataPath={self.data_dir}",
              "-retentionPeriod=100y", "-search.latencyOffset=0s", "-loggerLevel=WARN"],
-            stdout=log, stderr=subprocess.STDOUT,
+            self.data_dir.parent, self.port, log=self.data_dir.parent / f"{self.data_dir.name}.log",
         )
-        log.close()
-        wait_for("victoria-metrics /health", lambda: self._alive_and_healthy(), timeout)
+        wait_until(self._alive_and_healthy, timeout, "victoria-metrics /health")
 
     def _alive_and_healthy(self) -> bool:
         assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"victoria-metrics exited with {self.proc.returncode}")
+        self.proc.require_alive()
         return _http_ok(self.url + "/health")
 
     def stop(self) -> None:
         """SIGTERM by PID (VictoriaMetrics flushes on SIGTERM), SIGKILL if it hangs."""
         if self.proc is not None:
-            _stop_pid(self.proc)
+            self.proc.stop(timeout=20)
 
     def export(self, match: str) -> list[dict[str, Any]]:
         """Every raw sample of the series matching `match` (duplicates included: nothing is deduplicated)."""
@@ -127,7 +95,7 @@ class InfluxD:
 
     base_dir: Path
     port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Process | None = None
 
     @property
     def url(self) -> str:
@@ -160,23 +128,19 @@ bind-address = "127.0.0.1:{free_port()}"
 """,
             encoding="utf-8",
         )
-        log = open(self.base_dir / "influxd.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen([_binary(INFLUXD_BIN), "run", "-config", str(conf)],
-                                     stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        self.proc = spawn("influxd", [_binary(INFLUXD_BIN), "run", "-config", str(conf)], self.base_dir, self.port)
 
         def ready() -> bool:
             assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"influxd exited with {self.proc.returncode}")
+            self.proc.require_alive()
             return _http_ok(self.url + "/ping")
 
-        wait_for("influxd /ping", ready, timeout)
+        wait_until(ready, timeout, "influxd /ping")
 
     def stop(self) -> None:
         """SIGTERM by PID, SIGKILL if it hangs."""
         if self.proc is not None:
-            _stop_pid(self.proc)
+            self.proc.stop(timeout=20)
 
     def query(self, q: str, db: str = "posfleet") -> dict[str, Any]:
         """Run InfluxQL, return the decoded JSON answer (nanosecond epoch timestamps)."""
@@ -191,26 +155,3 @@ bind-address = "127.0.0.1:{free_port()}"
         req = urllib.request.Request(f"{self.url}/write?{query}", data=body.encode(), method="POST")
         with urllib.request.urlopen(req, timeout=30) as r:
             assert r.status == 204, r.status
-
-
-@pytest.fixture
-def victoria_metrics(tmp_path: Path) -> Iterator[VictoriaMetrics]:
-    """A running VictoriaMetrics in a temp dir."""
-    vm = VictoriaMetrics(tmp_path / "vm-data")
-    vm.start()
-    try:
-        yield vm
-    finally:
-        vm.stop()
-
-
-@pytest.fixture
-def influxd(tmp_path: Path) -> Iterator[InfluxD]:
-    """A running InfluxDB 1.6 in a temp dir with database `posfleet`."""
-    db = InfluxD(tmp_path / "influxd")
-    db.start()
-    try:
-        db.query("CREATE DATABASE posfleet")
-        yield db
-    finally:
-        db.stop()

@@ -8,11 +8,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import os
-import signal
-import subprocess
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,29 +20,17 @@ from typing import Any
 
 import pytest
 
-from tests.services import free_port, require_binary
-from tests.services_tsdb import InfluxD
+from tests.harness.core import Process, free_port, http_get, require_binary, spawn, wait_until
+from tests.harness.tsdb import InfluxD
 
 __all__ = [
     "FakeGrafana",
     "Influx",
-    "Proc",
     "Prometheus",
     "V2WriteBridge",
-    "http_get",
     "start_influxd",
     "start_prometheus",
-    "wait_until",
 ]
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """(status, body); connection errors raise OSError."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
 
 
 def http_post(url: str, body: bytes, content_type: str = "application/x-www-form-urlencoded") -> tuple[int, bytes]:
@@ -59,68 +43,19 @@ def http_post(url: str, body: bytes, content_type: str = "application/x-www-form
         return err.code, err.read()
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 30.0, every: float = 0.1) -> None:
-    """Poll `check` until it is true; fail with `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError):
-            if check():
-                return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
-
-
-@dataclass
-class Proc:
-    """A started service process and its log file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def alive(self) -> bool:
-        """True while the process runs."""
-        return self.popen.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """Last lines of the log, for failure messages."""
-        text = self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM by PID, SIGKILL after `timeout`."""
-        if not self.alive():
-            return
-        os.kill(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(5)
-
-
-def _spawn(name: str, argv: list[str], workdir: Path) -> Proc:
-    log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
-    return Proc(name, popen, log)
-
-
-def _wait_ready(proc: Proc, url: str, ok: Callable[[int], bool], timeout: float = 30.0) -> None:
+def _wait_ready(proc: Process, url: str, ok: Callable[[int], bool], timeout: float = 30.0) -> None:
     def ready() -> bool:
-        if not proc.alive():
-            pytest.fail(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+        proc.require_alive()
         return ok(http_get(url, timeout=2)[0])
 
-    wait_until(f"{proc.name} at {url}", ready, timeout)
+    wait_until(ready, timeout, f"{proc.name} at {url}")
 
 
 @dataclass
 class Prometheus:
     """A running Prometheus and its HTTP API."""
 
-    proc: Proc
+    proc: Process
     url: str
 
     def api(self, path: str, **params: str) -> Any:
@@ -150,7 +85,7 @@ def start_prometheus(
         f"scrape_configs:\n{jobs}\n",
         encoding="utf-8",
     )
-    proc = _spawn(
+    proc = spawn(
         "prometheus",
         [
             binary,
@@ -160,6 +95,8 @@ def start_prometheus(
             "--log.level=warn",
         ],
         workdir,
+        port,
+        new_session=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -197,7 +134,7 @@ class Influx:
 
 @contextlib.contextmanager
 def start_influxd(workdir: Path, database: str = "posfleet") -> Iterator[Influx]:
-    """InfluxDB 1.x (the Debian package's influxd, started by tests.services_tsdb.InfluxD) with `database`."""
+    """InfluxDB 1.x (the Debian package's influxd, started by tests.harness.tsdb.InfluxD) with `database`."""
     server = InfluxD(workdir)
     server.start()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -56,6 +58,12 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "con
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
+async def wait_until_async(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition",
+                           step: float = 0.25) -> Any:
+    """`wait_until` from a coroutine: `check` (often blocking HTTP) runs in a thread, the loop keeps running."""
+    return await asyncio.to_thread(wait_until, check, timeout, what, step)
+
+
 def port_open(port: int) -> bool:
     """True when something accepts connections on 127.0.0.1:port."""
     with socket.socket() as s:
@@ -83,16 +91,21 @@ def http_json(url: str, token: str | None = None) -> Any:
 
 @dataclass
 class Process:
-    """A started service."""
+    """A started service process, its port (0 when it has none of its own) and its log file."""
 
     proc: subprocess.Popen[bytes]
     port: int
     workdir: Path
     log: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        """Signal the process and wait for it."""
+        """Signal the process (by its PID) and wait for it; SIGKILL after `timeout`."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -105,6 +118,26 @@ class Process:
     def log_text(self) -> str:
         """What the process wrote so far."""
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        """Last lines of the log, for failure messages."""
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def require_alive(self) -> None:
+        """Fail the test at once (not at a wait's deadline) when the process has exited."""
+        if not self.alive():
+            pytest.fail(f"{self.name or self.proc.args} exited with {self.proc.returncode}:\n{self.log_tail()}")
+
+
+def spawn(name: str, argv: list[str], workdir: Path, port: int = 0, log: Path | None = None,
+          new_session: bool = False) -> Process:
+    """Start `argv` in `workdir` with stdout and stderr appended to `log` (default <workdir>/<name>.log)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = log or workdir / f"{name}.log"
+    with log.open("ab") as out:
+        popen = subprocess.Popen(argv, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=new_session)
+    return Process(popen, port, workdir, log, name=name)
 
 
 def start_mosquitto(workdir: Path, port: int | None = None) -> Process:

@@ -7,18 +7,15 @@ Fixtures `alertmanager` and `webhook_sink`: import `alertmanager_fixture, webhoo
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from exporters.alerting import rules
-from tests.services import ROOT, Process, free_port, http_get, require_binary, wait_until
+from tests.harness.core import ROOT, Process, free_port, http_get, require_binary, spawn, wait_until
 
 DEPLOY_PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DEPLOY_ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
@@ -40,11 +37,9 @@ def _ready(port: int) -> bool:
 
 
 def _start(argv: list[str], workdir: Path, port: int, what: str) -> Process:
-    log = workdir / f"{what}.log"
-    proc = subprocess.Popen(argv, cwd=workdir, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    p = Process(proc, port, workdir, log)
+    p = spawn(what, argv, workdir, port)
     try:
-        wait_until(lambda: proc.poll() is None and _ready(port), 30, f"{what} ready")
+        wait_until(lambda: p.alive() and _ready(port), 30, f"{what} ready")
     except TimeoutError:
         p.stop()
         raise RuntimeError(f"{what} did not become ready:\n{p.log_text()[-4000:]}") from None
@@ -177,24 +172,3 @@ def am_alerts(port: int) -> list[dict[str, Any]]:
     assert status == 200, body[:200]
     answer: list[dict[str, Any]] = json.loads(body)
     return answer
-
-
-@pytest.fixture(name="webhook_sink")
-def webhook_sink_fixture() -> Iterator[WebhookSink]:
-    """A webhook receiver for Alertmanager notifications."""
-    sink = WebhookSink().start()
-    try:
-        yield sink
-    finally:
-        sink.stop()
-
-
-@pytest.fixture(name="alertmanager")
-def alertmanager_fixture(tmp_path: Path, webhook_sink: WebhookSink) -> Iterator[Process]:
-    """The shipped Alertmanager config, fast timers, notifying the webhook sink."""
-    config = write_alertmanager_config(tmp_path / "am", webhook_sink.url)
-    am = start_alertmanager(tmp_path / "am", config)
-    try:
-        yield am
-    finally:
-        am.stop()
