@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Final
@@ -372,6 +373,38 @@ def config_warnings(cfg: Config, env: dict[str, str] | None = None) -> list[str]
     return warnings
 
 
+def _struct_type(t: object, value: object) -> type[Struct] | None:
+    """The Struct a field holds (also inside `X | None`), when the value is a mapping to check field by field."""
+    if not isinstance(value, dict):
+        return None
+    candidates = [t, *typing.get_args(t)]
+    found = [c for c in candidates if isinstance(c, type) and issubclass(c, Struct)]
+    return found[0] if len(found) == 1 else None
+
+
+def _structural_problems(raw: object, typ: type[Struct], where: str = "") -> list[str]:
+    """Every problem msgspec would find in `raw` as `typ`, field by field (msgspec itself stops at the first)."""
+    if not isinstance(raw, dict):
+        return [f"{where.rstrip('.') or 'the configuration'}: expected a mapping, got {type(raw).__name__}"]
+    fields = {f.encode_name: f for f in msgspec.structs.fields(typ)}
+    problems = [f"{where}{key}: unknown key" for key in raw if key not in fields]
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        value, nested = raw[name], _struct_type(f.type, raw[name])
+        if nested is not None:
+            inner = _structural_problems(value, nested, f"{where}{name}.")
+            problems += inner
+            if inner:
+                continue  # the whole section's own checks (__post_init__) only make sense once its fields do
+        try:
+            msgspec.convert(value, f.type, strict=False)
+        except msgspec.ValidationError as err:
+            text = str(err)  # a section's own check already names the section
+            problems.append(text if text.startswith(f"{name}: ") else f"{where}{name}: {text}")
+    return problems
+
+
 def load_config(path: str | os.PathLike[str] | None) -> Config:
     """Load and validate the YAML file (or defaults when path is None)."""
     raw: object = {}
@@ -382,9 +415,12 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
             raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    structural = _structural_problems(raw, Config)
+    if structural:  # every unknown key and every ill-typed or out-of-range value, not just the first
+        raise ConfigError(f"{path}: " + "; ".join(structural))
     try:
         cfg = msgspec.convert(raw, Config, strict=False)
-    except msgspec.ValidationError as err:
+    except msgspec.ValidationError as err:  # what the per-field pass cannot see (none known); kept as a net
         raise ConfigError(f"{path}: {err}") from None
     problems = _semantic_problems(cfg)
     if problems:

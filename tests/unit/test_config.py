@@ -43,6 +43,25 @@ def test_every_semantic_problem_is_reported_at_once(tmp_path: Path, monkeypatch:
         assert needle in text
 
 
+def test_every_structural_problem_is_reported_at_once(tmp_path: Path) -> None:
+    # msgspec stops at the first problem; the loader checks field by field and names every one.
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "mqtt: {url: 'mqtt://b', keepalive_s: -3, bogus: 1, tls: {ca_fle: x}}\n"
+        "thresholds: {offline_factr: 3, offline_factor: -1}\n"
+        "http: {port: abc}\n"
+        "influx: {batch_size: 0}\n"
+        "extra_top: 1\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    for needle in ("extra_top: unknown key", "mqtt.bogus: unknown key", "mqtt.keepalive_s", "mqtt.tls.ca_fle",
+                   "http.port", "thresholds.offline_factr: unknown key", "thresholds.offline_factor",
+                   "influx: batch_size must be > 0"):
+        assert needle in text, (needle, text)
+
+
 def test_bad_values_and_bad_yaml_are_clear(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("thresholds: {offline_factor: -1}\n")
