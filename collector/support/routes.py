@@ -1,9 +1,10 @@
 """Support features wired into a collector: the transaction ledger, diagnosis, reconciliation and timeline API,
 and the /support page.
 
-`install(collector)` only appends to the collector's hook lists and registers one metrics collector; the
-decisions live in diagnose.py and reconcile.py, the bounded storage in ledger.py. Every endpoint filters by the
-token's acquirers the same way `api.visible_terminal` does: a terminal the token may not see does not exist.
+`install(host)` only appends to the collector's hook lists and registers one metrics collector; the decisions
+live in diagnose.py and reconcile.py, the bounded storage in ledger.py. Every endpoint filters by the token's
+acquirers the same way `collector.http.routes.visible_terminal` does: a terminal the token may not see does not
+exist.
 """
 
 from __future__ import annotations
