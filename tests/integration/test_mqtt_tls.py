@@ -136,7 +136,7 @@ def test_private_ca_and_client_certificate(tmp_path: Path) -> None:
             assert http_get(f"http://127.0.0.1:{http_port}/readyz")[0] == 503
         text = collector.log_text()
         where = rf"127\.0\.0\.1:{broker.port}"
-        assert re.search(rf"WARNING collector\.mqtt: MQTT {where}: .*certificate required", text), text
+        assert re.search(rf"WARNING collector\.ingest\.mqtt: MQTT {where}: .*certificate required", text), text
         assert "Traceback" not in text and "Client is not connected" not in text  # nothing about our own stop
 
         # 3. No CA for a private broker: the system's trust store does not know it; the log says so.
