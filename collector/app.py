@@ -1,6 +1,6 @@
 """The collector's lifecycle: one owner for the MQTT client, background tasks, writer and HTTP runner.
 
-    mqtt (paho thread) -> protocol.decode -> state.Fleet (+ detect) -> exporters (metrics, history)
+    mqtt (paho on the loop) -> protocol.decode -> state.Fleet (+ detect) -> exporters (metrics, history)
 """
 
 from __future__ import annotations
@@ -439,7 +439,7 @@ class Collector:
         if self.ingest is None or not self.ingest.subscribed:
             problems.append("not connected/subscribed to the MQTT broker")
         elif not self.ingest.thread_alive():
-            problems.append("MQTT network thread died")
+            problems.append("MQTT connection task ended")
         problems.extend(self.supervisor.problems())
         return problems
 

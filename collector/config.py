@@ -222,8 +222,8 @@ class MqttConfig(Struct, frozen=True, forbid_unknown_fields=True):
     keepalive_s: Annotated[int, Meta(ge=5)] = 30
     reconnect_min_s: Annotated[int, Meta(ge=1)] = 1  # paho takes whole seconds
     reconnect_max_s: Annotated[int, Meta(ge=1)] = 30
-    # Queue between paho's network thread and the asyncio loop. When full, paho stops acknowledging and the
-    # broker holds the rest (backpressure instead of unbounded memory).
+    # Messages received and not yet applied. When full, the socket is no longer read and the broker holds the
+    # rest (backpressure instead of unbounded memory).
     queue_size: Count = 10_000  # ~0.4 s of a 25k/s stream; ~4 MB of payloads at most
     tls: MqttTls | None = None  # only with mqtts:// (which without it verifies against the system's CAs)
 

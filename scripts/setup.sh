@@ -12,7 +12,7 @@ for arg in "$@"; do
 done
 
 if [ "$want_services" = 1 ]; then
-  packages=(mosquitto mosquitto-clients prometheus prometheus-alertmanager victoria-metrics influxdb chromium fonts-wqy-microhei curl systemd)
+  packages=(mosquitto mosquitto-clients prometheus prometheus-alertmanager victoria-metrics influxdb chromium fonts-wqy-microhei curl systemd openssl tzdata)
   missing=()
   for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -58,11 +58,8 @@ class SelfMetrics:
             "posfleet_messages_rejected", "Rejected messages by reason", ["reason"], registry=registry
         )
         self.queue_depth = Gauge(
-            "posfleet_ingest_queue_depth", "Messages waiting between the MQTT thread and the loop", registry=registry
-        )
-        self.queue_overflows = Counter(
-            "posfleet_ingest_queue_overflows",
-            "Messages queued beyond capacity after waiting keepalive/3 for room: the loop is falling behind",
+            "posfleet_ingest_queue_depth",
+            "Messages received from the broker and not yet applied (at capacity the socket is no longer read)",
             registry=registry,
         )
         self.queue_capacity = Gauge(

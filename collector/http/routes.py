@@ -134,7 +134,7 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: subscribed to the broker, paho's thread alive and no supervised background task down."""
+    """Readiness: subscribed to the broker, the MQTT connection task alive and no supervised background task down."""
     problems = request.app[COLLECTOR].readiness_problems()
     return json_response(
         {"status": "ready" if not problems else "not ready", "problems": problems}, status=503 if problems else 200

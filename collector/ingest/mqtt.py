@@ -25,6 +25,7 @@ import collections
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -149,6 +150,10 @@ class MqttIngest:
         self._accepted = False  # ... at some point since the last reconnect attempt (resets the backoff)
         self._fd = -1  # the socket's file descriptor while the loop watches it
         self._paused = False  # reading stopped: the queue is full
+        self._last_in = 0.0  # monotonic time the socket last had something to read (messages, PINGRESP)
+        # How often keepalive and the silence check run: fine enough that a dead link is dropped within
+        # 1.5 x keepalive (the check sees silence at most one tick late).
+        self._tick = min(1.0, cfg.keepalive_s / 10)
         self._writing = False
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -243,6 +248,7 @@ class MqttIngest:
             return
         self._fd = sock.fileno()
         self._paused = False
+        self._last_in = time.monotonic()
         self.loop.add_reader(self._fd, self._readable)
         self._after_io()
 
@@ -274,6 +280,7 @@ class MqttIngest:
             self.loop.remove_reader(self._fd)
 
     def _readable(self) -> None:
+        self._last_in = time.monotonic()
         self.client.loop_read()
         self._after_io()
 
@@ -284,13 +291,14 @@ class MqttIngest:
     def _resume(self) -> None:
         if self._paused and self._fd >= 0 and len(self._queue) < self.capacity:
             self._paused = False
+            self._last_in = time.monotonic()  # we stopped reading, not the broker: its silence starts now
             self.loop.add_reader(self._fd, self._readable)
 
     async def _run(self) -> None:
         """Connect, keep the connection alive, reconnect with backoff: the loop paho's own thread used to run."""
         client = self.client
         delay = self.cfg.reconnect_min_s
-        tick = min(1.0, self.cfg.keepalive_s / 4)
+        tick = self._tick
         while not self._closing:
             client.connect_error = None
             # While a callback is set paho queues packets instead of writing them in the calling thread: the
@@ -318,11 +326,33 @@ class MqttIngest:
                 if not self._lost.is_set():
                     client.loop_misc()  # keepalive: PINGREQ, and a broker that stopped answering is dropped
                     self._after_io()
+                    self._check_silence()
             if self._accepted:  # the broker took this connection: a new outage starts from the shortest wait
                 self._accepted, delay = False, self.cfg.reconnect_min_s
             if not self._closing:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.cfg.reconnect_max_s)
+
+    def _check_silence(self) -> None:
+        """A half-open link (a NAT or firewall dropped it without a reset) is dropped within 1.5 x keepalive.
+
+        paho alone takes up to 2 x keepalive: it sends its PINGREQ a keepalive after the last exchange and waits
+        another keepalive for the PINGRESP. The broker answers a PINGREQ at once, so nothing to read for 1.5 x
+        keepalive (while we were reading) means the link is dead: shut the socket down and let paho see a lost
+        connection; the session is persistent, so nothing unacknowledged is lost.
+        """
+        silent = time.monotonic() - self._last_in
+        # Two ticks early: one for the check's own granularity, one for a loop busy applying a batch.
+        if self._paused or self._fd < 0 or silent <= 1.5 * self.cfg.keepalive_s - 2 * self._tick:
+            return
+        sock = self.client.socket()
+        if not isinstance(sock, socket.socket):  # ssl.SSLSocket is one too; a websocket wrapper is not
+            return
+        log.warning("MQTT broker %s:%s silent for %.1f s (1.5 x keepalive): the link is dead; reconnecting",
+                    self.host, self.port, silent)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        self._readable()  # paho reads the end of the stream and handles the lost connection
 
     # ---- consumer side -----------------------------------------------------------------------------------
     async def batches(self, max_batch: int = 2000) -> list[Inbound]:

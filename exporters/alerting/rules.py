@@ -492,7 +492,7 @@ def _collector_rules(ctx: _Ctx) -> list[dict[str, Any]]:
             "The collector {{ $labels.instance }} reports an MQTT connection but has received no message for "
             "{{ $value | humanizeDuration }} while terminals should be online. It is deaf: every terminal will "
             "look offline; per-terminal alerts are inhibited.",
-            "The MQTT client's network thread died or its subscription was lost after a reconnect, or terminals "
+            "The MQTT client's connection task ended or its subscription was lost after a reconnect, or terminals "
             "publish to a different broker or topic prefix than the collector subscribes to.",
         ),
         _rule(
