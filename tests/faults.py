@@ -26,14 +26,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness.core import ROOT, Process, free_port, http_json, start_mosquitto, wait_until
+from tests.harness.core import ROOT, Process, free_port, start_mosquitto, terminal_views, wait_until
 
 __all__ = [
     "BlackholeProxy",
@@ -49,7 +48,6 @@ __all__ = [
     "rss_bytes",
     "series_count",
     "start_deploy_mosquitto",
-    "terminal_views",
     "tmpfs",
 ]
 
@@ -400,19 +398,6 @@ def metric_sample(port: int, name: str, **labels: str) -> float:
             if s.name == name and s.labels == labels:
                 return float(s.value)
     raise AssertionError(f"{name}{labels} not in /metrics")
-
-
-def terminal_views(port: int) -> dict[str, dict[str, Any]]:
-    """Every terminal's API view (paged)."""
-    out: dict[str, dict[str, Any]] = {}
-    offset = 0
-    while True:
-        page = http_json(f"http://127.0.0.1:{port}/api/v1/terminals?all=1&limit=1000&offset={offset}")
-        for t in page["terminals"]:
-            out[t["terminal_id"]] = t
-        offset += page["limit"]
-        if offset >= page["total"]:
-            return out
 
 
 class ConditionWatch:

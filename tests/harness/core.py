@@ -89,6 +89,19 @@ def http_json(url: str, token: str | None = None) -> Any:
     return json.loads(body)
 
 
+def terminal_views(port: int) -> dict[str, dict[str, Any]]:
+    """Every terminal's API view (paged)."""
+    out: dict[str, dict[str, Any]] = {}
+    offset = 0
+    while True:
+        page = http_json(f"http://127.0.0.1:{port}/api/v1/terminals?all=1&limit=1000&offset={offset}")
+        for t in page["terminals"]:
+            out[t["terminal_id"]] = t
+        offset += page["limit"]
+        if offset >= page["total"]:
+            return out
+
+
 @dataclass
 class Process:
     """A started service process, its port (0 when it has none of its own) and its log file."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,6 +16,7 @@ from tests.harness.core import (
     http_get,
     http_json,
     start_collector,
+    terminal_views,
     wait_until,
     write_collector_config,
 )
@@ -24,19 +24,6 @@ from tests.harness.core import (
 pytestmark = pytest.mark.integration
 
 INTERVAL = 0.5
-
-
-def terminal_views(port: int) -> dict[str, dict[str, Any]]:
-    """Every terminal's view, from the API (paged)."""
-    out: dict[str, dict[str, Any]] = {}
-    offset = 0
-    while True:
-        page = http_json(f"http://127.0.0.1:{port}/api/v1/terminals?all=1&limit=1000&offset={offset}")
-        for t in page["terminals"]:
-            out[t["terminal_id"]] = t
-        offset += page["limit"]
-        if offset >= page["total"]:
-            return out
 
 
 def conditions_by_terminal(port: int) -> dict[str, set[str]]:

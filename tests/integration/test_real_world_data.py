@@ -21,6 +21,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.faults import ConditionWatch, metric_sample
 from tests.harness.core import (
     Process,
     free_port,
@@ -136,54 +137,23 @@ def metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def sample(port: int, name: str, **labels: str) -> float:
-    """One sample's value (0 when absent)."""
-    return metrics(port).get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-class Watch:
-    """Polls the API in the background and remembers every condition each terminal ever showed."""
-
-    def __init__(self, port: int, tids: list[str]) -> None:
-        self.port, self.tids = port, tids
-        self.seen: dict[str, set[str]] = {tid: set() for tid in tids}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            try:
-                for tid in self.tids:
-                    self.seen[tid] |= set(conditions(self.port, tid))
-            except OSError:  # the collector stopped (the test failed or ended): nothing more to watch
-                return
-
-    def stop(self) -> dict[str, set[str]]:
-        """Stop polling; what each terminal showed."""
-        self._stop.set()
-        self._thread.join(10)
-        return self.seen
-
-
 def test_rejected_heartbeats_are_messages_rejected_not_offline(tmp_path: Path, mosquitto: Process) -> None:
     """A terminal whose every heartbeat is rejected (here a wrong type) is shown as `messages_rejected`
     (warning) with its reject counts, never paged `offline`; its first good heartbeat clears it."""
     with stack(tmp_path, mosquitto) as (port, pub):
         pub.every_interval(lambda: pub.beat("T-OK"))
         wait_until(lambda: view(port, "T-OK")["last_heartbeat_received"] is not None, 20, "T-OK heard")
-        watch = Watch(port, ["T-REJ", "T-OK"])
-        # A firmware that sends the interval as a string: every heartbeat is rejected as bad_type.
-        pub.every_interval(lambda: pub.beat("T-REJ", interval_s="thirty"))
-        found = wait_until(lambda: conditions(port, "T-REJ").get("messages_rejected"), 30, "messages_rejected")
-        assert found["severity"] == "warning"
-        assert found["detail"] == "bad_type"
-        rejected = view(port, "T-REJ")["rejected"]
-        assert rejected.get("bad_type", 0) >= 3, rejected
-        assert sample(port, "posfleet_messages_rejected_total", reason="bad_type") >= rejected["bad_type"]
-        seen = watch.stop()
-        assert "offline" not in seen["T-REJ"], seen
-        assert seen["T-OK"] == set(), seen
+        with ConditionWatch(port, ["T-REJ", "T-OK"], step=0.1) as watch:
+            # A firmware that sends the interval as a string: every heartbeat is rejected as bad_type.
+            pub.every_interval(lambda: pub.beat("T-REJ", interval_s="thirty"))
+            found = wait_until(lambda: conditions(port, "T-REJ").get("messages_rejected"), 30, "messages_rejected")
+            assert found["severity"] == "warning"
+            assert found["detail"] == "bad_type"
+            rejected = view(port, "T-REJ")["rejected"]
+            assert rejected.get("bad_type", 0) >= 3, rejected
+            assert metric_sample(port, "posfleet_messages_rejected_total", reason="bad_type") >= rejected["bad_type"]
+        assert "offline" not in watch.seen.get("T-REJ", set()), watch.seen
+        assert "T-OK" not in watch.seen, watch.seen
         # The merchant's terminal is fixed: one good heartbeat (hysteresis does not apply to time conditions).
         pub.close()
         fixed = Publisher(mosquitto.port)
@@ -208,22 +178,21 @@ def test_broken_terminal_clock_is_clock_skew_and_never_freezes(
     every heartbeat is applied (its seq follows), `clock_skew` says which way while it lasts, and the terminal is
     never raised offline — before the fix one future heartbeat made every later one "stale"."""
     with stack(tmp_path, mosquitto) as (port, pub):
-        watch = Watch(port, ["T-CLK"])
-        for _ in range(3):  # hysteresis: two in a row raise
-            pub.beat("T-CLK", ts=first_ts)
-        found = wait_until(lambda: conditions(port, "T-CLK").get("clock_skew"), 20, "clock_skew raised")
-        assert found["detail"] == detail
-        # NTP fixed the clock: normal heartbeats from now on.
-        pub.every_interval(lambda: pub.beat("T-CLK"))
-        wait_until(lambda: "clock_skew" not in conditions(port, "T-CLK"), 20, "clock_skew cleared")
-        # The state follows the heartbeats: the API's seq is the publisher's (not frozen at the future one).
-        wait_until(lambda: view(port, "T-CLK")["seq"] >= pub.seq["T-CLK"] - 2, 20, "seq follows")
-        # Keep it heartbeating for longer than its offline period (3 intervals) and check it never went offline.
-        target = pub.seq["T-CLK"] + 8
-        wait_until(lambda: view(port, "T-CLK")["seq"] >= target, 30, "eight more heartbeats applied")
-        seen = watch.stop()
-        assert "offline" not in seen["T-CLK"], seen
-        assert sample(port, "posfleet_messages_total", kind="heartbeat", result="stale") == 0
+        with ConditionWatch(port, ["T-CLK"], step=0.1) as watch:
+            for _ in range(3):  # hysteresis: two in a row raise
+                pub.beat("T-CLK", ts=first_ts)
+            found = wait_until(lambda: conditions(port, "T-CLK").get("clock_skew"), 20, "clock_skew raised")
+            assert found["detail"] == detail
+            # NTP fixed the clock: normal heartbeats from now on.
+            pub.every_interval(lambda: pub.beat("T-CLK"))
+            wait_until(lambda: "clock_skew" not in conditions(port, "T-CLK"), 20, "clock_skew cleared")
+            # The state follows the heartbeats: the API's seq is the publisher's (not frozen at the future one).
+            wait_until(lambda: view(port, "T-CLK")["seq"] >= pub.seq["T-CLK"] - 2, 20, "seq follows")
+            # Keep it heartbeating for longer than its offline period (3 intervals) and check it never went offline.
+            target = pub.seq["T-CLK"] + 8
+            wait_until(lambda: view(port, "T-CLK")["seq"] >= target, 30, "eight more heartbeats applied")
+        assert "offline" not in watch.seen.get("T-CLK", set()), watch.seen
+        assert metric_sample(port, "posfleet_messages_total", kind="heartbeat", result="stale") == 0
 
 
 def test_feed_of_another_acquirer_does_not_clear_upstream_missing(tmp_path: Path, mosquitto: Process) -> None:
@@ -246,9 +215,9 @@ def test_feed_of_another_acquirer_does_not_clear_upstream_missing(tmp_path: Path
         pub.every_interval(upload)
         pub.every_interval(lambda: pub.beat("T-OK"))
         wait_until(lambda: "upstream_missing" in conditions(port, "T-UPL"), 40, "upstream_missing raised")
-        before = sample(port, "posfleet_feed_records_total", result="foreign")
+        before = metric_sample(port, "posfleet_feed_records_total", result="foreign")
         feed("acq-b", ["T-UPL"])
-        wait_until(lambda: sample(port, "posfleet_feed_records_total", result="foreign") > before, 20,
+        wait_until(lambda: metric_sample(port, "posfleet_feed_records_total", result="foreign") > before, 20,
                    "the foreign record counted")
         assert "upstream_missing" in conditions(port, "T-UPL")
         assert view(port, "T-UPL")["upstream_recorded_txns"] == 0
@@ -264,21 +233,22 @@ def test_hostile_ids_and_topics_keep_metrics_parseable_and_bounded(tmp_path: Pat
     with stack(tmp_path, mosquitto) as (port, pub):
         pub.every_interval(lambda: pub.beat("T-OK"))
         wait_until(lambda: view(port, "T-OK")["last_heartbeat_received"] is not None, 20, "T-OK heard")
-        bad_id_before = sample(port, "posfleet_messages_rejected_total", reason="bad_id")
+        bad_id_before = metric_sample(port, "posfleet_messages_rejected_total", reason="bad_id")
         # Mosquitto itself refuses control characters in topic names (it drops the connection), so the newline
         # arrives in the payload's id: a full match refuses it (`$` alone accepted a trailing newline).
         pub.send("pos/v1/T-NL/heartbeat", heartbeat("T-NL\n", 1, time.time()))
-        wait_until(lambda: sample(port, "posfleet_messages_rejected_total", reason="bad_id") >= bad_id_before + 1,
-                   20, "newline id rejected")
+        def rejected(reason: str) -> float:
+            return metric_sample(port, "posfleet_messages_rejected_total", reason=reason)
+
+        wait_until(lambda: rejected("bad_id") >= bad_id_before + 1, 20, "newline id rejected")
         n = 2_000
         for i in range(n):
             pub.client.publish(f"acquirer/v1/x{i}/transactions", json.dumps({"ts": time.time(), "txns": []}), qos=1)
         pub.send("acquirer/v1/x-last/transactions", {"ts": time.time(), "txns": []})
-        wait_until(lambda: sample(port, "posfleet_messages_rejected_total", reason="unknown_acquirer") >= n + 1, 60,
-                   "unknown acquirers refused")
+        wait_until(lambda: rejected("unknown_acquirer") >= n + 1, 60, "unknown acquirers refused")
         samples = metrics(port)  # parses: the newline never reached the exposition
         assert not any(dict(labels).get("acquirer", "").startswith("x") for _name, labels in samples), \
             "a feed of an unregistered acquirer created series"
         assert not any("T-NL" in value for _name, labels in samples for _k, value in labels)
-        assert sample(port, "posfleet_bound_refused_total", bound="feeds") >= n + 1
+        assert metric_sample(port, "posfleet_bound_refused_total", bound="feeds") >= n + 1
         assert conditions(port, "T-OK") == {}

@@ -27,13 +27,13 @@ from tests.faults import (
     metric_sample,
     restart_mosquitto,
     start_deploy_mosquitto,
-    terminal_views,
 )
 from tests.harness.core import (
     Process,
     free_port,
     http_get,
     start_collector,
+    terminal_views,
     wait_until_async,
     write_collector_config,
 )

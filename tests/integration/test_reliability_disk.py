@@ -15,8 +15,8 @@ import pytest
 
 import tests.integration.test_influx_history as history
 from collector.sim.simulator import Simulator, make_fleet
-from tests.faults import ConditionWatch, fill_disk, metric_sample, terminal_views, tmpfs
-from tests.harness.core import Process, free_port, start_collector, wait_until, write_collector_config
+from tests.faults import ConditionWatch, fill_disk, metric_sample, tmpfs
+from tests.harness.core import Process, free_port, start_collector, terminal_views, wait_until, write_collector_config
 from tests.harness.tsdb import VictoriaMetrics
 
 pytestmark = pytest.mark.integration

@@ -29,9 +29,16 @@ from tests.faults import (
     publish_all,
     rss_bytes,
     series_count,
-    terminal_views,
 )
-from tests.harness.core import Process, free_port, http_json, start_collector, wait_until, write_collector_config
+from tests.harness.core import (
+    Process,
+    free_port,
+    http_json,
+    start_collector,
+    terminal_views,
+    wait_until,
+    write_collector_config,
+)
 
 pytestmark = pytest.mark.integration
 
