@@ -123,9 +123,11 @@ class Collector:
             restored = Restored([], [], Source.EMPTY)
         self.metrics.snapshot_restore.labels(restored.source.value).set(1)
         self.metrics.snapshot_corrupt_files.set(corrupt_snapshots)
-        self.fleet = Fleet(cfg, started_at=clock(), registry=self.registry_file, restored=restored.state)
+        self.fleet = Fleet(
+            cfg, started_at=clock(), registry=self.registry_file, restored=restored.state, baselines=restored.activity
+        )
         # What happened at restore, without a second reference to every restored terminal (8 B each).
-        self.restored = restored._replace(terminals=[], feeds=[])
+        self.restored = restored._replace(terminals=[], feeds=[], activity=None)
         # A wall-clock step beyond two evaluation rounds (10 s at least: NTP slews smaller offsets) is a jump.
         self.clock_watch = ClockWatch(clock(), monotonic(), max(10.0, 2 * cfg.state.eval_interval_s))
         # When the collector stopped hearing the broker (None while it hears it); from start until subscribed too.

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import msgspec
 
+from collector.fleet.activity import ActivitySnapshot
 from collector.fleet.state import Active, FeedState, Fleet, Terminal, share_float
 
 __all__ = [
@@ -51,6 +52,7 @@ class _Snapshot(msgspec.Struct):
     format: int
     terminals: list[Terminal]
     feeds: list[tuple[str, float, float, int]]
+    activity: ActivitySnapshot | None = None  # absent in snapshots written before the baselines existed
 
 
 class _Lazy(msgspec.Struct):
@@ -59,10 +61,13 @@ class _Lazy(msgspec.Struct):
     format: int
     terminals: list[msgspec.Raw]
     feeds: list[tuple[str, float, float, int]]
+    # Decoded on its own (`_activity`): a baseline buffer that does not decode costs the baselines, not the state.
+    activity: msgspec.Raw = msgspec.Raw()  # empty: none in the file
 
 
 _DECODER = msgspec.msgpack.Decoder(_Lazy)
 _TERMINAL = msgspec.msgpack.Decoder(Terminal)
+_ACTIVITY = msgspec.msgpack.Decoder(ActivitySnapshot)
 
 
 class SnapshotError(RuntimeError):
@@ -92,6 +97,8 @@ class Restored(NamedTuple):
     feeds: list[FeedState]
     source: Source = Source.EMPTY
     set_aside: tuple[SetAside, ...] = ()
+    # Activity baselines (`Fleet(baselines=...)`); None: none in the file (written before they existed).
+    activity: ActivitySnapshot | None = None
 
     @property
     def state(self) -> tuple[list[Terminal], list[FeedState]]:
@@ -118,6 +125,7 @@ def _encode(fleet: Fleet) -> bytes:
             FORMAT,
             list(fleet.terminals.values()),
             [(f.acquirer, f.last_rx, f.alive_since, f.txns) for f in fleet.feeds.values()],
+            fleet.activity.snapshot() if fleet.activity.enabled else None,
         )
     )
     return _HEADER.pack(MAGIC, FORMAT, len(body), zlib.crc32(body)) + body
@@ -195,7 +203,10 @@ class _Corrupt(Exception):
     """A snapshot file failed verification; the message is the reason."""
 
 
-def _decode_body(body: bytes, expected_format: int) -> tuple[list[Terminal], list[FeedState]]:
+_Body = tuple[list[Terminal], list[FeedState], ActivitySnapshot | None]
+
+
+def _decode_body(body: bytes, expected_format: int) -> _Body:
     try:
         snap = _DECODER.decode(body)
     except msgspec.DecodeError as err:
@@ -205,7 +216,7 @@ def _decode_body(body: bytes, expected_format: int) -> tuple[list[Terminal], lis
     return _restore(snap)
 
 
-def _verify(data: bytes) -> tuple[list[Terminal], list[FeedState]]:
+def _verify(data: bytes) -> _Body:
     """Decode the bytes of a snapshot file after checking header, length and checksum; raises on any fault."""
     if not data:
         raise _Corrupt("empty file")
@@ -260,7 +271,7 @@ def corrupt_files(path: str | os.PathLike[str]) -> list[Path]:
     return sorted(found, key=age)
 
 
-def _restore(snap: _Lazy) -> tuple[list[Terminal], list[FeedState]]:
+def _restore(snap: _Lazy) -> _Body:
     """Decode the terminals one at a time, each shared at once: the copies it drops are freed before the next
     terminal is decoded, which then reuses their memory. Decoding all first and sharing after left a hole per
     dropped string across the whole heap (~1 KB per terminal of RSS after a restart, bench/bench_memory.py)."""
@@ -279,7 +290,18 @@ def _restore(snap: _Lazy) -> tuple[list[Terminal], list[FeedState]]:
         feed = FeedState(acquirer)
         feed.last_rx, feed.alive_since, feed.txns = last_rx, alive_since, txns
         feeds.append(feed)
-    return terminals, feeds
+    return terminals, feeds, _activity(snap.activity)
+
+
+def _activity(raw: msgspec.Raw) -> ActivitySnapshot | None:
+    """The baselines; ones that do not decode become an unusable record the fleet counts and starts without."""
+    if not len(raw) or bytes(raw) == b"\xc0":  # absent, or nil (activity baselines switched off)
+        return None
+    try:
+        return _ACTIVITY.decode(raw)
+    except msgspec.DecodeError as err:
+        log.error("activity baselines in the snapshot do not decode (%s)", err)
+        return ActivitySnapshot(0, b"")
 
 
 def load_snapshot(path: str | os.PathLike[str], now: float | None = None) -> Restored:
@@ -299,9 +321,9 @@ def load_snapshot(path: str | os.PathLike[str], now: float | None = None) -> Res
             aside.append(_set_aside(candidate, f"unreadable ({err.strerror or err})", now))
             continue
         try:
-            terminals, feeds = _verify(data)
+            terminals, feeds, activity = _verify(data)
         except _Corrupt as err:
             aside.append(_set_aside(candidate, str(err), now))
             continue
-        return Restored(terminals, feeds, source, tuple(aside))
+        return Restored(terminals, feeds, source, tuple(aside), activity)
     return Restored([], [], Source.EMPTY, tuple(aside))

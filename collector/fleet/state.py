@@ -18,12 +18,17 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Final
+from zoneinfo import ZoneInfo
 
 import msgspec
 
 from collector.config import Config
+from collector.fleet.activity import CONDITION as ACTIVITY
+from collector.fleet.activity import Activity, ActivitySnapshot, drop_detail
+from collector.fleet.baseline import Drop, Quiet
 from collector.fleet.detect import (
     HEARTBEAT_CONDITIONS,
+    SEVERITY,
     TIME_CONDITIONS,
     MassOffline,
     Raw,
@@ -166,6 +171,7 @@ class Terminal(msgspec.Struct, array_like=True, gc=False):
     rejected: dict[str, int] | None = None  # messages the collector rejected, by reason (bounded)
     rejected_rx: float | None = None  # receive time of the last rejected message
     rejected_last: str = ""  # reason of the last rejected message
+    bl: int = -1  # slot of its activity baseline in Fleet.activity (-1: none yet)
 
 
 def classify(t: Terminal, hb: Heartbeat, rx: float) -> HeartbeatResult:
@@ -245,6 +251,7 @@ class Fleet:
         started_at: float,
         registry: Registry = EMPTY,
         restored: tuple[list[Terminal], list[FeedState]] = ([], []),
+        baselines: ActivitySnapshot | None = None,
     ) -> None:
         self.cfg = cfg
         self.th = cfg.thresholds
@@ -280,6 +287,8 @@ class Fleet:
         self.unregistered_seen = 0
         self.max_unregistered = 10_000  # bounds state and series that unknown ids can create
         self.refused: Counter[str] = Counter(dict.fromkeys(BOUNDS, 0))  # what each bound refused
+        self.activity = Activity(cfg.activity, len(registry.entries) + len(restored[0]))
+        self._restore_activity(baselines, restored[0])
         self.set_registry(registry)
 
     # ---- registry -------------------------------------------------------------------------------------
@@ -522,6 +531,8 @@ class Fleet:
         if not first and (hb.txn_count < t.txn_count or hb.uploaded_count < t.uploaded_count):
             self._reject(t, "counter_backwards", rx, out)
             return HeartbeatResult.BACKWARDS
+        if self.activity.enabled:
+            self._learn(t, first, rx, hb.txn_count, out)
         was_online = self._online(t)
         if result is HeartbeatResult.REBOOT:
             self._event(t, rx)
@@ -654,6 +665,8 @@ class Fleet:
             t.pending_upload_since = None
             if t.conds is not None and "upstream_missing" in t.conds:
                 self._clear(t, "upstream_missing", rx, out)
+        if self.activity.enabled:
+            self.activity.observe_feed(acquirer, matched, rx, self.activity.zone("", acquirer))
         return UpstreamResult(False, matched, foreign, unknown)
 
     def tick(self, now: float) -> list[Transition]:
@@ -674,6 +687,8 @@ class Fleet:
             ):
                 continue
             step(t, now, out)
+        if self.activity.enabled:
+            self._activity_tick(now, out)
         self.mass_tick(now)
         return out
 
@@ -723,3 +738,71 @@ class Fleet:
     def acquirers(self) -> set[str]:
         """Acquirers known from the registry or from their feed (the registry's set is kept at load: no fleet walk)."""
         return set(self._registry_acquirers) | set(self.feeds)
+
+    # ---- activity baselines (collector.fleet.activity) ---------------------------------------------------
+    def _restore_activity(self, snap: ActivitySnapshot | None, restored: list[Terminal]) -> None:
+        bad = set(self.activity.restore(snap, [(t.tid, t.bl) for t in restored if t.bl >= 0], self.started_at))
+        for t in restored:
+            if t.tid in bad:
+                t.bl = -1
+
+    def activity_zone(self, t: Terminal) -> tuple[ZoneInfo, Quiet]:
+        """The terminal's zone (registry tz, else its acquirer's, else the default) and its configured holidays."""
+        reg = self.registry.get(t.tid)
+        tz = self.activity.zone(reg.tz if reg is not None else "", t.acquirer)
+        return tz, self.activity.quiet(reg.region if reg is not None else "", tz)
+
+    def _learn(self, t: Terminal, first: bool, rx: float, count: int, out: list[Transition]) -> None:
+        """Learn from an accepted heartbeat before the terminal's last_rx and txn_count are overwritten."""
+        t.bl = self.activity.slot_for(t.tid, t.bl)
+        tz, _ = self.activity_zone(t)
+        self.activity.observe(t.bl, tz, None if first else t.last_rx, t.txn_count, rx, count)
+        if count > t.txn_count and t.conds is not None and ACTIVITY in t.conds:
+            self._clear(t, ACTIVITY, rx, out)  # it sells again
+
+    def _activity_tick(self, now: float, out: list[Transition]) -> None:
+        """Check the terminals whose silence may have become improbable (activity_drop), and the feeds' volume.
+
+        Only online terminals with no other active condition are judged: offline, a backlog, rejected messages or
+        a fault explain silence better, and the condition clears when one of them appears.
+        """
+        activity = self.activity
+        for slot, tid in activity.due_slots(now):
+            t = self.terminals.get(tid)
+            if t is None or t.bl != slot:
+                continue
+            tz, quiet = self.activity_zone(t)
+            active = t.conds is not None and ACTIVITY in t.conds
+            judged = (
+                self._online(t) and t.status != "offline" and (t.conds is None or t.conds.keys() <= {ACTIVITY})
+            )
+            found = activity.judge(slot, tz, now, quiet) if judged else None
+            if isinstance(found, Drop):
+                if not active:
+                    self._raise(t, ACTIVITY, SEVERITY[ACTIVITY], drop_detail(found, tz), now, out)
+            elif active:
+                self._clear(t, ACTIVITY, now, out)
+            activity.reschedule(slot, tz, now, quiet)
+        stale_s = self.th.feed_stale_s
+        alive = {a: not f.stale(now, stale_s) for a, f in self.feeds.items()}
+        activity.volume_tick(now, alive)
+
+    def activity_view(self, t: Terminal, now: float) -> dict[str, object]:
+        """The terminal's `activity` in the API: state, learned hours, expected rate now, last transaction."""
+        tz, _ = self.activity_zone(t)
+        return self.activity.view(t.bl, tz, now).as_dict()
+
+    def activity_facts(self, t: Terminal, now: float) -> tuple[str, float | None, float | None, str]:
+        """(state, transactions expected since the last one, its time, zone) for the diagnosis."""
+        tz, _ = self.activity_zone(t)
+        view = self.activity.view(t.bl, tz, now)
+        found = self.activity.expected_since(t.bl, tz, now)
+        return view.state, found[0] if found else None, view.last_txn_at, str(tz)
+
+    def volume_drop(self, acquirer: str) -> tuple[float, float, int, int] | None:
+        """The acquirer's active acquirer_volume_drop as (since, expected, recorded, window_s), or None."""
+        found = self.activity.volume_drops.get(acquirer)
+        if found is None:
+            return None
+        since, drop = found
+        return since, drop.expected, drop.observed, drop.window_s

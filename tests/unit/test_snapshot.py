@@ -157,7 +157,7 @@ def test_a_missing_current_file_falls_back_to_previous(two_generations: Path) ->
 
 
 def test_no_file_at_all_is_a_quiet_empty_start(tmp_path: Path) -> None:
-    assert load_snapshot(tmp_path / "none", T0) == ([], [], Source.EMPTY, ())
+    assert load_snapshot(tmp_path / "none", T0) == ([], [], Source.EMPTY, (), None)
 
 
 def test_format_2_files_without_a_header_still_load(tmp_path: Path) -> None:
