@@ -1,0 +1,266 @@
+"""Activity baselines wired into the fleet (collector/fleet/activity.py) on a fake clock: a terminal that stops
+selling is flagged and cleared, quiet hours, quiet shops, terminals without a baseline, other conditions and holidays
+are not; the baselines survive a snapshot byte for byte, old snapshots load, corrupt ones start empty and counted;
+the registry's `tz` column and the acquirer's volume."""
+
+from __future__ import annotations
+
+import zlib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from collector.config import Config, ConfigError, load_config
+from collector.fleet.activity import ActivitySnapshot
+from collector.fleet.baseline import RECORD
+from collector.fleet.protocol import UpstreamBatch, UpstreamTxn
+from collector.fleet.registry import Registry, RegistryEntry, RegistryError, load_registry
+from collector.fleet.snapshot import _HEADER, FORMAT, MAGIC, load_snapshot, save_snapshot
+from collector.fleet.state import Fleet, Terminal
+from tests.harness.activity import Feeder
+
+MON = 1_772_409_600.0  # Monday 2026-03-02 00:00 UTC
+DAY, HOUR = 86_400.0, 3_600.0
+TUE2 = MON + 8 * DAY  # Tuesday of the second week: the baselines have learned 8 days
+REG = Registry({
+    "BUSY": RegistryEntry("BUSY", "M-BUSY", "acq", "A920", "s1", "north"),
+    "QUIET": RegistryEntry("QUIET", "M-QUIET", "acq", "A920", "s1", "north"),
+    "NEW": RegistryEntry("NEW", "M-NEW", "acq", "A920", "s2", "north"),
+})
+
+
+def config(**activity: Any) -> Config:
+    return msgspec.convert({"activity": activity, "thresholds": {"feed_stale_s": 300}}, Config)
+
+
+def trading(per_h: float, open_h: int = 8, close_h: int = 20) -> Any:
+    """Sales per hour by UTC time: `per_h` from open to close, every day."""
+    return lambda t: per_h if open_h <= datetime.fromtimestamp(t, UTC).hour < close_h else 0.0
+
+
+def learned_fleet(cfg: Config | None = None) -> Feeder:
+    """BUSY (30/h) and QUIET (1/h) learned for 8 days from Monday, NEW only for the last day."""
+    f = Feeder(Fleet(cfg or config(), started_at=MON, registry=REG))
+    f.learn("BUSY", MON, TUE2 + 10 * HOUR, trading(30))
+    f.learn("QUIET", MON, TUE2 + 10 * HOUR, trading(1))
+    f.learn("NEW", TUE2 - DAY, TUE2 + 10 * HOUR, trading(30))
+    return f
+
+
+def run(f: Feeder, start: float, end: float, selling: dict[str, float], step: float = 300.0, **over: Any) -> None:
+    """Heartbeats every `step` from `start` to `end` (those in `selling` keep selling at that rate), ticking after
+    each round as the collector does."""
+    t, acc = start, dict.fromkeys(selling, 0.0)
+    while t <= end:
+        for tid in REG.entries:
+            count = None
+            if tid in selling:
+                acc[tid] += selling[tid] * step / HOUR
+                count = f.count[tid] + int(acc[tid])
+                acc[tid] -= int(acc[tid])
+            f.beat(tid, t, count, **over)
+        f.out.extend(f.fleet.tick(t + 1))
+        t += step
+
+
+def conds(f: Feeder, tid: str) -> set[str]:
+    return set(f.fleet.terminals[tid].conds or {})
+
+
+def raised(f: Feeder, cond: str = "activity_drop") -> list[tuple[str, float]]:
+    return [(tr.tid, tr.at) for tr in f.out if tr.condition == cond and tr.raised]
+
+
+def test_a_busy_terminal_that_stops_is_flagged_within_the_hour_and_a_sale_clears_it() -> None:
+    f = learned_fleet()
+    f.out.clear()
+    stop = TUE2 + 10 * HOUR
+    run(f, stop + 300, stop + 2 * HOUR, {"QUIET": 1, "NEW": 30})
+    flags = raised(f)
+    assert [tid for tid, _ in flags] == ["BUSY"], "only the busy terminal that stopped"
+    assert flags[0][1] - stop <= 3600, f"flagged {flags[0][1] - stop:.0f} s after it stopped"
+    active = f.fleet.terminals["BUSY"].conds
+    assert active is not None
+    assert active["activity_drop"].severity == "warning"
+    assert active["activity_drop"].detail.startswith("expected ")
+    assert active["activity_drop"].detail.endswith(" transactions since 10:00 local, none seen")
+    assert f.fleet.activity_view(f.fleet.terminals["BUSY"], stop + 2 * HOUR)["state"] == "evaluated"
+    new = f.fleet.activity_view(f.fleet.terminals["NEW"], stop + 2 * HOUR)
+    assert new["state"] == "no_baseline" and "no baseline yet" in str(new["note"])
+    f.beat("BUSY", stop + 2 * HOUR + 60, f.count["BUSY"] + 1)
+    assert "activity_drop" not in conds(f, "BUSY")
+    assert [tr.tid for tr in f.out if tr.condition == "activity_drop" and not tr.raised] == ["BUSY"]
+
+
+def test_a_silent_night_is_never_flagged() -> None:
+    f = learned_fleet()
+    run(f, TUE2 + 10 * HOUR + 300, TUE2 + 20 * HOUR, {"BUSY": 30, "QUIET": 1, "NEW": 30})
+    f.out.clear()
+    # Every terminal stops at closing time (20:00) and heartbeats through the night until 07:45.
+    run(f, TUE2 + 20 * HOUR + 300, TUE2 + DAY + 7.75 * HOUR, {})
+    assert raised(f) == []
+
+
+def test_only_healthy_online_terminals_are_judged() -> None:
+    f = learned_fleet()
+    f.out.clear()
+    stop = TUE2 + 10 * HOUR
+    # The card reader reports a fault: hardware_fault explains the silence, activity_drop stays quiet.
+    run(f, stop + 300, stop + 2 * HOUR, {"QUIET": 1, "NEW": 30},
+        hw={"printer": "ok", "display": "ok", "card_reader": "fault"})
+    assert "hardware_fault" in conds(f, "BUSY")
+    assert raised(f) == []
+
+
+def test_an_activity_drop_clears_when_another_condition_explains_the_silence() -> None:
+    f = learned_fleet()
+    stop = TUE2 + 10 * HOUR
+    run(f, stop + 300, stop + 2 * HOUR, {"QUIET": 1, "NEW": 30})
+    assert "activity_drop" in conds(f, "BUSY")
+    # Then it goes silent altogether: offline, and the activity condition leaves it to offline.
+    t = stop + 2 * HOUR
+    for _ in range(30):
+        t += 120
+        f.out.extend(f.fleet.tick(t))
+    assert conds(f, "BUSY") == {"offline"}
+
+
+def test_a_configured_holiday_counts_for_nothing() -> None:
+    day = datetime.fromtimestamp(TUE2, UTC).date().isoformat()
+    f = learned_fleet(config(holidays={"north": [day]}))
+    f.out.clear()
+    run(f, TUE2 + 10 * HOUR + 300, TUE2 + 12 * HOUR, {})
+    assert raised(f) == []
+    with pytest.raises(msgspec.ValidationError, match="not a date"):
+        msgspec.convert({"activity": {"holidays": {"north": ["2026-02-30"]}}}, Config)
+
+
+def test_baselines_survive_a_snapshot_byte_for_byte(tmp_path: Path) -> None:
+    f = learned_fleet()
+    save_snapshot(f.fleet, tmp_path / "s")
+    restored = load_snapshot(tmp_path / "s")
+    again = Fleet(config(), started_at=TUE2 + 10 * HOUR, registry=REG, restored=restored.state,
+                  baselines=restored.activity)
+    for tid in REG.entries:
+        before, after = f.fleet.terminals[tid], again.terminals[tid]
+        assert after.bl >= 0
+        assert again.activity.store.record(after.bl) == f.fleet.activity.store.record(before.bl), tid
+    assert again.activity.counts() == f.fleet.activity.counts() == {"evaluated": 2, "learning": 1}
+    assert again.activity.restore_problems == 0
+    # ... and the restored fleet flags the same stop.
+    g = Feeder(again)
+    g.seq, g.count = dict(f.seq), dict(f.count)
+    stop = TUE2 + 10 * HOUR
+    run(g, stop + 300, stop + 2 * HOUR, {"QUIET": 1, "NEW": 30})
+    assert [tid for tid, _ in raised(g)] == ["BUSY"]
+
+
+class _OldSnapshot(msgspec.Struct):
+    """The snapshot body before the baselines existed."""
+
+    format: int
+    terminals: list[Any]
+    feeds: list[tuple[str, float, float, int]]
+
+
+def _write(path: Path, body: bytes) -> None:
+    path.write_bytes(_HEADER.pack(MAGIC, FORMAT, len(body), zlib.crc32(body)) + body)
+
+
+def test_a_snapshot_from_before_the_baselines_still_loads(tmp_path: Path) -> None:
+    f = learned_fleet()
+    # Terminals as the previous version encoded them: without the trailing `bl` field.
+    old_terminals = [msgspec.to_builtins(t)[:-1] for t in f.fleet.terminals.values()]
+    _write(tmp_path / "s", msgspec.msgpack.encode(_OldSnapshot(FORMAT, old_terminals, [])))
+    restored = load_snapshot(tmp_path / "s")
+    assert restored.activity is None and len(restored.terminals) == 3
+    fleet = Fleet(config(), started_at=TUE2, registry=REG, restored=restored.state, baselines=restored.activity)
+    assert {t.bl for t in fleet.terminals.values()} == {-1}
+    assert fleet.terminals["BUSY"].txn_count == f.count["BUSY"]
+    assert fleet.activity.restore_problems == 0 and fleet.activity.tracked() == 0
+
+
+@pytest.mark.parametrize(
+    "activity",
+    [
+        ActivitySnapshot(RECORD, b"\x01" * (RECORD * 2 + 5)),  # not whole records
+        ActivitySnapshot(32, b"\x01" * 96),  # another record size
+        "not a baseline at all",  # does not decode
+    ],
+)
+def test_a_corrupt_baseline_buffer_starts_empty_and_is_counted(tmp_path: Path, activity: object) -> None:
+    f = learned_fleet()
+    body = msgspec.msgpack.encode(
+        {"format": FORMAT, "terminals": list(f.fleet.terminals.values()), "feeds": [], "activity": activity}
+    )
+    _write(tmp_path / "s", body)
+    restored = load_snapshot(tmp_path / "s")
+    assert len(restored.terminals) == 3, "the terminals' state is kept"
+    fleet = Fleet(config(), started_at=TUE2, registry=REG, restored=restored.state, baselines=restored.activity)
+    assert fleet.activity.restore_problems == 1
+    assert {t.bl for t in fleet.terminals.values()} == {-1} and fleet.activity.tracked() == 0
+    g = Feeder(fleet)
+    g.seq, g.count = dict(f.seq), dict(f.count)
+    g.beat("BUSY", TUE2 + 60, f.count["BUSY"] + 5)  # and it learns again from the next heartbeat
+    assert fleet.activity.tracked() == 1
+
+
+def test_slots_that_collide_in_a_snapshot_are_not_shared() -> None:
+    terminals = [Terminal("BUSY", bl=0), Terminal("QUIET", bl=0), Terminal("NEW", bl=7)]
+    fleet = Fleet(config(), started_at=MON, registry=REG, restored=(terminals, []),
+                  baselines=ActivitySnapshot(RECORD, bytes(RECORD * 2)))
+    assert fleet.terminals["BUSY"].bl == 0
+    assert fleet.terminals["QUIET"].bl == -1 and fleet.terminals["NEW"].bl == -1
+    assert fleet.activity.restore_problems == 1
+
+
+def test_registry_tz_column_is_validated_and_every_bad_row_reported(tmp_path: Path) -> None:
+    path = tmp_path / "reg.csv"
+    path.write_text(
+        "terminal_id,merchant_id,acquirer,model,site,region,tz\n"
+        "T1,M1,acq,A920,s1,north,Europe/Berlin\n"
+        "T2,M2,acq,A920,s1,north,\n"
+        "T3,M3,acq,A920,s1,north,Mars/Olympus\n"
+        "T4,M4,acq,A920,s1,north,UTC+2\n"
+    )
+    with pytest.raises(RegistryError) as err:
+        load_registry(path)
+    assert "line 4: tz 'Mars/Olympus'" in str(err.value) and "line 5: tz 'UTC+2'" in str(err.value)
+    path.write_text(path.read_text().replace("Mars/Olympus", "Asia/Kolkata").replace("UTC+2", ""))
+    reg = load_registry(path)
+    assert [reg.entries[t].tz for t in ("T1", "T2", "T3", "T4")] == ["Europe/Berlin", "", "Asia/Kolkata", ""]
+    fleet = Fleet(config(acquirer_tz={"acq": "America/New_York"}), started_at=MON, registry=reg)
+    zone = {t: str(fleet.activity_zone(fleet.terminals[t])[0]) for t in ("T1", "T2")}
+    assert zone == {"T1": "Europe/Berlin", "T2": "America/New_York"}
+
+
+def test_activity_config_reports_every_bad_zone(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("activity:\n  default_tz: Nowhere/City\n  acquirer_tz: {acq: Bad/Zone}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "default_tz: unknown time zone 'Nowhere/City'" in str(err.value)
+    assert "acquirer_tz.acq: unknown time zone 'Bad/Zone'" in str(err.value)
+
+
+def test_an_acquirer_whose_recorded_volume_halves_is_flagged_within_30_minutes() -> None:
+    fleet = Fleet(config(), started_at=MON, registry=REG)
+    f = Feeder(fleet)
+    f.beat("BUSY", MON, 0)
+    full = UpstreamBatch(MON, [UpstreamTxn("BUSY", f"x{i}", MON) for i in range(10)], "acq")
+    half = UpstreamBatch(MON, full.txns[:5], "acq")
+    t, drop_at = MON, TUE2 + 10 * HOUR
+    flagged: float | None = None
+    while t < drop_at + HOUR:
+        fleet.on_feed(full if t < drop_at else half, t, f.out)  # 600 records an hour, then 300
+        if int(t) % 120 == 0:
+            fleet.tick(t)
+            if flagged is None and fleet.volume_drop("acq") is not None:
+                flagged = t
+        t += 60
+    assert flagged is not None and drop_at < flagged <= drop_at + 1800, flagged
+    since, expected, seen, window = fleet.volume_drop("acq") or (0.0, 0.0, 0, 0)
+    assert since == flagged and seen <= 0.6 * expected and window in (600, 1800)
