@@ -616,6 +616,42 @@ def upstream() -> Board:
         (24, 8),
     )
 
+    b.row("Activity against the learned baseline")
+    b.add(
+        timeseries(
+            "Recorded vs usual volume",
+            "Is each acquirer recording as many transactions per hour as usual for this time (a fall far below "
+            "usual while the feed still arrives is acquirer_volume_drop)?",
+            [
+                prom(
+                    "3600 * sum by (acquirer) "
+                    f"(rate(posfleet_acquirer_txns_recorded_total{{{acq}}}[$__rate_interval]))",
+                    "{{acquirer}} recorded",
+                ),
+                prom(
+                    f"max by (acquirer) (posfleet_acquirer_volume_usual_per_hour{{{acq}}})",
+                    "{{acquirer}} usual", ref="B",
+                ),
+                prom(
+                    f"max by (acquirer) (posfleet_acquirer_volume_drop{{{acq}}}) == 1", "{{acquirer}} drop", ref="C",
+                ),
+            ],
+            "short",
+        ),
+        (12, 8),
+    )
+    b.add(
+        table(
+            "Terminals that stopped selling",
+            "Which healthy-looking terminals have recorded no transaction for longer than their learned activity "
+            "makes likely (activity_drop), and since when?",
+            prom(since(f'{FLEET_SEL},condition="activity_drop"'), table=True),
+            ["terminal_id", "merchant_id", "acquirer", "site", "detail", "Value"],
+            overrides=[rename("Value", "flagged for", "s"), drilldown_link("terminal_id")],
+        ),
+        (12, 8),
+    )
+
     b.row("Missing upstream")
     b.add(
         timeseries(
