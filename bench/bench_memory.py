@@ -8,6 +8,10 @@ gc.freeze) and reads RSS again: the difference over N is the figure. The object 
 bytes by kind (deduplicated by identity, so shared objects count once over the fleet).
 
     .venv/bin/python bench/bench_memory.py --terminals 1000000
+    .venv/bin/python bench/bench_memory.py --terminals 100000 --baselines learned   # or: off (activity disabled)
+
+With `--baselines learned` every terminal's activity baseline holds a real two-week record (so every one is
+evaluated and in the check wheel after the restart); `off` switches activity baselines off for the comparison.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def rss_bytes() -> int:
     return int(m.group(1)) * 1024 if m else 0
 
 
-def write_inputs(workdir: Path, n: int, per_site: int) -> Path:
+def write_inputs(workdir: Path, n: int, per_site: int, baselines: str = "learned") -> Path:
     """Registry CSV and collector config; returns the config path."""
     with open(workdir / "terminals.csv", "w") as fh:
         fh.write("terminal_id,merchant_id,acquirer,model,site,region\n")
@@ -48,6 +52,7 @@ def write_inputs(workdir: Path, n: int, per_site: int) -> Path:
         "http: {host: 127.0.0.1, port: 0}\n"
         f"registry: {{path: '{workdir / 'terminals.csv'}'}}\n"
         f"state: {{snapshot_path: '{workdir / 'state.snapshot'}', snapshot_interval_s: 3600}}\n"
+        + ("activity: {enabled: false}\n" if baselines == "off" else "")
     )
     return config
 
@@ -89,7 +94,30 @@ def build_snapshot(config: Path, n: int, shape: str) -> None:
         assert isinstance(msg, Heartbeat)
         for _ in range(3):  # paper_out needs a few heartbeats (hysteresis); the rest is the same each time
             c.fleet.on_heartbeat(msg, now, out)
+    if c.fleet.activity.enabled:
+        record = learned_record(now)
+        activity = c.fleet.activity
+        for tid in c.fleet.terminals:
+            activity.store.load(activity.slot_of(tid), record)
     assert c.snapshot_now()
+
+
+def learned_record(now: float) -> bytes:
+    """A real baseline record: two weeks of a shop selling 0-2 a minute, 7:00 to 19:00 UTC, heartbeats every 60 s."""
+    from zoneinfo import ZoneInfo
+
+    from collector.fleet.baseline import BaselineStore
+
+    store, tz = BaselineStore(1), ZoneInfo("Europe/Berlin")
+    t, count = now - 14 * 86_400.0, 0
+    prev: float | None = None
+    while t < now:
+        hour = time.gmtime(t).tm_hour
+        sold = (hour + int(t // 60)) % 3 if 7 <= hour < 19 else 0
+        store.observe(0, tz, prev, count, t, count + sold)
+        prev, count, t = t, count + sold, t + 60
+    assert store.evaluated(0)
+    return store.record(0)
 
 
 def breakdown(collector: Any, n: int) -> dict[str, float]:
@@ -107,6 +135,13 @@ def breakdown(collector: Any, n: int) -> dict[str, float]:
 
     fleet = collector.fleet
     add("fleet.terminals dict", fleet.terminals)
+    activity = fleet.activity
+    for kind, obj in (("activity store (64 B records)", activity.store.buf), ("activity slot->terminal list",
+                      activity.tids), ("activity slot index", activity._index),
+                      ("activity schedule (due + wheel)", activity.due)):
+        add(kind, obj)
+    for entries in activity.wheel.values():
+        add("activity schedule (due + wheel)", entries)
     add("registry dict", collector.registry_file.entries)
     for tid, entry in collector.registry_file.entries.items():
         add("registry entries", entry)
@@ -173,6 +208,8 @@ def main() -> None:
     ap.add_argument("--per-site", type=int, default=50)
     ap.add_argument("--shape", choices=("field", "ingest"), default="field",
                     help="heartbeats like a real fleet's, or like bench_ingest.py's (small counters, fewer fields)")
+    ap.add_argument("--baselines", choices=("learned", "off"), default="learned",
+                    help="activity baselines: a learned record per terminal (default), or switched off")
     ap.add_argument("--phase", choices=("all", "build", "measure"), default="all", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -184,11 +221,12 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="posfleet-bench-memory-") as tmp:
         workdir = Path(tmp)
-        write_inputs(workdir, args.terminals, args.per_site)
+        write_inputs(workdir, args.terminals, args.per_site, args.baselines)
         me = [sys.executable, __file__, "--terminals", str(args.terminals), "--workdir", str(workdir)]
         subprocess.run([*me, "--phase", "build", "--shape", args.shape], check=True)
         res = json.loads(subprocess.run([*me, "--phase", "measure"], check=True, capture_output=True).stdout)
-    print(f"terminals (registered, one heartbeat each)   {res['terminals']:,} ({args.shape}-shaped heartbeats)")
+    print(f"terminals (registered, one heartbeat each)   {res['terminals']:,} ({args.shape}-shaped heartbeats, "
+          f"activity baselines {args.baselines})")
     print(f"load average (1/5/15 min)                   {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"snapshot                                    {res['snapshot_bytes'] / 2**20:.1f} MiB, "
           f"restored in {res['restore_s']:.1f} s")

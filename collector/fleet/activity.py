@@ -2,9 +2,10 @@
 and the schedule that checks silent terminals without walking the fleet (the model is collector.fleet.baseline).
 
 Invariants:
-- A terminal's baseline lives in one 64-byte slot of the store; `Terminal.bl` is its slot (-1: none yet) and
-  `tids[slot]` the terminal it belongs to, so a slot is never shared. Nothing else is kept per terminal but a
-  4-byte scheduled minute (`due`) and one 4-byte entry in the check wheel.
+- A terminal's baseline lives in one 64-byte slot of the store; `tids[slot]` is the terminal it belongs to (the
+  fleet's own interned id string, so 8 bytes) and an open-addressing index of 4-byte entries finds a terminal's
+  slot by its id: no Python int and no dict entry per terminal, and nothing added to `Terminal`. Besides that,
+  a 4-byte scheduled minute (`due`) and one 4-byte entry in the check wheel. A slot is never shared.
 - Every evaluated slot is in the wheel exactly once (a stale entry, whose minute differs from `due[slot]`, is
   skipped): it is checked at the minute `flag_due` says its silence becomes improbable, and at least every
   `recheck_s` (a baseline that changed, a first sale that moved the stretch). A tick pops the due minutes only:
@@ -18,7 +19,7 @@ import datetime
 import logging
 import math
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from zoneinfo import ZoneInfo
@@ -98,10 +99,14 @@ class VolumeState(msgspec.Struct, array_like=True):
 
 
 class ActivitySnapshot(msgspec.Struct):
-    """The baselines in a snapshot: the store's bytes as one field (slots ride with each Terminal as `bl`)."""
+    """The baselines in a snapshot: the store's bytes as one field (slots ride with each Terminal as `bl`).
+
+    `buf` is a view both ways: encoding does not copy the store, and decoding does not copy the file's bytes
+    before `restore` copies them into the store (a 64 MB transient copy at a million terminals otherwise)."""
 
     record: int
-    buf: bytes
+    buf: memoryview
+    owners: memoryview  # int32 per slot: the position of its terminal in the snapshot's terminals (-1: free)
     volumes: list[VolumeState] = []
 
 
@@ -145,6 +150,8 @@ class Activity:
         self.params = params_of(cfg)
         self.store = BaselineStore(max(capacity, 1) if cfg.enabled else 0, self.params)
         self.tids: list[str | None] = []  # slot -> terminal id (None: free)
+        self._index = array("i", bytes(64))  # open addressing by hash(tid): 0 empty, -1 tombstone, else slot + 1
+        self._mask = 15
         self.free = array("I")
         self.due = array("I")  # slot -> minute of its scheduled check (0: not scheduled)
         self.wheel: dict[int, array[int]] = {}  # minute -> slots to check then
@@ -183,8 +190,21 @@ class Activity:
         return found
 
     # ---- slots ------------------------------------------------------------------------------------------
-    def slot_for(self, tid: str, slot: int) -> int:
-        """The terminal's slot, allocating one when it has none (`slot` < 0)."""
+    def slot_of(self, tid: str) -> int:
+        """The terminal's slot, or -1 when it has none."""
+        index, tids, mask = self._index, self.tids, self._mask
+        h = hash(tid) & mask
+        while True:
+            entry = index[h]
+            if entry == 0:
+                return -1
+            if entry > 0 and tids[entry - 1] == tid:
+                return entry - 1
+            h = (h + 1) & mask
+
+    def slot_for(self, tid: str) -> int:
+        """The terminal's slot, allocating an empty one when it has none."""
+        slot = self.slot_of(tid)
         if slot >= 0:
             return slot
         if self.free:
@@ -198,17 +218,47 @@ class Activity:
             if slot >= self.store.capacity:
                 self.store.grow(slot + _GROW)
         self.store.clear(slot)
+        self._insert(tid, slot)
         return slot
 
-    def release(self, slot: int) -> None:
+    def _insert(self, tid: str, slot: int) -> None:
+        if 2 * (len(self.tids) + 1) > len(self._index):
+            self._rebuild(4 * (len(self.tids) + 1))  # at most half full: short probe chains
+            return
+        index, mask = self._index, self._mask
+        h = hash(tid) & mask
+        while index[h] > 0:
+            h = (h + 1) & mask
+        index[h] = slot + 1
+
+    def _rebuild(self, at_least: int) -> None:
+        """A new index for the current slots (no tombstones), its size a power of two >= `at_least`."""
+        size = 1 << max(4, (at_least - 1).bit_length())
+        index, mask = array("i", bytes(4 * size)), size - 1
+        for slot, tid in enumerate(self.tids):
+            if tid is not None:
+                h = hash(tid) & mask
+                while index[h]:
+                    h = (h + 1) & mask
+                index[h] = slot + 1
+        self._index, self._mask = index, mask
+
+    def release(self, tid: str) -> None:
         """Forget a removed terminal's baseline and free its slot."""
-        if 0 <= slot < len(self.tids) and self.tids[slot] is not None:
-            if self.store.evaluated(slot):
-                self.evaluated -= 1
-            self.tids[slot] = None
-            self.due[slot] = 0
-            self.store.clear(slot)
-            self.free.append(slot)
+        slot = self.slot_of(tid)
+        if slot < 0:
+            return
+        if self.due[slot]:
+            self.evaluated -= 1
+        index, mask = self._index, self._mask
+        h = hash(tid) & mask
+        while index[h] != slot + 1:
+            h = (h + 1) & mask
+        index[h] = -1  # a tombstone keeps the probe chains through it intact
+        self.tids[slot] = None
+        self.due[slot] = 0
+        self.store.clear(slot)
+        self.free.append(slot)
 
     def tracked(self) -> int:
         """Slots in use."""
@@ -329,8 +379,11 @@ class Activity:
         return expected_between(self.store, slot, tz, since, now), since
 
     # ---- snapshot -------------------------------------------------------------------------------------------
-    def snapshot(self) -> ActivitySnapshot:
-        """The baselines as the snapshot keeps them (the store's used part as one bytes field)."""
+    def snapshot(self, order: Iterable[str]) -> ActivitySnapshot:
+        """The baselines as the snapshot keeps them: the store's used part as one bytes field, and per slot the
+        position of its terminal in `order` (the snapshot's terminal list), so no id is written twice."""
+        position = {tid: i for i, tid in enumerate(order)}
+        owners = array("i", (-1 if tid is None else position.get(tid, -1) for tid in self.tids))
         used = len(self.tids) * RECORD
         volumes = [
             VolumeState(
@@ -339,40 +392,48 @@ class Activity:
             )
             for a, v in self.volumes.items()
         ]
-        return ActivitySnapshot(RECORD, bytes(self.store.buf[:used]), volumes)
+        return ActivitySnapshot(RECORD, memoryview(self.store.buf)[:used], memoryview(owners).cast("B"), volumes)
 
-    def restore(self, snap: ActivitySnapshot | None, slots: list[tuple[str, int]], started_at: float) -> list[str]:
-        """Install restored baselines; `slots` are the restored terminals' (tid, bl). Returns the terminal ids
-        whose slot could not be used (their `bl` must be reset): a corrupt or mismatched buffer starts empty,
-        counted in `restore_problems`, never fatal."""
+    def restore(self, snap: ActivitySnapshot | None, order: list[str], started_at: float) -> None:
+        """Install restored baselines; `order` are the restored terminals' ids in the snapshot's order. A corrupt
+        or mismatched buffer starts empty, counted in `restore_problems` and logged, never fatal."""
         if snap is None or not self.enabled:
-            return [tid for tid, bl in slots if bl >= 0]
-        if snap.record != RECORD or len(snap.buf) % RECORD:
+            return
+        n = len(snap.buf) // RECORD if snap.record == RECORD else 0
+        if snap.record != RECORD or len(snap.buf) % RECORD or len(snap.owners) != 4 * n:
             self.restore_problems += 1
             log.error(
-                "activity baselines in the snapshot are unusable (%d-byte records, %d bytes): starting empty",
-                snap.record, len(snap.buf),
+                "activity baselines in the snapshot are unusable (%d-byte records, %d bytes, %d owner bytes): "
+                "starting empty", snap.record, len(snap.buf), len(snap.owners),
             )
-            return [tid for tid, bl in slots if bl >= 0]
-        n = len(snap.buf) // RECORD
+            return
         self.store.grow(n)
         self.store.buf[: len(snap.buf)] = snap.buf
+        owners = array("i")
+        owners.frombytes(snap.owners)
         self.tids = [None] * n
         self.due = array("I", bytes(4 * n))
-        bad = []
-        for tid, bl in slots:
-            if bl < 0:
-                continue
-            if bl >= n or self.tids[bl] is not None:
-                bad.append(tid)
-                continue
-            self.tids[bl] = tid
+        bad = 0
+        for slot, pos in enumerate(owners):
+            if 0 <= pos < len(order):
+                self.tids[slot] = order[pos]
+            elif pos != -1:
+                bad += 1
+        seen: set[str] = set()
+        for slot, tid in enumerate(self.tids):  # a terminal named by two slots keeps the first
+            if tid is not None:
+                if tid in seen:
+                    self.tids[slot] = None
+                    bad += 1
+                seen.add(tid)
+        seen.clear()
         if bad:
             self.restore_problems += 1
-            log.error("%d restored terminals had no usable baseline slot: they learn again", len(bad))
+            log.error("%d baseline slots in the snapshot named no restored terminal or a taken one: dropped", bad)
         self.free = array("I", (s for s in range(n - 1, -1, -1) if self.tids[s] is None))
         for s in self.free:
             self.store.clear(s)
+        self._rebuild(2 * (n + 1))
         # Spread the first checks over the recheck period: a restart does not integrate the whole fleet at once.
         spread = max(1, int(self.cfg.recheck_s // 60))
         first = int(started_at // 60) + 1
@@ -392,4 +453,3 @@ class Activity:
             if len(v.minute_ids) == len(vb.minute_ids):
                 vb.minute_ids, vb.minutes = list(v.minute_ids), list(v.minutes)
             self.volumes[v.acquirer] = vb
-        return bad

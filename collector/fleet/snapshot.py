@@ -125,7 +125,7 @@ def _encode(fleet: Fleet) -> bytes:
             FORMAT,
             list(fleet.terminals.values()),
             [(f.acquirer, f.last_rx, f.alive_since, f.txns) for f in fleet.feeds.values()],
-            fleet.activity.snapshot() if fleet.activity.enabled else None,
+            fleet.activity.snapshot(fleet.terminals) if fleet.activity.enabled else None,
         )
     )
     return _HEADER.pack(MAGIC, FORMAT, len(body), zlib.crc32(body)) + body
@@ -301,7 +301,7 @@ def _activity(raw: msgspec.Raw) -> ActivitySnapshot | None:
         return _ACTIVITY.decode(raw)
     except msgspec.DecodeError as err:
         log.error("activity baselines in the snapshot do not decode (%s)", err)
-        return ActivitySnapshot(0, b"")
+        return ActivitySnapshot(0, memoryview(b""), memoryview(b""))
 
 
 def load_snapshot(path: str | os.PathLike[str], now: float | None = None) -> Restored:

@@ -171,7 +171,6 @@ class Terminal(msgspec.Struct, array_like=True, gc=False):
     rejected: dict[str, int] | None = None  # messages the collector rejected, by reason (bounded)
     rejected_rx: float | None = None  # receive time of the last rejected message
     rejected_last: str = ""  # reason of the last rejected message
-    bl: int = -1  # slot of its activity baseline in Fleet.activity (-1: none yet)
 
 
 def classify(t: Terminal, hb: Heartbeat, rx: float) -> HeartbeatResult:
@@ -287,7 +286,8 @@ class Fleet:
         self.unregistered_seen = 0
         self.max_unregistered = 10_000  # bounds state and series that unknown ids can create
         self.refused: Counter[str] = Counter(dict.fromkeys(BOUNDS, 0))  # what each bound refused
-        self.activity = Activity(cfg.activity, len(registry.entries) + len(restored[0]))
+        # Room for every terminal the registry or the snapshot names (the two mostly overlap); it grows if needed.
+        self.activity = Activity(cfg.activity, max(len(registry.entries), len(restored[0])))
         self._restore_activity(baselines, restored[0])
         self.set_registry(registry)
 
@@ -741,10 +741,7 @@ class Fleet:
 
     # ---- activity baselines (collector.fleet.activity) ---------------------------------------------------
     def _restore_activity(self, snap: ActivitySnapshot | None, restored: list[Terminal]) -> None:
-        bad = set(self.activity.restore(snap, [(t.tid, t.bl) for t in restored if t.bl >= 0], self.started_at))
-        for t in restored:
-            if t.tid in bad:
-                t.bl = -1
+        self.activity.restore(snap, [t.tid for t in restored], self.started_at)
 
     def activity_zone(self, t: Terminal) -> tuple[ZoneInfo, Quiet]:
         """The terminal's zone (registry tz, else its acquirer's, else the default) and its configured holidays."""
@@ -754,9 +751,9 @@ class Fleet:
 
     def _learn(self, t: Terminal, first: bool, rx: float, count: int, out: list[Transition]) -> None:
         """Learn from an accepted heartbeat before the terminal's last_rx and txn_count are overwritten."""
-        t.bl = self.activity.slot_for(t.tid, t.bl)
+        slot = self.activity.slot_for(t.tid)
         tz, _ = self.activity_zone(t)
-        self.activity.observe(t.bl, tz, None if first else t.last_rx, t.txn_count, rx, count)
+        self.activity.observe(slot, tz, None if first else t.last_rx, t.txn_count, rx, count)
         if count > t.txn_count and t.conds is not None and ACTIVITY in t.conds:
             self._clear(t, ACTIVITY, rx, out)  # it sells again
 
@@ -769,7 +766,7 @@ class Fleet:
         activity = self.activity
         for slot, tid in activity.due_slots(now):
             t = self.terminals.get(tid)
-            if t is None or t.bl != slot:
+            if t is None:
                 continue
             tz, quiet = self.activity_zone(t)
             active = t.conds is not None and ACTIVITY in t.conds
@@ -790,13 +787,14 @@ class Fleet:
     def activity_view(self, t: Terminal, now: float) -> dict[str, object]:
         """The terminal's `activity` in the API: state, learned hours, expected rate now, last transaction."""
         tz, _ = self.activity_zone(t)
-        return self.activity.view(t.bl, tz, now).as_dict()
+        return self.activity.view(self.activity.slot_of(t.tid), tz, now).as_dict()
 
     def activity_facts(self, t: Terminal, now: float) -> tuple[str, float | None, float | None, str]:
         """(state, transactions expected since the last one, its time, zone) for the diagnosis."""
         tz, _ = self.activity_zone(t)
-        view = self.activity.view(t.bl, tz, now)
-        found = self.activity.expected_since(t.bl, tz, now)
+        slot = self.activity.slot_of(t.tid)
+        view = self.activity.view(slot, tz, now)
+        found = self.activity.expected_since(slot, tz, now)
         return view.state, found[0] if found else None, view.last_txn_at, str(tz)
 
     def volume_drop(self, acquirer: str) -> tuple[float, float, int, int] | None:

@@ -125,10 +125,10 @@ def learn_baselines(
                 if len(unknown) < 100_000:  # a bound on what a history of garbage ids can cost
                     unknown.add(tid)
                 continue
+            slot = activity.slot_for(tid)
             if tid not in result.learned:
                 result.learned.add(tid)
-                t.bl = activity.slot_for(tid, t.bl)
-                activity.store.clear(t.bl)
+                activity.store.clear(slot)
             tz, _ = fleet.activity_zone(t)
             for ns, count in rows:
                 rx = ns / 1e9
@@ -136,7 +136,7 @@ def learn_baselines(
                 if last is not None and count < last[1]:
                     result.backwards += 1  # rejected live as counter_backwards: never learned from
                     continue
-                activity.observe(t.bl, tz, last[0] if last else None, last[1] if last else 0, rx, int(count))
+                activity.observe(slot, tz, last[0] if last else None, last[1] if last else 0, rx, int(count))
                 prev[tid] = (rx, int(count))
                 points += 1
         result.heartbeats += points
@@ -144,7 +144,7 @@ def learn_baselines(
             f"{len(result.learned)} terminals so far")
     result.terminals = len(result.learned)
     result.unknown_terminals = len(unknown)
-    result.evaluated = sum(1 for tid in result.learned if activity.store.evaluated(fleet.terminals[tid].bl))
+    result.evaluated = sum(1 for tid in result.learned if activity.store.evaluated(activity.slot_of(tid)))
     return result
 
 

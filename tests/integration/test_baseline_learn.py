@@ -91,12 +91,13 @@ def test_backfill_from_influxdb_equals_live_learning(tmp_path: Path, influxd: In
     backfilled = Fleet(cfg, started_at=MON, registry=load_registry(tmp_path / "terminals.csv"),
                        restored=restored.state, baselines=restored.activity)
     for tid in rates:
-        want = live.activity.store.record(live.terminals[tid].bl)
-        got = backfilled.activity.store.record(backfilled.terminals[tid].bl)
-        assert any(want[:48]) and live.activity.store.evaluated(live.terminals[tid].bl), tid
+        want = live.activity.store.record(live.activity.slot_of(tid))
+        got = backfilled.activity.store.record(backfilled.activity.slot_of(tid))
+        assert any(want[:48]) and live.activity.store.evaluated(live.activity.slot_of(tid)), tid
         assert got == want, f"{tid}: backfilled baseline differs from live learning"
     # The three zones were applied: Berlin's shop does not trade at the hours Kolkata's does.
-    assert live.activity.store.rates(live.terminals["BER"].bl) != live.activity.store.rates(live.terminals["KOL"].bl)
+    rates_of = live.activity.store.rates
+    assert rates_of(live.activity.slot_of("BER")) != rates_of(live.activity.slot_of("KOL"))
 
 
 def test_unreachable_influxdb_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ the registry's `tz` column and the acquirer's volume."""
 from __future__ import annotations
 
 import zlib
+from array import array
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -145,9 +146,9 @@ def test_baselines_survive_a_snapshot_byte_for_byte(tmp_path: Path) -> None:
     again = Fleet(config(), started_at=TUE2 + 10 * HOUR, registry=REG, restored=restored.state,
                   baselines=restored.activity)
     for tid in REG.entries:
-        before, after = f.fleet.terminals[tid], again.terminals[tid]
-        assert after.bl >= 0
-        assert again.activity.store.record(after.bl) == f.fleet.activity.store.record(before.bl), tid
+        before, after = f.fleet.activity.slot_of(tid), again.activity.slot_of(tid)
+        assert after >= 0 and again.activity.tids[after] is again.terminals[tid].tid
+        assert again.activity.store.record(after) == f.fleet.activity.store.record(before), tid
     assert again.activity.counts() == f.fleet.activity.counts() == {"evaluated": 2, "learning": 1}
     assert again.activity.restore_problems == 0
     # ... and the restored fleet flags the same stop.
@@ -162,7 +163,7 @@ class _OldSnapshot(msgspec.Struct):
     """The snapshot body before the baselines existed."""
 
     format: int
-    terminals: list[Any]
+    terminals: list[Terminal]
     feeds: list[tuple[str, float, float, int]]
 
 
@@ -172,13 +173,11 @@ def _write(path: Path, body: bytes) -> None:
 
 def test_a_snapshot_from_before_the_baselines_still_loads(tmp_path: Path) -> None:
     f = learned_fleet()
-    # Terminals as the previous version encoded them: without the trailing `bl` field.
-    old_terminals = [msgspec.to_builtins(t)[:-1] for t in f.fleet.terminals.values()]
-    _write(tmp_path / "s", msgspec.msgpack.encode(_OldSnapshot(FORMAT, old_terminals, [])))
+    _write(tmp_path / "s", msgspec.msgpack.encode(_OldSnapshot(FORMAT, list(f.fleet.terminals.values()), [])))
     restored = load_snapshot(tmp_path / "s")
     assert restored.activity is None and len(restored.terminals) == 3
     fleet = Fleet(config(), started_at=TUE2, registry=REG, restored=restored.state, baselines=restored.activity)
-    assert {t.bl for t in fleet.terminals.values()} == {-1}
+    assert {fleet.activity.slot_of(tid) for tid in fleet.terminals} == {-1}
     assert fleet.terminals["BUSY"].txn_count == f.count["BUSY"]
     assert fleet.activity.restore_problems == 0 and fleet.activity.tracked() == 0
 
@@ -186,8 +185,9 @@ def test_a_snapshot_from_before_the_baselines_still_loads(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     "activity",
     [
-        ActivitySnapshot(RECORD, b"\x01" * (RECORD * 2 + 5)),  # not whole records
-        ActivitySnapshot(32, b"\x01" * 96),  # another record size
+        ActivitySnapshot(RECORD, memoryview(b"\x01" * (RECORD * 2 + 5)), memoryview(bytes(8))),  # not whole records
+        ActivitySnapshot(32, memoryview(b"\x01" * 96), memoryview(bytes(12))),  # another record size
+        ActivitySnapshot(RECORD, memoryview(b"\x01" * RECORD * 3), memoryview(bytes(8))),  # owners do not match
         "not a baseline at all",  # does not decode
     ],
 )
@@ -201,20 +201,37 @@ def test_a_corrupt_baseline_buffer_starts_empty_and_is_counted(tmp_path: Path, a
     assert len(restored.terminals) == 3, "the terminals' state is kept"
     fleet = Fleet(config(), started_at=TUE2, registry=REG, restored=restored.state, baselines=restored.activity)
     assert fleet.activity.restore_problems == 1
-    assert {t.bl for t in fleet.terminals.values()} == {-1} and fleet.activity.tracked() == 0
+    assert {fleet.activity.slot_of(tid) for tid in fleet.terminals} == {-1} and fleet.activity.tracked() == 0
     g = Feeder(fleet)
     g.seq, g.count = dict(f.seq), dict(f.count)
     g.beat("BUSY", TUE2 + 60, f.count["BUSY"] + 5)  # and it learns again from the next heartbeat
     assert fleet.activity.tracked() == 1
 
 
-def test_slots_that_collide_in_a_snapshot_are_not_shared() -> None:
-    terminals = [Terminal("BUSY", bl=0), Terminal("QUIET", bl=0), Terminal("NEW", bl=7)]
+def test_slots_naming_no_terminal_or_a_taken_one_are_dropped() -> None:
+    terminals = [Terminal("BUSY"), Terminal("QUIET"), Terminal("NEW")]
+    owners = array("i", [0, 0, 7, 2])  # BUSY twice, a position past the list, NEW
+    buf = bytes(range(64)) + bytes(64) * 2 + bytes(range(1, 65))
     fleet = Fleet(config(), started_at=MON, registry=REG, restored=(terminals, []),
-                  baselines=ActivitySnapshot(RECORD, bytes(RECORD * 2)))
-    assert fleet.terminals["BUSY"].bl == 0
-    assert fleet.terminals["QUIET"].bl == -1 and fleet.terminals["NEW"].bl == -1
-    assert fleet.activity.restore_problems == 1
+                  baselines=ActivitySnapshot(RECORD, memoryview(buf), memoryview(owners).cast("B")))
+    assert fleet.activity.slot_of("BUSY") == 0 and fleet.activity.store.record(0) == bytes(range(64))
+    assert fleet.activity.slot_of("NEW") == 3 and fleet.activity.store.record(3) == bytes(range(1, 65))
+    assert fleet.activity.slot_of("QUIET") == -1
+    assert fleet.activity.restore_problems == 1 and fleet.activity.tracked() == 2
+    assert fleet.activity.slot_for("QUIET") in (1, 2), "a dropped slot is reused"
+
+
+def test_the_slot_index_finds_every_terminal_through_growth_and_release() -> None:
+    activity = Fleet(config(), started_at=MON).activity
+    tids = [f"T{i}" for i in range(5000)]
+    slots = [activity.slot_for(t) for t in tids]
+    assert slots == list(range(5000)) and [activity.slot_of(t) for t in tids] == slots
+    for t in tids[::3]:
+        activity.release(t)
+    assert all(activity.slot_of(t) == (-1 if i % 3 == 0 else i) for i, t in enumerate(tids))
+    again = [activity.slot_for(t) for t in ("X1", "X2")]
+    assert set(again) <= set(slots[::3]) and activity.slot_of("X2") == again[1]
+    assert activity.tracked() == 5000 - len(tids[::3]) + 2
 
 
 def test_registry_tz_column_is_validated_and_every_bad_row_reported(tmp_path: Path) -> None:
