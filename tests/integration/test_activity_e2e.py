@@ -1,6 +1,7 @@
 """activity_drop end to end: a real Mosquitto, the collector started from a snapshot holding learned baselines (a
 restart), heartbeats published over MQTT. A busy terminal that keeps heartbeating but stops selling gets
-activity_drop in the API and /metrics; a quiet shop and a terminal without a baseline do not; a sale clears it.
+activity_drop in the API and /metrics; a quiet shop and a terminal without a baseline do not; a sale clears it;
+the collector's own final snapshot brings every baseline back byte for byte.
 
 Heartbeats are received at wall-clock time (the ingest stamps them); the collector's clock is injected and moved
 forward (wall and monotonic together, so it is not a clock jump): no sleeping while the silence grows.
@@ -117,3 +118,11 @@ async def test_a_terminal_that_stops_selling_gets_activity_drop_and_quiet_or_new
         await beat({"BUSY": 1})  # a sale clears it at once
         await wait_until_async(lambda: not drop("BUSY"), 20, "activity_drop on BUSY to clear")
         assert collector.fleet.terminals["BUSY"].conds is None
+        activity = collector.fleet.activity
+        records = {tid: activity.store.record(activity.slot_of(tid)) for tid in seq}
+
+    # Stopped (the final snapshot) and started again: every baseline is back byte for byte.
+    again = Collector.load(load_config(write_collector_config(tmp_path, broker.port, http_port)))
+    assert again.restored.source.value == "current"
+    assert {tid: again.fleet.activity.store.record(again.fleet.activity.slot_of(tid)) for tid in seq} == records
+    assert again.fleet.activity.counts() == {"evaluated": 2, "learning": 1}
