@@ -307,6 +307,14 @@ class ActivityConfig(Struct, frozen=True, forbid_unknown_fields=True):
     p_day: Annotated[float, Meta(gt=0, lt=1)] = 1e-5  # false flags per terminal-day near 1e-5 (target 1e-4)
     opening_slack_h: Annotated[float, Meta(ge=0)] = 0.5  # shops open up to ~30 min late
     horizon_h: Count = 336  # a stretch is integrated over at most 14 days (bounded work)
+    # Regional holiday guard: a local day on which at least this share of a region's online terminals that
+    # normally have sold by now have not (over at least holiday_min_peers of them) counts for nothing: faults are
+    # independent per terminal, a whole region silent together is a calendar. Fewer peers prove nothing.
+    holiday_share: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    holiday_min_peers: Count = 20
+    # One pass over the fleet for that share takes this long (a share of the terminals per tick): a holiday is
+    # found within ~2 passes of enough peers passing their usual first sale, before busy shops would be flagged.
+    holiday_scan_s: Positive = 600.0
     volume_windows_s: tuple[Annotated[int, Meta(ge=60, le=3600)], ...] = (600, 1800)  # 10 min big, 30 min small
     volume_ratio: Annotated[float, Meta(gt=0, lt=1)] = 0.6  # "far below", with room for daily swings
     volume_p: Annotated[float, Meta(gt=0, lt=1)] = 1e-6  # <= 3e-3 false flags per acquirer-day

@@ -19,7 +19,7 @@ import datetime
 import logging
 import math
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from zoneinfo import ZoneInfo
@@ -40,6 +40,7 @@ from collector.fleet.baseline import (
     expected_between,
     flag_due,
     local_midnight,
+    quiet_today,
 )
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 CONDITION: Final = "activity_drop"
 VOLUME_FINDING: Final = "acquirer_volume_drop"
 _GROW: Final = 4096  # slots added at a time when the store is full (256 KB)
+_MAX_REGION_DAYS: Final = 100_000  # region-days counted in one holiday pass
 
 
 def params_of(cfg: ActivityConfig) -> Params:
@@ -75,6 +77,8 @@ def params_of(cfg: ActivityConfig) -> Params:
         p_day=cfg.p_day,
         horizon_h=cfg.horizon_h,
         opening_slack_h=cfg.opening_slack_h,
+        holiday_share=cfg.holiday_share,
+        holiday_min_peers=cfg.holiday_min_peers,
         volume_windows_s=tuple(cfg.volume_windows_s),
         volume_ratio=cfg.volume_ratio,
         volume_p=cfg.volume_p,
@@ -108,13 +112,14 @@ class ActivitySnapshot(msgspec.Struct):
     buf: memoryview
     owners: memoryview  # int32 per slot: the position of its terminal in the snapshot's terminals (-1: free)
     volumes: list[VolumeState] = []
+    quiet_days: list[tuple[str, float, float]] = []  # (region key, start, end) found quiet together
 
 
 @dataclass(frozen=True, slots=True)
 class ActivityView:
     """What the API says about one terminal's baseline."""
 
-    state: str  # evaluated | no_baseline | not_tracked | disabled
+    state: str  # evaluated | regional_quiet | no_baseline | not_tracked | disabled
     learned_hours: tuple[int, int, int]
     learned_days: float
     expected_per_hour_now: float | None
@@ -163,6 +168,11 @@ class Activity:
         self.evaluated = 0
         self._zones: dict[str, ZoneInfo] = {}
         self._quiet: dict[tuple[str, str], Quiet] = {}
+        # Regional holiday guard: days found quiet per region key, and the pass in progress.
+        self.quiet_days: dict[str, list[tuple[float, float]]] = {}
+        self._scan_pos = 0
+        self._scan_at: float | None = None
+        self._scan_counts: dict[tuple[str, float, float], list[int]] = {}
 
     # ---- zones and holidays -----------------------------------------------------------------------------
     def zone(self, tz: str, acquirer: str) -> ZoneInfo:
@@ -174,20 +184,86 @@ class Activity:
         return zone
 
     def quiet(self, region: str, tz: ZoneInfo) -> Quiet:
-        """The configured holidays of a region, as the epoch intervals of those local days."""
-        if not self.cfg.holidays:
-            return ()
-        key = (region, str(tz))
-        found = self._quiet.get(key)
-        if found is None:
-            days = sorted({*self.cfg.holidays.get(region, ()), *self.cfg.holidays.get("*", ())})
-            spans = []
-            for day in days:
-                d = datetime.date.fromisoformat(day)
-                start = datetime.datetime(d.year, d.month, d.day, tzinfo=tz).timestamp()
-                spans.append((start, local_midnight(tz, start + 30 * 3600.0)))
-            found = self._quiet[key] = tuple(spans)
-        return found
+        """The intervals that count for nothing for a terminal of `region` in zone `tz`: the configured holidays
+        of the region (and of "*") as those local days, and the days the region was found quiet together."""
+        configured: Quiet = ()
+        if self.cfg.holidays:
+            key = (region, str(tz))
+            cached = self._quiet.get(key)
+            if cached is None:
+                days = sorted({*self.cfg.holidays.get(region, ()), *self.cfg.holidays.get("*", ())})
+                spans = []
+                for day in days:
+                    d = datetime.date.fromisoformat(day)
+                    start = datetime.datetime(d.year, d.month, d.day, tzinfo=tz).timestamp()
+                    spans.append((start, local_midnight(tz, start + 30 * 3600.0)))
+                cached = self._quiet[key] = tuple(spans)
+            configured = cached
+        found = self.quiet_days.get(region or str(tz))
+        return (*configured, *found) if found else configured
+
+    # ---- the regional holiday guard -------------------------------------------------------------------------
+    def scan(self, now: float, owner: Callable[[str], tuple[str, ZoneInfo] | None]) -> None:
+        """One step of the pass over the evaluated slots that finds regions quiet together (an unannounced
+        holiday): per region and local day, the terminals that normally have sold by now (`quiet_today`) and how
+        many of them have not. A pass takes `holiday_scan_s`, a share of the slots per call (O(fleet / pass), not
+        O(fleet) per tick). `owner(tid)` gives an online terminal's region key and zone (None: not counted).
+
+        When a pass ends, a region-day with at least `holiday_min_peers` such terminals of which at least
+        `holiday_share` have not sold is declared quiet: it counts for nothing in `activity_drop` (faults are
+        independent per terminal; a whole region silent together is a calendar, or the acquirer, which
+        `acquirer_volume_drop` watches). Declared days are kept `horizon_h`."""
+        n = len(self.tids)
+        if not n:
+            return
+        last = self._scan_at if self._scan_at is not None else now - self.cfg.holiday_scan_s / n
+        self._scan_at = now
+        share = min(1.0, max(0.0, now - last) / self.cfg.holiday_scan_s)
+        end = min(n, self._scan_pos + max(1, math.ceil(n * share)))
+        counts = self._scan_counts
+        for slot in range(self._scan_pos, end):
+            tid = self.tids[slot]
+            if tid is None or not self.due[slot]:
+                continue  # free, or not evaluated (learning)
+            found = owner(tid)
+            since = self.store.last_txn(slot)
+            if found is None or since is None:
+                continue
+            region, tz = found
+            q = quiet_today(self.store, slot, tz, now, since)
+            if q is None:
+                continue
+            key = (region, local_midnight(tz, now), local_midnight(tz, local_midnight(tz, now) + 30 * 3600.0))
+            c = counts.get(key)
+            if c is None:
+                if len(counts) >= _MAX_REGION_DAYS:
+                    continue  # bounded: regions come from the registry, but a bound costs nothing
+                c = counts[key] = [0, 0]
+            c[0] += 1
+            c[1] += q
+        self._scan_pos = end
+        if end >= n:
+            self._end_pass(now)
+
+    def _end_pass(self, now: float) -> None:
+        for (region, start, stop), (expected, silent) in self._scan_counts.items():
+            days = self.quiet_days.setdefault(region, [])
+            if (
+                expected >= self.params.holiday_min_peers
+                and silent >= self.params.holiday_share * expected
+                and (start, stop) not in days
+            ):
+                days.append((start, stop))
+                log.warning(
+                    "region %s is quiet together today (%d of %d terminals that normally have sold by now have "
+                    "not): a holiday, the day counts for nothing in activity_drop", region, silent, expected,
+                )
+        keep = now - self.params.horizon_h * 3600.0
+        for region in list(self.quiet_days):
+            self.quiet_days[region] = [d for d in self.quiet_days[region] if d[1] > keep]
+            if not self.quiet_days[region]:
+                del self.quiet_days[region]
+        self._scan_counts, self._scan_pos = {}, 0
 
     # ---- slots ------------------------------------------------------------------------------------------
     def slot_of(self, tid: str) -> int:
@@ -349,7 +425,7 @@ class Activity:
         return changes
 
     # ---- API ----------------------------------------------------------------------------------------------
-    def view(self, slot: int, tz: ZoneInfo, now: float) -> ActivityView:
+    def view(self, slot: int, tz: ZoneInfo, now: float, quiet: Quiet = ()) -> ActivityView:
         """The terminal's baseline as the API shows it; "no baseline yet" is said explicitly."""
         if not self.enabled:
             return ActivityView("disabled", (0, 0, 0), 0.0, None, None, str(tz), "activity baselines are off")
@@ -366,10 +442,13 @@ class Activity:
                 "no_baseline", learned, days, None, last, str(tz),
                 f"no baseline yet: learning ({days:g} of {need:g} days), not evaluated",
             )
-        per_hour = expected_between(self.store, slot, tz, now - 1800.0, now + 1800.0)
-        return ActivityView(
-            "evaluated", learned, days, round(per_hour, 2), last, str(tz), "baseline learned: evaluated"
-        )
+        per_hour = round(expected_between(self.store, slot, tz, now - 1800.0, now + 1800.0), 2)
+        if any(a <= now < b for a, b in quiet):
+            return ActivityView(
+                "regional_quiet", learned, days, per_hour, last, str(tz),
+                "baseline learned; today is a holiday or its region is quiet together: not judged today",
+            )
+        return ActivityView("evaluated", learned, days, per_hour, last, str(tz), "baseline learned: evaluated")
 
     def expected_since(self, slot: int, tz: ZoneInfo, now: float) -> tuple[float, float] | None:
         """(expected transactions, since) of the current silent stretch, for the diagnosis; None: no baseline."""
@@ -392,13 +471,18 @@ class Activity:
             )
             for a, v in self.volumes.items()
         ]
-        return ActivitySnapshot(RECORD, memoryview(self.store.buf)[:used], memoryview(owners).cast("B"), volumes)
+        quiet = [(region, a, b) for region, days in self.quiet_days.items() for a, b in days]
+        return ActivitySnapshot(
+            RECORD, memoryview(self.store.buf)[:used], memoryview(owners).cast("B"), volumes, quiet
+        )
 
     def restore(self, snap: ActivitySnapshot | None, order: list[str], started_at: float) -> None:
         """Install restored baselines; `order` are the restored terminals' ids in the snapshot's order. A corrupt
         or mismatched buffer starts empty, counted in `restore_problems` and logged, never fatal."""
         if snap is None or not self.enabled:
             return
+        for region, a, b in snap.quiet_days[:_MAX_REGION_DAYS]:
+            self.quiet_days.setdefault(region, []).append((a, b))
         n = len(snap.buf) // RECORD if snap.record == RECORD else 0
         if snap.record != RECORD or len(snap.buf) % RECORD or len(snap.owners) != 4 * n:
             self.restore_problems += 1

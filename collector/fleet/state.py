@@ -780,20 +780,30 @@ class Fleet:
             elif active:
                 self._clear(t, ACTIVITY, now, out)
             activity.reschedule(slot, tz, now, quiet)
+        activity.scan(now, self._activity_owner)
         stale_s = self.th.feed_stale_s
         alive = {a: not f.stale(now, stale_s) for a, f in self.feeds.items()}
         activity.volume_tick(now, alive)
 
+    def _activity_owner(self, tid: str) -> tuple[str, ZoneInfo] | None:
+        """An online terminal's region key (registry region, else its zone's name) and zone, for the holiday guard."""
+        t = self.terminals.get(tid)
+        if t is None or not self._online(t) or t.status == "offline":
+            return None
+        reg = self.registry.get(tid)
+        tz = self.activity.zone(reg.tz if reg is not None else "", t.acquirer)
+        return (reg.region if reg is not None and reg.region else str(tz)), tz
+
     def activity_view(self, t: Terminal, now: float) -> dict[str, object]:
         """The terminal's `activity` in the API: state, learned hours, expected rate now, last transaction."""
-        tz, _ = self.activity_zone(t)
-        return self.activity.view(self.activity.slot_of(t.tid), tz, now).as_dict()
+        tz, quiet = self.activity_zone(t)
+        return self.activity.view(self.activity.slot_of(t.tid), tz, now, quiet).as_dict()
 
     def activity_facts(self, t: Terminal, now: float) -> tuple[str, float | None, float | None, str]:
         """(state, transactions expected since the last one, its time, zone) for the diagnosis."""
-        tz, _ = self.activity_zone(t)
+        tz, quiet = self.activity_zone(t)
         slot = self.activity.slot_of(t.tid)
-        view = self.activity.view(slot, tz, now)
+        view = self.activity.view(slot, tz, now, quiet)
         found = self.activity.expected_since(slot, tz, now)
         return view.state, found[0] if found else None, view.last_txn_at, str(tz)
 

@@ -281,3 +281,57 @@ def test_an_acquirer_whose_recorded_volume_halves_is_flagged_within_30_minutes()
     assert flagged is not None and drop_at < flagged <= drop_at + 1800, flagged
     since, expected, seen, window = fleet.volume_drop("acq") or (0.0, 0.0, 0, 0)
     assert since == flagged and seen <= 0.6 * expected and window in (600, 1800)
+
+
+def regional_fleet(**activity: Any) -> tuple[Feeder, Registry]:
+    """Eight shops of one region (30/h, 8:00-20:00) learned for 8 days."""
+    reg = Registry({f"S{i}": RegistryEntry(f"S{i}", f"M-S{i}", "acq", "A920", "s1", "west") for i in range(8)})
+    activity = {"holiday_min_peers": 5, "holiday_scan_s": 600, **activity}
+    f = Feeder(Fleet(config(**activity), started_at=MON, registry=reg))
+    for tid in reg.entries:
+        f.learn(tid, MON, TUE2 - 4 * HOUR, trading(30))  # the evening before: each sold until 20:00 on Monday
+    return f, reg
+
+
+def run_region(f: Feeder, reg: Registry, start: float, end: float, selling: dict[str, float]) -> None:
+    t, acc = start, dict.fromkeys(selling, 0.0)
+    while t <= end:
+        for tid in reg.entries:
+            count = None
+            if tid in selling:
+                acc[tid] += selling[tid] * 300 / HOUR
+                count = f.count[tid] + int(acc[tid])
+                acc[tid] -= int(acc[tid])
+            f.beat(tid, t, count)
+        f.out.extend(f.fleet.tick(t + 1))
+        t += 300
+
+
+def test_a_region_silent_together_is_a_holiday_and_flags_nothing(tmp_path: Path) -> None:
+    f, reg = regional_fleet()
+    f.out.clear()
+    # Tuesday is an unannounced holiday in the region: nobody opens. Heartbeats from midnight to 14:00.
+    run_region(f, reg, TUE2 - 4 * HOUR + 300, TUE2 + 14 * HOUR, {})
+    assert raised(f) == [] and all(f.fleet.terminals[tid].conds is None for tid in reg.entries)
+    assert f.fleet.activity.quiet_days == {"west": [(TUE2, TUE2 + DAY)]}
+    view = f.fleet.activity_view(f.fleet.terminals["S0"], TUE2 + 14 * HOUR)
+    assert view["state"] == "regional_quiet"
+    save_snapshot(f.fleet, tmp_path / "s")  # the declared day survives a restart
+    restored = load_snapshot(tmp_path / "s")
+    again = Fleet(f.fleet.cfg, started_at=TUE2 + 14 * HOUR, registry=reg, restored=restored.state,
+                  baselines=restored.activity)
+    assert again.activity.quiet_days == {"west": [(TUE2, TUE2 + DAY)]}
+    # Without the guard (more peers needed than the region has) the same day flags every shop.
+    f, reg = regional_fleet(holiday_min_peers=9)
+    run_region(f, reg, TUE2 - 4 * HOUR + 300, TUE2 + 14 * HOUR, {})
+    assert sorted(tid for tid, _ in raised(f)) == sorted(reg.entries)
+
+
+def test_one_shop_of_a_trading_region_that_stops_is_flagged_despite_the_guard() -> None:
+    f, reg = regional_fleet()
+    f.out.clear()
+    # A normal Tuesday: everybody opens at 8:00, S0 sells until 10:00 and then stops.
+    run_region(f, reg, TUE2 - 4 * HOUR + 300, TUE2 + 10 * HOUR, {tid: 30 for tid in reg.entries})
+    run_region(f, reg, TUE2 + 10 * HOUR + 300, TUE2 + 12 * HOUR, {tid: 30 for tid in reg.entries if tid != "S0"})
+    assert [tid for tid, _ in raised(f)] == ["S0"]
+    assert f.fleet.activity.quiet_days == {}
