@@ -311,6 +311,8 @@ def _findings(f: Facts, now: float) -> list[Finding]:
     for cond, (since, severity, detail) in f.conditions.items():
         if cond == "upstream_missing" and f.feed_stale:
             continue  # cannot be judged while the acquirer publishes nothing
+        if cond == "activity_drop" and f.activity_since is not None:
+            since = f.activity_since  # the silence began at the last sale, not when it became improbable
         add(cond, severity, since, detail, probable_cause(cond, detail))
     if f.status == "shutdown" and "offline" not in f.conditions:
         add("shutdown", "info", f.status_at, "", _EXTRA_CAUSES["shutdown"])

@@ -20,7 +20,7 @@ from collector.fleet.baseline import RECORD
 from collector.fleet.protocol import UpstreamBatch, UpstreamTxn
 from collector.fleet.registry import Registry, RegistryEntry, RegistryError, load_registry
 from collector.fleet.snapshot import _HEADER, FORMAT, MAGIC, load_snapshot, save_snapshot
-from collector.fleet.state import Fleet, Terminal
+from collector.fleet.state import FeedState, Fleet, Terminal
 from tests.harness.activity import Feeder
 
 MON = 1_772_409_600.0  # Monday 2026-03-02 00:00 UTC
@@ -335,3 +335,39 @@ def test_one_shop_of_a_trading_region_that_stops_is_flagged_despite_the_guard() 
     run_region(f, reg, TUE2 + 10 * HOUR + 300, TUE2 + 12 * HOUR, {tid: 30 for tid in reg.entries if tid != "S0"})
     assert [tid for tid, _ in raised(f)] == ["S0"]
     assert f.fleet.activity.quiet_days == {}
+
+
+def test_the_diagnosis_says_expected_seen_and_since_for_a_terminal_and_its_acquirer() -> None:
+    from collector.config import Thresholds
+    from collector.support.diagnose import diagnose, facts_from
+
+    f = learned_fleet()
+    stop = TUE2 + 10 * HOUR
+    run(f, stop + 300, stop + 2 * HOUR, {"QUIET": 1, "NEW": 30})
+    now = stop + 2 * HOUR
+    fleet, t = f.fleet, f.fleet.terminals["BUSY"]
+    facts = facts_from(t, REG.get("BUSY"), True, None, Thresholds(), {}, now,
+                       activity=fleet.activity_facts(t, now), volume_drop=(now - 600, 400.0, 150, 600))
+    d = diagnose(facts, now)
+    assert d.primary is not None and d.primary.code == "activity_drop" and d.primary.step == "local_records"
+    ev = d.primary.evidence
+    # Two hours at ~30 an hour, less what the silent hour 10:00 already taught (an improbable zero, learned fast).
+    assert ev["seen_transactions"] == 0 and ev["expected_transactions"] > 30
+    assert ev["silent_since"].startswith("2026-03-10T10:00") and ev["local_tz"] == "UTC"
+    assert "since 2026-03-10 10:00" in d.merchant_message["en"] and "BUSY" in d.merchant_message["zh-CN"]
+    local = next(s for s in d.steps if s["step"] == "local_records")
+    assert local["status"] == "warning" and local["evidence"]["activity_baseline"] == "evaluated"
+    # The feed is stale here (no feed at all), so the acquirer's volume drop is not claimed ...
+    assert "acquirer_volume_drop" not in [x.code for x in d.others]
+    # ... and with a live feed it is, with expected vs recorded and since when.
+    live = FeedState("acq")
+    live.last_rx = now - 5
+    facts = facts_from(t, REG.get("BUSY"), True, live, Thresholds(), {}, now,
+                       activity=fleet.activity_facts(t, now), volume_drop=(now - 600, 400.0, 150, 600))
+    d = diagnose(facts, now)
+    found = {x.code: x for x in (d.primary, *d.others) if x is not None}
+    assert found["acquirer_volume_drop"].step == "acquirer_records"
+    assert found["acquirer_volume_drop"].evidence == {
+        "acquirer": "acq", "since": "2026-03-10T11:50:00Z", "window_s": 600, "expected_transactions": 400,
+        "recorded_transactions": 150,
+    }
