@@ -744,16 +744,20 @@ class Fleet:
         self.activity.restore(snap, [t.tid for t in restored], self.started_at)
 
     def activity_zone(self, t: Terminal) -> tuple[ZoneInfo, Quiet]:
-        """The terminal's zone (registry tz, else its acquirer's, else the default) and its configured holidays."""
+        """The terminal's zone (registry tz, else its acquirer's, else the default) and the intervals that count for
+        nothing for it (configured holidays, days its region was quiet together)."""
         reg = self.registry.get(t.tid)
         tz = self.activity.zone(reg.tz if reg is not None else "", t.acquirer)
         return tz, self.activity.quiet(reg.region if reg is not None else "", tz)
 
+    def _activity_tz(self, t: Terminal) -> ZoneInfo:
+        reg = self.registry.get(t.tid)
+        return self.activity.zone(reg.tz if reg is not None else "", t.acquirer)
+
     def _learn(self, t: Terminal, first: bool, rx: float, count: int, out: list[Transition]) -> None:
         """Learn from an accepted heartbeat before the terminal's last_rx and txn_count are overwritten."""
         slot = self.activity.slot_for(t.tid)
-        tz, _ = self.activity_zone(t)
-        self.activity.observe(slot, tz, None if first else t.last_rx, t.txn_count, rx, count)
+        self.activity.observe(slot, self._activity_tz(t), None if first else t.last_rx, t.txn_count, rx, count)
         if count > t.txn_count and t.conds is not None and ACTIVITY in t.conds:
             self._clear(t, ACTIVITY, rx, out)  # it sells again
 

@@ -620,8 +620,8 @@ def upstream() -> Board:
     b.add(
         timeseries(
             "Recorded vs usual volume",
-            "Is each acquirer recording as many transactions per hour as usual for this time (a fall far below "
-            "usual while the feed still arrives is acquirer_volume_drop)?",
+            "Is each acquirer recording as many transactions per hour as usual for this time (drop = 1: far below "
+            "usual while the feed still arrives, acquirer_volume_drop)?",
             [
                 prom(
                     "3600 * sum by (acquirer) "
@@ -632,22 +632,25 @@ def upstream() -> Board:
                     f"max by (acquirer) (posfleet_acquirer_volume_usual_per_hour{{{acq}}})",
                     "{{acquirer}} usual", ref="B",
                 ),
-                prom(
-                    f"max by (acquirer) (posfleet_acquirer_volume_drop{{{acq}}}) == 1", "{{acquirer}} drop", ref="C",
-                ),
+                prom(f"max by (acquirer) (posfleet_acquirer_volume_drop{{{acq}}})", "{{acquirer}} drop", ref="C"),
             ],
             "short",
         ),
         (12, 8),
     )
     b.add(
-        table(
+        timeseries(
             "Terminals that stopped selling",
-            "Which healthy-looking terminals have recorded no transaction for longer than their learned activity "
-            "makes likely (activity_drop), and since when?",
-            prom(since(f'{FLEET_SEL},condition="activity_drop"'), table=True),
-            ["terminal_id", "merchant_id", "acquirer", "site", "detail", "Value"],
-            overrides=[rename("Value", "flagged for", "s"), drilldown_link("terminal_id")],
+            "How many healthy-looking terminals of each acquirer have recorded no transaction for longer than "
+            "their learned activity makes likely (activity_drop), and how many baselines are evaluated or still "
+            "learning?",
+            [
+                prom(
+                    f'sum by (acquirer) (posfleet_fleet_condition_terminals{{{acq},condition="activity_drop"}})',
+                    "{{acquirer}} stopped selling",
+                ),
+                prom("sum by (state) (posfleet_activity_baselines)", "baselines {{state}}", ref="B"),
+            ],
         ),
         (12, 8),
     )
