@@ -3,7 +3,7 @@ and the schedule that checks silent terminals without walking the fleet (the mod
 
 Invariants:
 - A terminal's baseline lives in one 64-byte slot of the store; `tids[slot]` is the terminal it belongs to (the
-  fleet's own interned id string, so 8 bytes) and an open-addressing index of 4-byte entries finds a terminal's
+  fleet's own id string, so 8 bytes) and an open-addressing index of 4-byte entries finds a terminal's
   slot by its id: no Python int and no dict entry per terminal, and nothing added to `Terminal`. Besides that,
   a 4-byte scheduled minute (`due`) and one 4-byte entry in the check wheel. A slot is never shared.
 - Every evaluated slot is in the wheel exactly once (a stale entry, whose minute differs from `due[slot]`, is

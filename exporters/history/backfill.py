@@ -125,7 +125,7 @@ def learn_baselines(
                 if len(unknown) < 100_000:  # a bound on what a history of garbage ids can cost
                     unknown.add(tid)
                 continue
-            slot = activity.slot_for(tid)
+            slot = activity.slot_for(t.tid)  # the fleet's own id string, not the reply's copy
             if tid not in result.learned:
                 result.learned.add(tid)
                 activity.store.clear(slot)
