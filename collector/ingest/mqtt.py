@@ -186,6 +186,9 @@ class MqttIngest:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe  # type: ignore[assignment]
         client.on_message = self._on_message
+        # A broker that sends beyond its in-flight window (Mosquitto 2.0 with max_queued_messages 0 releases ~19
+        # messages per PUBACK) must not grow the queue past its bound within one read of the socket.
+        client.keep_reading = self._has_room
         client.enable_logger(PahoLog(self._failures))
         self.client = client
         self.topics = [
@@ -293,11 +296,20 @@ class MqttIngest:
         self.client.loop_write()
         self._after_io()
 
+    def _has_room(self) -> bool:
+        return len(self._queue) < self.capacity
+
     def _resume(self) -> None:
         if self._paused and self._fd >= 0 and len(self._queue) < self.capacity:
             self._paused = False
             self._last_in = time.monotonic()  # we stopped reading, not the broker: its silence starts now
             self.loop.add_reader(self._fd, self._readable)
+            if self.client.has_buffered():  # read before the pause, not yet parsed: epoll will not say so
+                self.loop.call_soon(self._read_buffered)
+
+    def _read_buffered(self) -> None:
+        if self._fd >= 0 and not self._paused:
+            self._readable()
 
     async def _run(self) -> None:
         """Connect, keep the connection alive, reconnect with backoff: the loop paho's own thread used to run."""
