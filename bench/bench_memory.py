@@ -163,6 +163,8 @@ def breakdown(collector: Any, n: int) -> dict[str, float]:
                 for k, x in v.items():
                     add("strings", k)
                     add(f"{f} dicts", x)
+            elif isinstance(v, tuple):
+                add(f"{f} tuples", v)
             elif isinstance(v, list):
                 add(f"{f} lists", v)
                 for x in v:

@@ -80,7 +80,7 @@ def _baseline_learn(args: argparse.Namespace) -> int:
         print(f"posfleet baseline learn: {err}", file=sys.stderr)
         return 2
     now = time.time()
-    restored = load_snapshot(path, now)
+    restored = load_snapshot(path, now, registry)
     fleet = Fleet(cfg, started_at=now, registry=registry, restored=restored.state, baselines=restored.activity)
     source = InfluxSource.from_bucket(args.url or cfg.influx.url, cfg.influx.bucket, token,
                                       cfg.influx.request_timeout_s)

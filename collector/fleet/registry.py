@@ -100,8 +100,10 @@ def load_registry(path: str | os.PathLike[str] | None) -> Registry:
                 problems.append(f"line {lineno}: duplicate terminal_id {values['terminal_id']}")
             if len(problems) > 20:
                 break
-            # Ids and names repeat (and meet the same strings again in snapshots and heartbeats): one object each.
-            shared = {c: sys.intern(v) for c, v in values.items()}
+            # Names repeat (and meet the same strings again in snapshots and heartbeats): one object each. The
+            # terminal id is unique: not interned (the intern table would cost ~31 B per terminal); restored
+            # terminals share the registry's own id string instead (collector.fleet.snapshot).
+            shared = {c: v if c == "terminal_id" else sys.intern(v) for c, v in values.items()}
             entries[shared["terminal_id"]] = RegistryEntry(
                 terminal_id=shared["terminal_id"],
                 merchant_id=shared["merchant_id"],

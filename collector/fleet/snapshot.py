@@ -26,7 +26,8 @@ from typing import NamedTuple
 import msgspec
 
 from collector.fleet.activity import ActivitySnapshot
-from collector.fleet.state import Active, FeedState, Fleet, Terminal, share_float
+from collector.fleet.registry import EMPTY, Registry
+from collector.fleet.state import Active, FeedState, Fleet, Terminal, share_float, streak_pairs
 
 __all__ = [
     "FORMAT",
@@ -175,10 +176,15 @@ _STR_FIELDS = (
 _FLOAT_FIELDS = ("interval_s", "rssi_dbm", "battery_pct", "status_rx", "upstream_rx")
 
 
-def _share_values(t: Terminal) -> None:
+def _share_values(t: Terminal, registry: Registry) -> None:
     """Decoding gives every terminal its own copy of strings and floats the fleet shares (ids, versions, states,
-    intervals, zeros): replace them by one shared object each, or a restart costs far more than a fresh start."""
-    t.tid = sys.intern(t.tid)
+    intervals, zeros): replace them by one shared object each, or a restart costs far more than a fresh start.
+
+    The terminal id becomes the registry's own string object (one per id, not interned: the interpreter's table
+    of interned strings would cost ~31 B more per terminal at 1,000,000)."""
+    entry = registry.entries.get(t.tid)
+    if entry is not None:
+        t.tid = entry.terminal_id
     for name in _STR_FIELDS:
         value = getattr(t, name)
         if value:
@@ -194,7 +200,7 @@ def _share_values(t: Terminal) -> None:
             sys.intern(c): Active(a.since, sys.intern(a.severity), sys.intern(a.detail)) for c, a in t.conds.items()
         }
     if t.streaks:
-        t.streaks = {sys.intern(c): n for c, n in t.streaks.items()}
+        t.streaks = tuple(sys.intern(x) if isinstance(x, str) else x for x in streak_pairs(t.streaks) or ())
     if t.rejected:
         t.rejected = {sys.intern(c): n for c, n in t.rejected.items()}
 
@@ -206,24 +212,24 @@ class _Corrupt(Exception):
 _Body = tuple[list[Terminal], list[FeedState], ActivitySnapshot | None]
 
 
-def _decode_body(body: bytes, expected_format: int) -> _Body:
+def _decode_body(body: bytes, expected_format: int, registry: Registry) -> _Body:
     try:
         snap = _DECODER.decode(body)
     except msgspec.DecodeError as err:
         raise _Corrupt(f"does not decode ({err})") from None
     if snap.format != expected_format:
         raise _Corrupt(f"body says format {snap.format}, expected {expected_format}")
-    return _restore(snap)
+    return _restore(snap, registry)
 
 
-def _verify(data: bytes) -> _Body:
+def _verify(data: bytes, registry: Registry = EMPTY) -> _Body:
     """Decode the bytes of a snapshot file after checking header, length and checksum; raises on any fault."""
     if not data:
         raise _Corrupt("empty file")
     if not data.startswith(MAGIC):
         if MAGIC.startswith(data):
             raise _Corrupt(f"truncated header ({len(data)} bytes)")
-        return _decode_body(data, LEGACY_FORMAT)  # the format before the header, or garbage
+        return _decode_body(data, LEGACY_FORMAT, registry)  # the format before the header, or garbage
     if len(data) < _HEADER.size:
         raise _Corrupt(f"truncated header ({len(data)} of {_HEADER.size} bytes)")
     _magic, fmt, length, crc = _HEADER.unpack_from(data)
@@ -234,7 +240,7 @@ def _verify(data: bytes) -> _Body:
         raise _Corrupt(f"truncated: body is {len(body)} of {length} bytes")
     if zlib.crc32(body) != crc:
         raise _Corrupt("checksum mismatch")
-    return _decode_body(body, FORMAT)
+    return _decode_body(body, FORMAT, registry)
 
 
 def _set_aside(path: Path, reason: str, now: float) -> SetAside:
@@ -271,7 +277,7 @@ def corrupt_files(path: str | os.PathLike[str]) -> list[Path]:
     return sorted(found, key=age)
 
 
-def _restore(snap: _Lazy) -> _Body:
+def _restore(snap: _Lazy, registry: Registry) -> _Body:
     """Decode the terminals one at a time, each shared at once: the copies it drops are freed before the next
     terminal is decoded, which then reuses their memory. Decoding all first and sharing after left a hole per
     dropped string across the whole heap (~1 KB per terminal of RSS after a restart, bench/bench_memory.py)."""
@@ -280,7 +286,7 @@ def _restore(snap: _Lazy) -> _Body:
     try:
         for raw in snap.terminals:
             t = decode(raw)
-            _share_values(t)
+            _share_values(t, registry)
             terminals.append(t)
     except msgspec.DecodeError as err:
         raise _Corrupt(f"terminal {len(terminals)} does not decode ({err})") from None
@@ -304,10 +310,13 @@ def _activity(raw: msgspec.Raw) -> ActivitySnapshot | None:
         return ActivitySnapshot(0, memoryview(b""), memoryview(b""))
 
 
-def load_snapshot(path: str | os.PathLike[str], now: float | None = None) -> Restored:
+def load_snapshot(
+    path: str | os.PathLike[str], now: float | None = None, registry: Registry = EMPTY
+) -> Restored:
     """Read the newest good generation (current, then `.prev`, else empty); bad files are moved aside.
 
     `now` (unix time) names the moved files. Never raises for a bad file: the result says what happened.
+    Terminals share their id string with `registry` (pass the one the Fleet will use).
     """
     target = Path(path)
     now = time.time() if now is None else now
@@ -321,7 +330,7 @@ def load_snapshot(path: str | os.PathLike[str], now: float | None = None) -> Res
             aside.append(_set_aside(candidate, f"unreadable ({err.strerror or err})", now))
             continue
         try:
-            terminals, feeds, activity = _verify(data)
+            terminals, feeds, activity = _verify(data, registry)
         except _Corrupt as err:
             aside.append(_set_aside(candidate, str(err), now))
             continue

@@ -167,10 +167,41 @@ class Terminal(msgspec.Struct, array_like=True, gc=False):
     pending_upload_since: float | None = None  # uploads acknowledged but not yet seen in the feed, since
     events: list[float] | None = None  # recent reboots / offline->online cycles (flapping)
     conds: dict[str, Active] | None = None  # active conditions
-    streaks: dict[str, int] | None = None  # hysteresis counters of conditions about to change
+    # Hysteresis counters of conditions about to change, as flat (condition, count, ...) pairs: a tuple of one
+    # pair is 56 B where a dict is 184. Snapshots written before this hold a map: see `streak_pairs`.
+    streaks: tuple[str | int, ...] | dict[str, int] | None = None
     rejected: dict[str, int] | None = None  # messages the collector rejected, by reason (bounded)
     rejected_rx: float | None = None  # receive time of the last rejected message
     rejected_last: str = ""  # reason of the last rejected message
+
+
+Streaks = tuple[str | int, ...]
+
+
+def streak_pairs(streaks: Streaks | dict[str, int] | None) -> Streaks | None:
+    """The flat (condition, count, ...) form of a terminal's streaks, whatever form a snapshot gave."""
+    if isinstance(streaks, dict):
+        return tuple(x for c, n in streaks.items() for x in (sys.intern(c), n)) or None
+    return streaks or None
+
+
+def streak_of(streaks: Streaks | None, cond: str) -> int:
+    """The hysteresis count of `cond` (0 when it has none)."""
+    if streaks:
+        for i in range(0, len(streaks), 2):
+            if streaks[i] == cond:
+                count = streaks[i + 1]
+                assert isinstance(count, int)
+                return count
+    return 0
+
+
+def with_streak(streaks: Streaks | None, cond: str, n: int) -> Streaks | None:
+    """`streaks` with `cond` set to `n` (removed when `n` is 0); None when nothing is left."""
+    kept: Streaks = ()
+    if streaks:
+        kept = tuple(x for i in range(0, len(streaks), 2) if streaks[i] != cond for x in streaks[i:i + 2])
+    return (*kept, cond, n) if n else (kept or None)
 
 
 def classify(t: Terminal, hb: Heartbeat, rx: float) -> HeartbeatResult:
@@ -441,26 +472,24 @@ class Fleet:
             hyst = self.th.weak_signal if cond == "weak_signal" else self.th.default
             hit = raw.get(cond)
             active = t.conds is not None and cond in t.conds
+            streaks = t.streaks
+            assert not isinstance(streaks, dict)  # snapshots' maps are converted on restore
             if (hit is not None) == active:
-                if t.streaks and cond in t.streaks:
-                    del t.streaks[cond]
-                    if not t.streaks:
-                        t.streaks = None
+                if streaks and cond in streaks:
+                    t.streaks = with_streak(streaks, cond, 0)
                 if hit is not None and t.conds is not None and t.conds[cond].detail != hit[1]:
                     self._update(t, cond, hit)
                 continue
-            streaks = t.streaks if t.streaks is not None else {}
-            n = streaks.get(cond, 0) + 1
+            n = streak_of(streaks, cond) + 1
             if n >= (hyst.clear_after if active else hyst.raise_after):
-                streaks.pop(cond, None)
+                t.streaks = with_streak(streaks, cond, 0)
                 if active:
                     self._clear(t, cond, now, out)
                 else:
                     assert hit is not None
                     self._raise(t, cond, hit[0], hit[1], now, out)
             else:
-                streaks[cond] = n
-            t.streaks = streaks or None
+                t.streaks = with_streak(streaks, cond, n)
 
     def _time_step(self, t: Terminal, now: float, out: list[Transition]) -> None:
         offline_active = t.conds is not None and "offline" in t.conds
@@ -550,8 +579,17 @@ class Fleet:
             t.interval_s = self._shared(hb.interval_s)
         # Arrival order is the truth: a host clock stepping back must not leave last_rx in the future.
         t.last_rx = rx
-        t.txn_count, t.uploaded_count = hb.txn_count, hb.uploaded_count
-        t.queue_depth, t.oldest_queued_ts = hb.queue_depth, hb.oldest_queued_ts
+        # Unchanged values keep their long-lived objects: the message's copies die with it instead of being kept
+        # between other messages' garbage, where each one pins a page of the heap (peak RSS under a burst).
+        if hb.txn_count != t.txn_count:
+            t.txn_count = hb.txn_count
+        if hb.uploaded_count == t.txn_count:  # everything uploaded, the usual case: one int object for both
+            t.uploaded_count = t.txn_count
+        elif hb.uploaded_count != t.uploaded_count:
+            t.uploaded_count = hb.uploaded_count
+        t.queue_depth = hb.queue_depth
+        if hb.oldest_queued_ts != t.oldest_queued_ts:
+            t.oldest_queued_ts = hb.oldest_queued_ts
         if hb.mid is not None and hb.mid != t.mid:
             t.mid = sys.intern(hb.mid)  # ids and versions repeat across the fleet: share one string each
             if t.acquirer == UNKNOWN:
