@@ -58,7 +58,7 @@ def _baseline_learn(args: argparse.Namespace) -> int:
     from collector.fleet.registry import RegistryError, load_registry
     from collector.fleet.snapshot import SnapshotError, load_snapshot, save_snapshot
     from collector.fleet.state import Fleet
-    from exporters.history.backfill import HistoryError, InfluxSource, learn_baselines
+    from exporters.history.backfill import ExportSource, HistoryError, HistorySource, InfluxSource, learn_baselines
 
     try:
         cfg = load_config(args.config)
@@ -82,8 +82,11 @@ def _baseline_learn(args: argparse.Namespace) -> int:
     now = time.time()
     restored = load_snapshot(path, now, registry)
     fleet = Fleet(cfg, started_at=now, registry=registry, restored=restored.state, baselines=restored.activity)
-    source = InfluxSource.from_bucket(args.url or cfg.influx.url, cfg.influx.bucket, token,
-                                      cfg.influx.request_timeout_s)
+    url = args.url or cfg.influx.url
+    source: HistorySource = (
+        ExportSource(url, token, cfg.influx.request_timeout_s) if args.reader == "export"
+        else InfluxSource.from_bucket(url, cfg.influx.bucket, token, cfg.influx.request_timeout_s)
+    )
     end = args.until if args.until is not None else now
     try:
         result = learn_baselines(fleet, source, end - args.days * 86_400.0, end, args.window_hours * 3600.0)
@@ -152,7 +155,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q.add_argument("--days", type=float, default=28.0, help="how much history to read (default 28 days)")
     q.add_argument("--until", type=float, help="end of the history to read, Unix time (default now)")
     q.add_argument("--window-hours", type=float, default=6.0, help="history read per query (default 6 hours)")
-    q.add_argument("--url", help="InfluxQL endpoint (default influx.url)")
+    q.add_argument("--url", help="where to read the history (default influx.url)")
+    q.add_argument("--reader", choices=("influxql", "export"), default="influxql",
+                   help="influxql: InfluxDB's /query (1.x, 2.x v1 API); export: VictoriaMetrics' /api/v1/export")
     q.add_argument("--snapshot", help="snapshot to update (default state.snapshot_path)")
     q.set_defaults(handler=_baseline_learn)
 

@@ -8,8 +8,10 @@ rounding is dithered by (hour, bucket) only, never by the slot or the order term
 times are stored to the microsecond; a live receive time with more digits can, rarely, round one update
 differently.)
 
-Read with InfluxQL (`/query`: InfluxDB 1.x, and 2.x through its v1 compatibility API) in time windows, so memory is
-bounded by one window, not by the history. The result is written into the state snapshot, which the collector
+Read in time windows, so memory is bounded by one window, not by the history: with InfluxQL (`InfluxSource`,
+`/query`: InfluxDB 1.x, and 2.x through its v1 compatibility API) or from VictoriaMetrics (`ExportSource`,
+`/api/v1/export` of `heartbeat_txn_count`, what it makes of the `heartbeat` points; its timestamps are
+milliseconds). The result is written into the state snapshot, which the collector
 reads at start: run this while the collector is stopped, or it overwrites the snapshot at its next save.
 """
 
@@ -23,11 +25,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from collector.fleet.state import Fleet
 
-__all__ = ["HistoryError", "InfluxSource", "LearnResult", "learn_baselines"]
+__all__ = ["ExportSource", "HistoryError", "HistorySource", "InfluxSource", "LearnResult", "learn_baselines"]
 
 Progress = Callable[[str], None]
 
@@ -89,6 +91,55 @@ class InfluxSource:
             yield tid, [row for row in s.get("values") or [] if row[1] is not None]
 
 
+@dataclass(frozen=True, slots=True)
+class ExportSource:
+    """VictoriaMetrics: the `heartbeat` points it ingested as the series `heartbeat_txn_count{terminal_id=...}`."""
+
+    url: str
+    token: str | None = None
+    timeout_s: float = 60.0
+
+    def heartbeats(self, start_ns: int, end_ns: int) -> Iterator[tuple[str, list[list[int]]]]:
+        """(terminal_id, [[time_ns, txn_count], ...] in time order) for the heartbeats received in [start, end)."""
+        start_ms, end_ms = -(-start_ns // 1_000_000), -(-end_ns // 1_000_000)  # [start, end) in whole ms
+        query = urllib.parse.urlencode({
+            "match[]": '{__name__="heartbeat_txn_count"}', "start": f"{start_ms / 1000:.3f}",
+            "end": f"{(end_ms - 1) / 1000:.3f}",
+        })
+        req = urllib.request.Request(
+            f"{self.url.rstrip('/')}/api/v1/export?{query}",
+            headers={"Authorization": f"Bearer {self.token}"} if self.token else {},
+        )
+        by_tid: dict[str, dict[int, int]] = {}
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                for line in resp:
+                    if not line.strip():
+                        continue
+                    series = json.loads(line)
+                    tid = series["metric"].get("terminal_id", "")
+                    points = by_tid.setdefault(tid, {})
+                    for ms, value in zip(series["timestamps"], series["values"], strict=True):
+                        if start_ms <= ms < end_ms and value is not None:
+                            points[int(ms) * 1_000_000] = int(value)  # one point per time (a replay is no copy)
+        except urllib.error.HTTPError as err:
+            text = err.read()[:300].decode(errors="replace")
+            raise HistoryError(f"VictoriaMetrics at {self.url} answered HTTP {err.code}: {text}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise HistoryError(f"cannot reach VictoriaMetrics at {self.url}: {reason}") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise HistoryError(f"VictoriaMetrics at {self.url} sent an export this cannot read: {err!r}") from None
+        for tid, points in by_tid.items():
+            yield tid, [[ns, points[ns]] for ns in sorted(points)]
+
+
+class HistorySource(Protocol):
+    """Where heartbeats are read from."""
+
+    def heartbeats(self, start_ns: int, end_ns: int) -> Iterator[tuple[str, list[list[int]]]]: ...
+
+
 @dataclass
 class LearnResult:
     """What a backfill read and learned."""
@@ -102,7 +153,7 @@ class LearnResult:
 
 
 def learn_baselines(
-    fleet: Fleet, source: InfluxSource, start: float, end: float, window_s: float = 6 * 3600.0,
+    fleet: Fleet, source: HistorySource, start: float, end: float, window_s: float = 6 * 3600.0,
     progress: Progress | None = None,
 ) -> LearnResult:
     """Replay the heartbeats received in [start, end) through the fleet's baselines, window by window.

@@ -1,6 +1,7 @@
-"""`posfleet baseline learn` against a real InfluxDB 1.6: heartbeats written as the collector writes them, read back
-by the real CLI process into the snapshot, give byte for byte the baselines live learning gave on the same
-heartbeats; an unreachable InfluxDB is a clear error and writes nothing."""
+"""`posfleet baseline learn` against a real InfluxDB 1.6 (InfluxQL) and a real VictoriaMetrics (written through the
+InfluxDB v2 write API as the collector writes, read back with its export API): heartbeats written as the
+collector writes them, read back by the real CLI process into the snapshot, give byte for byte the baselines live
+learning gave on the same heartbeats; an unreachable database is a clear error and writes nothing."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import random
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from collector.fleet.state import Fleet, Transition
 from exporters.history.lines import heartbeat_line, tag_set
 from tests.harness.activity import heartbeat
 from tests.harness.core import ROOT, free_port
-from tests.harness.tsdb import InfluxD
+from tests.harness.tsdb import InfluxD, VictoriaMetrics
 
 pytestmark = pytest.mark.integration
 MON = 1_772_409_600.0  # Monday 2026-03-02 00:00 UTC
@@ -57,8 +59,26 @@ def learn_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_backfill_from_influxdb_equals_live_learning(tmp_path: Path, influxd: InfluxD) -> None:
-    config = write_config(tmp_path, influxd.url)
+def write_v2(url: str, body: str) -> None:
+    """The collector's write path: InfluxDB line protocol to /api/v2/write."""
+    req = urllib.request.Request(f"{url}/api/v2/write?org=posfleet&bucket=posfleet&precision=ns",
+                                 data=body.encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 204, r.status
+
+
+@pytest.mark.parametrize("reader", ["influxql", "export"])
+def test_backfill_equals_live_learning(tmp_path: Path, reader: str, request: pytest.FixtureRequest) -> None:
+    if reader == "influxql":
+        influxd: InfluxD = request.getfixturevalue("influxd")
+        url, write = influxd.url, influxd.write_v1
+    else:
+        vm: VictoriaMetrics = request.getfixturevalue("victoria_metrics")
+        url = vm.url
+
+        def write(body: str) -> None:
+            write_v2(vm.url, body)
+    config = write_config(tmp_path, url)
     cfg: Config = load_config(config)
     live = Fleet(cfg, started_at=MON, registry=load_registry(tmp_path / "terminals.csv"))
     rnd = random.Random(7)
@@ -79,9 +99,12 @@ def test_backfill_from_influxdb_equals_live_learning(tmp_path: Path, influxd: In
             seq += 1
             t += 60 + rnd.choice((-2, 0, 0, 3))  # heartbeats a few seconds early or late
     for i in range(0, len(lines), 5000):
-        influxd.write_v1("\n".join(lines[i : i + 5000]))
+        write("\n".join(lines[i : i + 5000]))
+    if reader == "export":
+        urllib.request.urlopen(f"{url}/internal/force_flush", timeout=10).read()
 
-    done = learn_cli(config, "--until", str(MON + DAYS * 86_400), "--days", str(DAYS + 1), "--window-hours", "12")
+    done = learn_cli(config, "--until", str(MON + DAYS * 86_400), "--days", str(DAYS + 1), "--window-hours", "12",
+                     "--reader", reader)
     assert done.returncode == 0, done.stderr
     assert "baseline learn: window 1/20" in done.stderr and "window 20/20" in done.stderr, "progress on stderr"
     assert f"learned {len(lines)} heartbeats of 3 terminals (3 now evaluated" in done.stdout
@@ -106,6 +129,9 @@ def test_unreachable_influxdb_is_a_clear_error_and_writes_nothing(tmp_path: Path
     done = learn_cli(config, "--days", "1")
     assert done.returncode == 1
     assert f"cannot reach InfluxDB at {url}" in done.stderr and "nothing was written" in done.stderr
+    assert not (tmp_path / "state.snapshot").exists()
+    done = learn_cli(config, "--days", "1", "--reader", "export")
+    assert done.returncode == 1 and f"cannot reach VictoriaMetrics at {url}" in done.stderr
     assert not (tmp_path / "state.snapshot").exists()
     bad = learn_cli(config, "--days", "0")
     assert bad.returncode == 2 and "--days" in bad.stderr
