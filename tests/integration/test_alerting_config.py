@@ -99,7 +99,7 @@ def test_amtool_check_config(tmp_path: Path) -> None:
     for path in (DEPLOY_ALERTMANAGER, write_alertmanager_config(tmp_path, "http://127.0.0.1:1")):
         result = run(amtool(), "check-config", str(path))
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "5 inhibit rules" in result.stdout
+        assert "6 inhibit rules" in result.stdout
 
 
 # (labels, receiver): one row per alert and severity it can have, plus per-acquirer variants.
@@ -212,6 +212,13 @@ def test_inhibition_rules(alertmanager: Process) -> None:
         term("PosTerminalUpstreamMissing", "A-UP", "acq-a", "s2"),
         term("PosTerminalOffline", "X-OFF", "acq-x", "x1"),
         term("PosTerminalWeakSignal", "X-OFF", "acq-x", "x1", "warning"),
+        synthetic("PosAcquirerVolumeDrop", severity="warning", acquirer="acq-v"),
+        term("PosTerminalActivityDrop", "V-1", "acq-v", "v1", "warning"),
+        term("PosTerminalActivityDrop", "A-AD", "acq-a", "s2", "warning"),
+        term("PosTerminalUpstreamMissing", "V-UP", "acq-v", "v1"),
+        # An activity drop without an acquirer label must not be muted by a volume drop that has none either.
+        synthetic("PosAcquirerVolumeDrop", severity="warning"),
+        synthetic("PosTerminalActivityDrop", severity="warning", terminal_id="NOACQ", site="n1"),
     ])
     wait_states(alertmanager.port, {
         "PosFleetMassOffline:acq-a/s1": "active",
@@ -229,11 +236,17 @@ def test_inhibition_rules(alertmanager: Process) -> None:
         "PosTerminalUpstreamMissing:A-UP": "active",
         "PosTerminalOffline:X-OFF": "active",
         "PosTerminalWeakSignal:X-OFF": "inhibited",  # an offline terminal's signal reading is stale
+        "PosAcquirerVolumeDrop:acq-v/": "active",
+        "PosTerminalActivityDrop:V-1": "inhibited",  # the acquirer's volume drop explains its silence
+        "PosTerminalActivityDrop:A-AD": "active",  # another acquirer
+        "PosTerminalUpstreamMissing:V-UP": "active",  # a volume drop mutes activity drops only
+        "PosAcquirerVolumeDrop:/": "active",
+        "PosTerminalActivityDrop:NOACQ": "active",
     })
 
     # The collector going down mutes every terminal and fleet alert, and nothing of its own.
     client.post_alerts([synthetic("PosCollectorDown", severity="critical", job="posfleet", instance="c:9108")])
-    wait_until(lambda: len(am_alerts(alertmanager.port)) == 16, 15, "collector alert received", 0.1)
+    wait_until(lambda: len(am_alerts(alertmanager.port)) == 22, 15, "collector alert received", 0.1)
     for a in am_alerts(alertmanager.port):
         muted = bool(a["status"]["inhibitedBy"])
         assert muted == (a["labels"]["alertname"] != "PosCollectorDown"), a["labels"]
