@@ -1,7 +1,15 @@
 """Activity baselines over weeks of accelerated time: false `activity_drop`s per healthy terminal-day, time to flag
 a busy terminal whose transactions stop, and time to flag an acquirer whose volume halves.
 
-No broker: the model in collector/fleet/baseline.py is driven directly, in time order, hour by hour.
+Through the collector (the default, `run_collector`): the fleet below drives the collector's own code path,
+`Fleet.on_feed`, `Fleet.on_heartbeat` and `Fleet.tick` once a minute on an injected clock (no broker, no sleeps),
+with a registry giving each terminal its zone, region and acquirer; flags are read from the transitions the fleet
+returns and from its acquirer volume drops. Two acquirer feeds per zone (one with 10% of its terminals) carry
+every sale; on `--stop-day` (a weekday in week 4) each records only every second sale for two hours from 10:00
+local. 2,000 terminals for 28 days take about 8 minutes on one core of the shared 2-core machine.
+
+The model alone (`--through model`, `run_fleet` and `run_acquirer`): collector/fleet/baseline.py driven directly,
+hour by hour, with one synthetic acquirer profile; five times the terminals in a similar time.
 
 Fleet (seeded): terminals in Berlin, New York, Kolkata (+05:30) and Sydney; quiet (1/h), medium (6/h), busy
 (25/h) and very busy (40/h) shops opening at 7-10 for 8-12 hours, shorter Saturdays or closed, most closed on
@@ -11,12 +19,17 @@ Sydney (90% of shops closed, terminals left on and heartbeating); 3% of shops cl
 day 12; 1% of busy shops stop transacting (heartbeats continue) on a weekday in week 4, at a random time in
 their trading day.
 
-Transactions are Poisson events at exact times. Learning sees hourly heartbeats (the spread is linear, so this is
-what 60-s heartbeats teach, up to one interval at each hour edge); detection uses the time of the heartbeat that
-reported the last transaction (60-s heartbeats), evaluated at the exact moment a stretch would be flagged
-(`flag_due`), confirmed by `activity_drop` with the holiday share computed as the collector would.
+Transactions are Poisson events at exact times. Through the collector, a terminal heartbeats at the end of every
+minute in which it sold (the heartbeat a 60-s terminal would send, so silence is measured from the same receive
+time) and otherwise every 10 minutes on the UTC grid (interval_s 600; a heartbeat on every hour edge keeps each
+hour's learned count exactly that of 60-s heartbeats). Model alone: learning sees hourly heartbeats (the spread
+is linear, so this is what 60-s heartbeats teach, up to one interval at each hour edge); detection uses the time
+of the heartbeat that reported the last transaction (60-s heartbeats), evaluated at the exact moment a stretch
+would be flagged (`flag_due`), confirmed by `activity_drop` with the holiday share computed as the collector
+would.
 
-    .venv/bin/python bench/sim_activity.py --terminals 10000 --days 28
+    .venv/bin/python bench/sim_activity.py                       # through the collector, 2,000 terminals
+    .venv/bin/python bench/sim_activity.py --through model       # the model alone, 10,000 terminals
 """
 
 from __future__ import annotations
@@ -32,8 +45,11 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import msgspec
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from collector.config import Config
 from collector.fleet.baseline import (
     BaselineStore,
     Drop,
@@ -47,6 +63,9 @@ from collector.fleet.baseline import (
     quiet_today,
     threshold,
 )
+from collector.fleet.protocol import Hardware, Heartbeat, Net, UpstreamBatch, UpstreamTxn
+from collector.fleet.registry import Registry, RegistryEntry
+from collector.fleet.state import Fleet, Transition
 
 START = datetime(2026, 3, 9, tzinfo=ZoneInfo("UTC")).timestamp()  # a Monday; EU DST 03-29, AU DST ends 04-05
 START_DAY = datetime(2026, 3, 9).toordinal()
@@ -98,6 +117,11 @@ def build(n: int, rng: random.Random) -> list[Shop]:
     for s in rng.sample(busy, max(1, n // 100)):
         s.stop_at = -1.0  # chosen once its local day is known
     return shops
+
+
+def zone_short(tz: ZoneInfo) -> str:
+    """A zone's city in lower case (an id: acquirer and region names)."""
+    return tz.key.rsplit("/", 1)[-1].lower()
 
 
 class Clock:
@@ -330,6 +354,188 @@ def run_acquirer(days: int, seed: int, terminals: int, halve_day: int | None) ->
     }
 
 
+HB_S = 600.0  # the background heartbeat: every 10 minutes on the UTC 10-minute grid (so on every hour edge)
+HALVED_S = 2 * 3600.0  # how long an acquirer's recorded volume stays halved
+
+
+def halve_start(tz: ZoneInfo, day: int) -> float:
+    """10:00 local on day `day` of the run: when an acquirer in zone `tz` starts recording half its volume."""
+    d = datetime.fromordinal(START_DAY + day)
+    return datetime(d.year, d.month, d.day, 10, tzinfo=tz).timestamp()
+
+
+def run_collector(n: int, days: int, seed: int, stop_day: int = 22, halve_day: int = 22) -> dict[str, object]:
+    """The same fleet through the collector's code path: `Fleet.on_feed`, `Fleet.on_heartbeat` and `Fleet.tick`
+    once a minute on an injected clock, the flags read from the transitions the fleet returns.
+
+    Heartbeats: every terminal heartbeats at the end of every minute in which it sold (the heartbeat a 60-s
+    terminal would send, so the silence is measured from the same receive time) and every 10 minutes on the UTC
+    grid otherwise (interval_s 600: the silent 60-s heartbeats in between carry nothing a baseline uses, and a
+    heartbeat on every hour edge keeps each hour's learned count exactly that of 60-s heartbeats). Acquirer feeds:
+    two per zone (one with 10% of its terminals), a batch a minute carrying every sale of its terminals, just
+    before the heartbeats that report them; on `halve_day` at 10:00 local each feed records only every second
+    sale for two hours."""
+    rng = random.Random(seed)
+    shops = build(n, rng)
+    clock = Clock()
+    tids = [f"T{s.slot:06d}" for s in shops]
+    acq: list[str] = []
+    entries: dict[str, RegistryEntry] = {}
+    acquirer_tz: dict[str, str] = {}
+    for s, tid in zip(shops, tids, strict=True):
+        city = zone_short(s.tz)
+        a = f"acq-{city}" + ("-small" if s.slot % 10 == 3 else "")
+        acq.append(a)
+        acquirer_tz[a] = s.tz.key
+        entries[tid] = RegistryEntry(tid, f"M{s.slot:06d}", a, "A920", f"site-{s.slot}", city, s.tz.key)
+    fleet = Fleet(msgspec.convert({"activity": {"acquirer_tz": acquirer_tz}}, Config), START, Registry(entries))
+    acquirers = sorted(acquirer_tz)
+    halving = {a: halve_start(ZoneInfo(acquirer_tz[a]), halve_day) for a in acquirers}
+    kept = dict.fromkeys(acquirers, 0)
+    hw, net = Hardware(printer="ok", display="ok", card_reader="ok"), Net(type="wifi", rssi_dbm=-60.0)
+    seq, count = [0] * n, [0] * n
+    spans: dict[tuple[int, int], tuple[float, float] | None] = {}
+    grid = set(range(10, 61, 10))
+    counts = {"false": 0, "false_all": 0, "holiday_false": 0, "heartbeats": 0, "batches": 0, "records": 0}
+    flags_by_day: dict[int, int] = {}
+    changer: dict[int, int] = {}
+    other: dict[str, int] = {}
+    detect: list[float] = []
+    volume = {"false": 0, "holiday": 0, "learning": 0}
+    volume_false_at: list[str] = []  # acquirer and local time of each false acquirer_volume_drop
+    volume_detect: dict[str, float] = {}
+    volume_active: set[str] = set()
+    out: list[Transition] = []
+    first_hour = int(START // 3600)
+
+    def judge(tr: Transition) -> None:
+        if tr.condition != "activity_drop":
+            other[tr.condition] = other.get(tr.condition, 0) + 1
+            return
+        s = shops[int(tr.tid[1:])]
+        _, _, day, date, _ = clock.local(s.tz, int(tr.at // 3600))
+        if s.stop_at is not None and s.stop_at > 0 and tr.at >= s.stop_at:
+            detect.append((tr.at - s.stop_at) / 60.0)
+            s.stop_at = 0.0  # measured
+        elif s.tz.key in HOLIDAY[1] and date in HOLIDAY_AND_NEXT:
+            counts["holiday_false"] += 1
+        elif s.change_day is not None and day >= s.change_day:
+            changer[day - s.change_day] = changer.get(day - s.change_day, 0) + 1
+        elif s.stop_at is None or s.stop_at == -1.0:
+            counts["false_all"] += 1
+            flags_by_day[day] = flags_by_day.get(day, 0) + 1
+
+    for hour in range(first_hour, first_hour + days * 24):
+        t0 = hour * 3600.0
+        beats: list[list[tuple[int, int]]] = [[] for _ in range(61)]  # minute of the hour (1..60) -> (slot, count)
+        sales: list[list[tuple[int, float]]] = [[] for _ in range(61)]  # minute -> (slot, time of the sale)
+        for s in shops:
+            weekday, h, day, date, midnight = clock.local(s.tz, hour)
+            holiday = date == HOLIDAY[0] and s.tz.key in HOLIDAY[1] and s.slot % 10 != 0
+            if day not in s.day_factor:
+                s.day_factor[day] = math.exp(rng.gauss(0.0, 0.15))
+            key = (s.slot, day)
+            if key not in spans:
+                spans[key] = hours_open(s, weekday, day, holiday, rng)
+                if s.stop_at == -1.0 and day == stop_day and weekday < 5 and spans[key] is not None:
+                    o, c = spans[key]  # type: ignore[misc]
+                    s.stop_at = midnight + rng.uniform(o + 1.0, c - 3.0) * 3600.0
+            span = spans[key]
+            events: list[float] = []
+            if span is not None and span[0] < h + 1 and h < span[1]:
+                lo = t0 + max(0.0, span[0] - h) * 3600.0
+                hi = t0 + min(1.0, span[1] - h) * 3600.0
+                if s.stop_at is not None and s.stop_at > 0:
+                    hi = min(hi, s.stop_at)
+                r = rate(s, weekday, h, day) / 3600.0
+                t = lo
+                while r > 0:
+                    t += rng.expovariate(r)
+                    if t >= hi:
+                        break
+                    events.append(t)
+            minutes = {int(e // 60) - hour * 60 + 1 for e in events} | grid
+            if hour == first_hour:
+                minutes.add(1)  # every terminal is heard in the first minute
+            c, i = count[s.slot], 0
+            for m in sorted(minutes):
+                limit = (hour * 60 + m) * 60.0
+                while i < len(events) and events[i] < limit:
+                    sales[m].append((s.slot, events[i]))
+                    i, c = i + 1, c + 1
+                beats[m].append((s.slot, c))
+            count[s.slot] = c
+        for m in range(1, 61):
+            now = (hour * 60 + m) * 60.0
+            batch: dict[str, list[UpstreamTxn]] = {a: [] for a in acquirers}
+            for slot, e in sales[m]:
+                a = acq[slot]
+                if halving[a] <= e < halving[a] + HALVED_S:
+                    kept[a] += 1
+                    if kept[a] % 2:
+                        continue  # the host records every second sale
+                batch[a].append(UpstreamTxn(tids[slot], f"{slot}-{e:.3f}", e))
+            for a in acquirers:
+                fleet.on_feed(UpstreamBatch(now, batch[a], a), now, out)
+                counts["records"] += len(batch[a])
+            counts["batches"] += len(acquirers)
+            for slot, c in beats[m]:
+                seq[slot] += 1
+                hb = Heartbeat(
+                    tid=tids[slot], ts=now, seq=seq[slot], interval_s=HB_S, txn_count=c, uploaded_count=c,
+                    queue_depth=0, oldest_queued_ts=None, mid=f"M{slot:06d}", model="A920", app_version="3.1.0",
+                    uptime_s=now - START + 600.0, net=net, hw=hw,
+                )
+                fleet.on_heartbeat(hb, now, out)
+            counts["heartbeats"] += len(beats[m])
+            out.extend(fleet.tick(now + 1.0))
+            for tr in out:
+                if tr.raised:
+                    judge(tr)
+            out.clear()
+            active = set(fleet.activity.volume_drops)
+            for a in active - volume_active:
+                tz = ZoneInfo(acquirer_tz[a])
+                _, _, day, date, _ = clock.local(tz, hour)
+                if halving[a] <= now <= halving[a] + HALVED_S + 1800.0:
+                    volume_detect.setdefault(a, (now + 1.0 - halving[a]) / 60.0)
+                elif tz.key in HOLIDAY[1] and date in HOLIDAY_AND_NEXT:
+                    volume["holiday"] += 1
+                elif day >= 7:
+                    volume["false"] += 1
+                    volume_false_at.append(f"{a} {datetime.fromtimestamp(now, tz):%a %m-%d %H:%M}")
+                else:
+                    volume["learning"] += 1
+            volume_active = active
+    healthy = [s for s in shops if s.change_day is None and s.stop_at is None]
+    return {
+        "healthy_days": len(healthy) * max(0, days - 8),
+        "false": sum(v for d, v in flags_by_day.items() if d >= 8),
+        "false_all": counts["false_all"],
+        "holiday_false": counts["holiday_false"],
+        "holiday_terminals": sum(1 for s in shops if s.tz.key in HOLIDAY[1]),
+        "quiet_days": {r: len(d) for r, d in fleet.activity.quiet_days.items()},
+        "changers": sum(1 for s in shops if s.change_day is not None),
+        "changer_flags": dict(sorted(changer.items())),
+        "detect": detect,
+        "missed": sum(1 for s in shops if s.stop_at is not None and s.stop_at > 0),
+        "stopped": sum(1 for s in shops if s.stop_at is not None),
+        "acquirers": {a: entries_of(acq, a) for a in acquirers},
+        "volume": volume,
+        "volume_detect": volume_detect,
+        "volume_false_at": volume_false_at,
+        "other": other,
+        "heartbeats": counts["heartbeats"],
+        "batches": counts["batches"],
+        "records": counts["records"],
+    }
+
+
+def entries_of(acq: list[str], a: str) -> int:
+    """Terminals of acquirer `a`."""
+    return sum(1 for x in acq if x == a)
+
+
 def poisson(rng: random.Random, lam: float) -> int:
     """A Poisson draw (Knuth; small lam only)."""
     limit, k, p = math.exp(-lam), 0, 1.0
@@ -399,12 +605,56 @@ def cost() -> None:
         print(f"{name:14} {(time.perf_counter() - started) / 10000 * 1e6:6.1f} us per call")
 
 
+def collector_rows(f: dict[str, object], days: int) -> list[tuple[str, str]]:
+    """The collector experiment's table."""
+    det: list[float] = f["detect"]  # type: ignore[assignment]
+    vol: dict[str, int] = f["volume"]  # type: ignore[assignment]
+    found: dict[str, float] = f["volume_detect"]  # type: ignore[assignment]
+    sizes: dict[str, int] = f["acquirers"]  # type: ignore[assignment]
+    healthy: int = f["healthy_days"]  # type: ignore[assignment]
+    false: int = f["false"]  # type: ignore[assignment]
+    rows = [
+        ("heartbeats / feed batches / feed records", f"{f['heartbeats']:,} / {f['batches']:,} / {f['records']:,}"),
+        ("healthy terminal-days evaluated (day 8 on)", f"{healthy:,}"),
+        ("false activity_drop on healthy terminals", f"{false}"),
+        ("  per 10,000 terminal-days", f"{10000 * false / max(1, healthy):.2f}"),
+        ("  incl. learning week (days 7-8)", f"{f['false_all']}"),
+        ("Good Friday: terminals in holiday zones", f"{f['holiday_terminals']}"),
+        ("  flagged on the holiday or the day after", f"{f['holiday_false']}"),
+        ("  region-days the holiday guard declared quiet", str(f["quiet_days"])),
+        (f"shops closing 2 h earlier from day 12 ({f['changers']})", "flags by day after change"),
+        ("  (day: flags)", str(f["changer_flags"])),
+        ("busy shops stopped in week 4: flagged / stopped", f"{len(det)} / {f['stopped']}"),
+    ]
+    if det:
+        p95 = sorted(det)[int(0.95 * (len(det) - 1))]
+        rows.append(
+            ("  minutes to flag: median / p95 / max", f"{statistics.median(det):.0f} / {p95:.0f} / {max(det):.0f}")
+        )
+    rows.append((f"acquirer_volume_drop: false flags, days 7-{days}", f"{vol['false']}"))
+    rows.append(("  flags on Good Friday or the day after", f"{vol['holiday']}"))
+    when: dict[str, int] = {}
+    for where in f["volume_false_at"]:  # type: ignore[attr-defined]
+        key = where.split(" ")[1]  # the local weekday
+        when[key] = when.get(key, 0) + 1
+    if when:
+        rows.append(("  false flags by local weekday", str(when)))
+    for a, n in sizes.items():
+        minutes = found.get(a)
+        rows.append((f"  {a} ({n} terminals): minutes to flag a halving", "-" if minutes is None else f"{minutes:.0f}"))
+    rows.append(("other conditions raised", str(f["other"])))
+    return rows
+
+
 def main() -> None:
-    """Run both experiments and print the table."""
+    """Run the experiments and print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--terminals", type=int, default=10000)
+    ap.add_argument("--through", choices=("collector", "model"), default="collector",
+                    help="drive the collector's Fleet (default), or the model alone")
+    ap.add_argument("--terminals", type=int, help="default 2000 through the collector, 10000 through the model")
     ap.add_argument("--days", type=int, default=28)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--stop-day", type=int, default=22, help="the weekday busy shops stop and acquirers halve")
     ap.add_argument("--memory", type=int, nargs="*", help="only measure the store's bytes per terminal at these sizes")
     ap.add_argument("--cost", action="store_true", help="only time the model's calls")
     a = ap.parse_args()
@@ -415,17 +665,28 @@ def main() -> None:
         memory(a.memory or [100_000, 1_000_000])
         return
     started = time.perf_counter()
-    f = run_fleet(a.terminals, a.days, a.seed)
-    acq = [(n, run_acquirer(a.days, a.seed, n, None), run_acquirer(a.days, a.seed, n, 22)) for n in (2000, 100)]
+    if a.through == "collector":
+        n = a.terminals or 2000
+        rows = collector_rows(run_collector(n, a.days, a.seed, a.stop_day, a.stop_day), a.days)
+        print(f"through the collector: terminals {n}, {a.days} days from 2026-03-09 (seed {a.seed}), "
+              f"{time.perf_counter() - started:.0f} s")
+        print(f"{'measure':58} {'value':>24}")
+        for k, v in rows:
+            print(f"{k:58} {v:>24}")
+        return
+    n = a.terminals or 10000
+    f = run_fleet(n, a.days, a.seed)
+    acq = [(k, run_acquirer(a.days, a.seed, k, None), run_acquirer(a.days, a.seed, k, 22)) for k in (2000, 100)]
     det: list[float] = f["detect"]  # type: ignore[assignment]
     print(
-        f"terminals {a.terminals}, {a.days} days from 2026-03-09 (seed {a.seed}), {time.perf_counter() - started:.0f} s"
+        f"model only: terminals {n}, {a.days} days from 2026-03-09 (seed {a.seed}), "
+        f"{time.perf_counter() - started:.0f} s"
     )
     print(f"{'measure':58} {'value':>24}")
     rows = [
         ("healthy terminal-days evaluated (day 8 on)", f"{f['healthy_days']:,}"),
         ("false activity_drop on healthy terminals", f"{f['false']}"),
-        ("  per 10,000 terminal-days", f"{10000 * f['false'] / max(1, f['healthy_days']):.2f}"),  # type: ignore[operator]
+        ("  per 10,000 terminal-days", f"{10000 * f['false'] / max(1, f['healthy_days']):.2f}"),  # type: ignore[operator,call-overload]
         ("  incl. learning week (days 7-8)", f"{f['false_all']}"),
         ("Good Friday: terminals in holiday zones", f"{f['holiday_terminals']}"),
         ("  flagged on the holiday or the day after", f"{f['holiday_false']}"),
