@@ -11,13 +11,16 @@ import gc
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from collector.cluster.partition import parse_shard, partition_of, shard_partitions
 from collector.config import Config
 from collector.fleet.clockjump import ClockWatch, rebase_after_jump
 from collector.fleet.hooks import MessageSink, TransitionSink
@@ -29,7 +32,9 @@ from collector.http.auth import Tokens, load_tokens
 from collector.http.host import RouteHook
 from collector.http.metrics import FleetCollector, SelfMetrics
 from collector.http.routes import build_app, build_metrics_app
-from collector.ingest.mqtt import Inbound, MqttIngest, ack_step
+from collector.ingest.mqtt import MqttIngest, ack_step
+from collector.ingest.nats import NatsIngest
+from collector.ingest.source import Message
 from collector.ingest.source import Source as IngestSource
 from collector.supervise import DEFAULT_POLICY, RestartPolicy, Supervisor
 from collector.support.routes import install as install_support
@@ -123,7 +128,19 @@ class Collector:
             restored = Restored([], [], Source.EMPTY)
         self.metrics.snapshot_restore.labels(restored.source.value).set(1)
         self.metrics.snapshot_corrupt_files.set(corrupt_snapshots)
-        self.fleet = Fleet(cfg, started_at=clock(), registry=self.registry_file, restored=restored.state)
+        # Partitioned collectors (ingest.source: nats) materialise only their partitions' terminals.
+        self.partitions: set[int] = set()
+        owns = None
+        if cfg.ingest.source == "nats":
+            n, owned = cfg.nats.partitions, self.partitions
+            if cfg.nats.ownership == "static" and cfg.nats.shard:
+                owned.update(shard_partitions(parse_shard(cfg.nats.shard), n))
+
+            def owns(tid: str) -> bool:
+                return partition_of(tid, n) in owned
+
+        self.fleet = Fleet(cfg, started_at=clock(), registry=self.registry_file, restored=restored.state,
+                           materialise=owns)
         # What happened at restore, without a second reference to every restored terminal (8 B each).
         self.restored = restored._replace(terminals=[], feeds=[])
         # A wall-clock step beyond two evaluation rounds (10 s at least: NTP slews smaller offsets) is a jump.
@@ -138,7 +155,8 @@ class Collector:
         self.route_hooks: list[RouteHook] = []
         self.transition_hooks: list[TransitionSink] = []
         self.message_hooks: list[MessageSink] = []
-        self.ingest: IngestSource[Inbound] | None = None
+        self.ingest: IngestSource[Any] | None = None
+        self.nats: NatsIngest | None = None
         self.writer: InfluxWriter | None = None
         self.http_port: int | None = None
         self._stack = AsyncExitStack()
@@ -190,7 +208,17 @@ class Collector:
                 recorder = HistoryRecorder(self.writer.write, self.fleet.terminals.get)
                 self.message_hooks.append(recorder.on_message)
                 self.transition_hooks.append(recorder.on_transitions)
-            self.ingest = await self._stack.enter_async_context(MqttIngest(self.cfg.mqtt, self.metrics, loop))
+            if self.cfg.ingest.source == "nats":
+                self.nats = await self._stack.enter_async_context(NatsIngest(
+                    self.cfg.nats, self.cfg.mqtt.topic_prefix, self.metrics, self.instance, self.cfg.mqtt.queue_size))
+                self.ingest = self.nats
+                if self.cfg.nats.ownership == "static":
+                    for p in sorted(self.partitions):
+                        await self.nats.start_partition(p, None, keep_position=True)
+                    log.info("reading partitions %s of %d (static shard %s)", sorted(self.partitions),
+                             self.cfg.nats.partitions, self.cfg.nats.shard)
+            else:
+                self.ingest = await self._stack.enter_async_context(MqttIngest(self.cfg.mqtt, self.metrics, loop))
             self._stack.push_async_callback(self._final_snapshot)
 
             async def serve(app: web.Application, host: str, port: int) -> int:
@@ -281,7 +309,12 @@ class Collector:
         for hook in self.transition_hooks:
             hook(out)
 
-    def process(self, item: Inbound) -> None:
+    @property
+    def instance(self) -> str:
+        """This collector's name among partitioned collectors (nats.instance, else the host name)."""
+        return self.cfg.nats.instance or "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+
+    def process(self, item: Message) -> None:
         """Decode and apply one message; never raises for bad input."""
         m = self.metrics
         cfg = self.cfg.mqtt
@@ -436,7 +469,12 @@ class Collector:
     def readiness_problems(self) -> list[str]:
         """Why the collector is not ready (empty when ready)."""
         problems = []
-        if self.ingest is None or not self.ingest.subscribed:
+        if self.nats is not None:
+            if not self.nats.connected():
+                problems.append("cannot reach NATS")
+            elif not self.nats.owned():
+                problems.append("owns no partition")
+        elif self.ingest is None or not self.ingest.subscribed:
             problems.append("not connected/subscribed to the MQTT broker")
         elif not self.ingest.thread_alive():
             problems.append("MQTT connection task ended")

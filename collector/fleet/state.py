@@ -16,6 +16,7 @@ import enum
 import logging
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -245,8 +246,14 @@ class Fleet:
         started_at: float,
         registry: Registry = EMPTY,
         restored: tuple[list[Terminal], list[FeedState]] = ([], []),
+        materialise: Callable[[str], bool] | None = None,
     ) -> None:
         self.cfg = cfg
+        # Partitioned collectors (collector/cluster): which registered terminals this one materialises; None: all.
+        self.materialise = materialise
+        # Terminals adopted from another collector's partition -> when: silence is measured from then at the
+        # earliest, like from `started_at` after a restart (pruned once the terminal is heard after it).
+        self.adopted: dict[str, float] = {}
         self.th = cfg.thresholds
         self.policy: dict[str, tuple[int, ...]] = {
             m: v for m, v in ((m, parse_version(s)) for m, s in cfg.software_policy.items()) if v is not None
@@ -288,12 +295,44 @@ class Fleet:
         self.registry = registry
         self.registry_loaded = registry is not EMPTY
         self._registry_acquirers = frozenset(registry.acquirers())
+        wanted = self.materialise
         for tid in registry.entries:
-            if tid not in self.terminals:
+            if tid not in self.terminals and (wanted is None or wanted(tid)):
                 self.terminals[tid] = Terminal(tid)
         for t in self.terminals.values():
             self._label(t, registry.get(t.tid))
         self._rebuild_counts()
+
+    def adopt(self, restored: Iterable[Terminal], belongs: Callable[[str], bool], now: float) -> int:
+        """Take over a partition: its terminals from the snapshot, plus the registered ones the snapshot lacks,
+        each given a full offline period from `now` (no false offline storm while the stream is replayed).
+        `belongs` tells the partition's ids; returns the number of terminals adopted."""
+        n = 0
+        for t in restored:
+            if belongs(t.tid) and t.tid not in self.terminals:
+                self.terminals[t.tid] = t
+                self.adopted[t.tid] = now
+                n += 1
+        for tid in self.registry.entries:
+            if belongs(tid) and tid not in self.terminals:
+                self.terminals[tid] = Terminal(tid)
+                self.adopted[tid] = now
+                n += 1
+        for tid, t in self.terminals.items():
+            if tid in self.adopted:
+                self._label(t, self.registry.get(tid))
+        self._rebuild_counts()
+        return n
+
+    def release(self, belongs: Callable[[str], bool]) -> list[Terminal]:
+        """Give up a partition: its terminals leave the fleet (and every count); returned for a last snapshot."""
+        gone = [t for tid, t in self.terminals.items() if belongs(tid)]
+        for t in gone:
+            del self.terminals[t.tid]
+            self.adopted.pop(t.tid, None)
+        if gone:
+            self._rebuild_counts()
+        return gone
 
     def _label(self, t: Terminal, reg: RegistryEntry | None) -> None:
         if reg is not None:
@@ -456,7 +495,12 @@ class Fleet:
     def _time_step(self, t: Terminal, now: float, out: list[Transition]) -> None:
         offline_active = t.conds is not None and "offline" in t.conds
         feed = self.feeds.get(t.acquirer)
-        raw = time_conditions(t, feed, self.th, now, self.started_at, offline_active)
+        started = self.started_at
+        if self.adopted:
+            adopted = self.adopted.get(t.tid)
+            if adopted is not None and adopted > started:
+                started = adopted
+        raw = time_conditions(t, feed, self.th, now, started, offline_active)
         if not raw and t.conds is None:
             return  # the common case on every heartbeat: nothing to raise, nothing to clear
         for cond in TIME_CONDITIONS:
@@ -674,6 +718,12 @@ class Fleet:
             ):
                 continue
             step(t, now, out)
+        if self.adopted:  # heard since adoption: its own silence counts again
+            terminals = self.terminals
+            heard = [tid for tid, at in self.adopted.items()
+                     if tid not in terminals or (terminals[tid].last_rx or 0.0) >= at]
+            for tid in heard:
+                del self.adopted[tid]
         self.mass_tick(now)
         return out
 
