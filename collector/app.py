@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from collector.cluster.keeper import ClusterMetrics, Keeper
 from collector.cluster.partition import parse_shard, partition_of, shard_partitions
 from collector.config import Config
 from collector.fleet.clockjump import ClockWatch, rebase_after_jump
@@ -157,6 +158,7 @@ class Collector:
         self.message_hooks: list[MessageSink] = []
         self.ingest: IngestSource[Any] | None = None
         self.nats: NatsIngest | None = None
+        self.keeper: Keeper | None = None  # partition leases (ingest.source: nats, nats.ownership: lease)
         self.writer: InfluxWriter | None = None
         self.http_port: int | None = None
         self._stack = AsyncExitStack()
@@ -179,7 +181,9 @@ class Collector:
     ) -> Collector:
         """Read the terminal registry, the newest good state snapshot and the API tokens; build the collector."""
         registry = _load_registry(cfg)
-        restored = _restore(cfg, clock())
+        leased = cfg.ingest.source == "nats" and cfg.nats.ownership == "lease"
+        # Leased partitions come with their state from NATS; a local file may hold partitions owned elsewhere now.
+        restored = Restored([], [], Source.EMPTY) if leased else _restore(cfg, clock())
         corrupt = len(corrupt_files(cfg.state.snapshot_path)) if cfg.state.snapshot_path else 0
         return cls(cfg, clock, monotonic, restart_policy, registry=registry, restored=restored,
                    corrupt_snapshots=corrupt, tokens=load_tokens(cfg.http.tokens_file))
@@ -212,7 +216,14 @@ class Collector:
                 self.nats = await self._stack.enter_async_context(NatsIngest(
                     self.cfg.nats, self.cfg.mqtt.topic_prefix, self.metrics, self.instance, self.cfg.mqtt.queue_size))
                 self.ingest = self.nats
-                if self.cfg.nats.ownership == "static":
+                if self.cfg.nats.ownership == "lease":
+                    assert self.nats.js is not None
+                    self.keeper = Keeper(self.nats.js, self.cfg.nats, self.instance, self.fleet, self.nats,
+                                         self.partitions, ClusterMetrics(self.prom_registry), self.monotonic,
+                                         self.clock)
+                    await self.keeper.setup()
+                    self._stack.push_async_callback(self.keeper.close)  # after the tasks stop, before NATS closes
+                else:
                     for p in sorted(self.partitions):
                         await self.nats.start_partition(p, None, keep_position=True)
                     log.info("reading partitions %s of %d (static shard %s)", sorted(self.partitions),
@@ -243,6 +254,8 @@ class Collector:
                 ("registry", self._registry_watcher),
             ):
                 self.supervisor.start(name, factory)
+            if self.keeper is not None:
+                self.supervisor.start("partitions", self.keeper.run)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -419,7 +432,7 @@ class Collector:
     def snapshot_now(self) -> bool:
         """Write a snapshot now; failures are counted and logged, never fatal."""
         path = self.cfg.state.snapshot_path
-        if not path:
+        if not path or self.keeper is not None:  # leased partitions keep their state in NATS (Keeper.save)
             return False
         # Recounted on every round: a person moving the corrupt files away resolves PosCollectorSnapshotCorrupt.
         self.metrics.snapshot_corrupt_files.set(len(corrupt_files(path)))
@@ -435,7 +448,10 @@ class Collector:
     async def _snapshotter(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.state.snapshot_interval_s)
-            self.snapshot_now()
+            if self.keeper is not None:  # per partition, in NATS (the next owner reads it)
+                await self.keeper.save_all()
+            else:
+                self.snapshot_now()
             self.supervisor.progress("snapshot")
 
     def reload_registry(self) -> bool:
@@ -474,6 +490,8 @@ class Collector:
                 problems.append("cannot reach NATS")
             elif not self.nats.owned():
                 problems.append("owns no partition")
+            if self.keeper is not None and not self.keeper.connected:
+                problems.append("cannot renew partition leases in NATS KV")
         elif self.ingest is None or not self.ingest.subscribed:
             problems.append("not connected/subscribed to the MQTT broker")
         elif not self.ingest.thread_alive():

@@ -4,20 +4,27 @@ processes, the simulator's terminals over MQTT to the cluster's gateway, every a
 - The partition function is the server's (checked by publishing and reading back the mapped subject).
 - Static shards: each terminal shows exactly its fault's condition through the collector that owns it, healthy
   ones nothing, and no collector materialises a terminal of another's partition.
+- Leases: two collectors share the partitions; kill -9 of one under load, the other serves its partitions again
+  (lease expiry, state object, replay from the last applied sequence + 1): no heartbeat lost by seq, no condition
+  on a healthy terminal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import string
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import tests.integration.test_influx_history as history
 from collector.cluster.partition import partition_of, shard_partitions
 from collector.sim.simulator import FAULTS, Simulator, make_fleet
+from tests.faults import ConditionWatch, LineSink, lost_and_extra, metric_sample
 from tests.harness.core import Process, free_port, http_get, start_collector, terminal_views, wait_until
 from tests.harness.core import write_collector_config as _write_config
 from tests.harness.nats import FEED_STREAM, PARTITION_STREAM, NatsCluster
@@ -27,7 +34,8 @@ pytestmark = pytest.mark.integration
 INTERVAL = 0.5
 
 
-def nats_collector(workdir: Path, cluster: NatsCluster, registry: Path, instance: str, **nats: Any) -> Process:
+def nats_collector(workdir: Path, cluster: NatsCluster, registry: Path, instance: str,
+                   extra: dict[str, Any] | None = None, **nats: Any) -> Process:
     """A `posfleet run` reading the cluster with `ingest.source: nats` (fast thresholds as the other tests)."""
     workdir.mkdir(parents=True, exist_ok=True)
     http_port = free_port()
@@ -39,6 +47,7 @@ def nats_collector(workdir: Path, cluster: NatsCluster, registry: Path, instance
         registry={"path": str(registry), "reload_interval_s": 0.5},
         thresholds={"flapping_window_s": 15, "offline_factor": 3, "default_interval_s": 1, "backlog_queue_depth": 5,
                     "backlog_oldest_age_s": 4, "upstream_grace_s": 4, "feed_stale_s": 4, "clock_skew_s": 300},
+        **(extra or {}),
     )
     return start_collector(workdir, config, http_port)
 
@@ -121,3 +130,80 @@ async def test_static_shards_every_fault_on_its_owner_only(tmp_path: Path, nats_
             c.stop()
     for c in collectors:
         assert "Traceback" not in c.log_text()
+
+
+def owners(collectors: list[Process]) -> dict[str, int]:
+    """terminal -> index of the collector whose API holds it (a collector that does not answer holds nothing)."""
+    out: dict[str, int] = {}
+    for i, c in enumerate(collectors):
+        try:
+            views = terminal_views(c.port)
+        except (OSError, AssertionError):
+            continue
+        for tid in views:
+            out[tid] = i
+    return out
+
+
+async def test_kill_9_of_a_collector_its_partitions_taken_over_nothing_lost(
+    tmp_path: Path, nats_cluster: NatsCluster
+) -> None:
+    sink = LineSink()
+    interval = 1.0
+    specs = make_fleet(80)  # 80 heartbeats/s over 16 partitions
+    sim = Simulator(f"mqtt://127.0.0.1:{nats_cluster.mqtt_ports[0]}", specs, interval, receipts=False,
+                    dedicated=False)
+    registry = tmp_path / "terminals.csv"
+    sim.write_registry(registry)
+    n = nats_cluster.partitions
+    collectors: list[Process] = []
+    for i in (0, 1):
+        extra = history.influx_overrides(tmp_path / f"c{i}", sink.url)
+        extra["state"]["snapshot_path"] = None
+        collectors.append(nats_collector(tmp_path / f"c{i}", nats_cluster, registry, f"c{i}", extra,
+                                         ownership="lease", shard=f"{i}/2", lease_ttl_s=6))
+    tids = [s.tid for s in specs]
+    try:
+        async with sim:
+            # Shared out: each its preferred half, every terminal heard by exactly its owner.
+            def settled() -> bool:
+                held = owners(collectors)
+                return (all(metric_sample(c.port, "posfleet_cluster_partitions_owned") == n / 2 for c in collectors)
+                        and all(held.get(t) == (0 if partition_of(t, n) % 2 == 0 else 1) for t in tids)
+                        and all(len(sink.heartbeat_seqs().get(t, ())) >= 2 for t in tids))
+
+            await asyncio.to_thread(wait_until, settled, 60, "partitions shared out, every terminal heard", 0.5)
+            with ConditionWatch(collectors[0].port, tids) as watch:
+                collectors[1].stop(signal.SIGKILL)
+                killed_at = time.time()
+
+                def taken_over() -> bool:
+                    return metric_sample(collectors[0].port, "posfleet_cluster_partitions_owned") == n
+
+                # The issue's bound: partitions served again within 15 s (lease TTL 6 s + a round + the replay).
+                await asyncio.to_thread(wait_until, taken_over, 15, "c0 owns every partition", 0.2)
+                served_after = time.time() - killed_at
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: all(sum(1 for _, ts in sim.sent_seqs[t] if ts > killed_at + served_after) >= 2
+                                for t in tids), 30, "two more heartbeats from every terminal", 0.25)
+            await asyncio.to_thread(wait_until, lambda: set(owners(collectors[:1])) == set(tids), 10,
+                                    "c0 holds every terminal")
+        sent_at_end = {t: sim.sent_seqs[t][-1][0] for t in tids}
+        await asyncio.to_thread(
+            wait_until, lambda: all(sent_at_end[t] in sink.heartbeat_seqs().get(t, {}) for t in tids), 30,
+            "the last heartbeat of every terminal applied", 0.25)
+        lost, extra = lost_and_extra({t: sim.sent_seqs[t] for t in tids}, sink.heartbeat_seqs())
+        replayed = sum(len(v) for v in extra.values())
+        print(f"\nkill -9 of one of two collectors: partitions served again by the other after {served_after:.1f} s; "
+              f"{sim.heartbeats_sent} heartbeats sent, lost {sum(len(v) for v in lost.values())}, "
+              f"written twice (replayed after the takeover) {replayed}")
+        assert not lost, f"heartbeats never applied: {lost}"
+        assert not watch.seen, f"a healthy terminal raised something during the takeover: {watch.seen}"
+        takeovers = metric_sample(collectors[0].port, "posfleet_cluster_takeovers_total", state="snapshot")
+        assert takeovers >= n / 2, "the dead collector's partitions were not restored from their state objects"
+    finally:
+        for c in collectors:
+            c.stop()
+        sink.close()
+    assert "Traceback" not in collectors[0].log_text()
