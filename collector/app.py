@@ -306,6 +306,7 @@ class Collector:
         records.labels("matched").inc(result.matched)
         records.labels("foreign").inc(result.foreign)
         records.labels("unknown").inc(result.unknown)
+        records.labels("elsewhere").inc(result.elsewhere)
         for hook in self.message_hooks:
             hook(batch, rx, None)
         self._emit(out)
@@ -488,6 +489,8 @@ class Collector:
         if self.nats is not None:
             if not self.nats.connected():
                 problems.append("cannot reach NATS")
+            elif not self.nats.thread_alive():
+                problems.append("NATS ingest tasks ended")
             elif not self.nats.owned():
                 problems.append("owns no partition")
             if self.keeper is not None and not self.keeper.connected:

@@ -220,25 +220,35 @@ class Keeper:
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
         self.revisions[p], self.renewed[p] = rev, self.monotonic()
-        after: int | None = None
-        terminals: list[Terminal] = []
-        state = "none"
         try:
-            obj = await self.obs.get(f"p{p}")
-            after, terminals = decode_state(obj.data or b"")
-            state = "snapshot"
-        except nats.js.errors.ObjectNotFoundError:
-            pass
-        except SnapshotError as err:
-            state = "corrupt"
-            log.error("partition %d: %s; its terminals start empty (a full offline period each)", p, err)
-        self.owned.add(p)
-        adopted = self.fleet.adopt(terminals, self.belongs(p), self.clock())
-        await self.reader.start_partition(p, after)
+            after, terminals, state = await self._load(p)
+            self.owned.add(p)
+            adopted = self.fleet.adopt(terminals, self.belongs(p), self.clock())
+            await self.reader.start_partition(p, after)
+        except BaseException:
+            # Half taken (NATS went away meanwhile): give it back now rather than hold it unread until it expires.
+            await self._drop(p)
+            with contextlib.suppress(Exception):
+                await self.kv.delete(f"p.{p}", last=rev)
+            raise
         self.metrics.takeovers.labels(state).inc()
         log.info("took partition %d: %d terminals (%s), reading from stream sequence %s", p, adopted, state,
                  after + 1 if after is not None else "the last message per subject")
         return True
+
+    async def _load(self, p: int) -> tuple[int | None, list[Terminal], str]:
+        """Partition p's state object: (last applied sequence, terminals, how it went)."""
+        assert self.obs is not None
+        try:
+            obj = await self.obs.get(f"p{p}")
+        except nats.js.errors.ObjectNotFoundError:
+            return None, [], "none"
+        try:
+            after, terminals = decode_state(obj.data or b"")
+        except SnapshotError as err:
+            log.error("partition %d: %s; its terminals start empty (a full offline period each)", p, err)
+            return None, [], "corrupt"
+        return after, terminals, "snapshot"
 
     async def save(self, p: int) -> bool:
         """Write partition p's state object (its terminals and the last applied sequence)."""
@@ -246,6 +256,9 @@ class Keeper:
         applied = self.reader.applied.get(p)
         if applied is None:
             return False  # nothing applied yet and nothing restored: no state worth a write
+        renewed = self.renewed.get(p)
+        if renewed is None or self.monotonic() - renewed > self.cfg.lease_ttl_s:
+            return False  # the lease may have passed to another collector: its state is theirs to write
         belongs = self.belongs(p)
         # Encoded synchronously: no message is applied between reading `applied` and encoding the terminals.
         data = encode_state(applied, [t for tid, t in self.fleet.terminals.items() if belongs(tid)])

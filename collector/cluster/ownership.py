@@ -6,10 +6,10 @@ preferred shard`), both kept alive by renewals under the bucket's TTL, and asks 
 - below it, it takes free partitions (no lease: never owned, cleanly released, or the owner died and its lease
   expired): its own preferred ones first, then any other that no live member with room prefers, in an order that
   differs per instance so that collectors starting together rarely race for the same partition;
-- above it, or holding a partition that a live member with room prefers and does not hold, it releases, one per round
-  (a release costs the partition's snapshot and a replay by the next owner: churn is paid slowly).
+- above it, or holding a partition that a live member with room prefers and does not hold, it releases,
+  at most a few per round (a release costs the partition's snapshot and a replay by the next owner).
 Taking is bounded per round too, so a collector that finds everything free does not grab all of it before the
-others' member keys are seen. No I/O, no clock: `now` does not even matter, presence in KV is the lease.
+others' member keys are seen. No I/O and no clock: presence in KV is the lease.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def plan(
     members: Mapping[str, frozenset[int]],
     *,
     max_take: int = 8,
+    max_release: int = 4,
 ) -> Plan:
     """The partitions `me` should take and release, given who holds which lease and who is alive with which
     preferred partitions (`members`, `me` included or not)."""
@@ -62,11 +63,12 @@ def plan(
 
     # Give back first: what another live member prefers (and I do not), then whatever is above my share.
     give = [p for p in mine if p in others_want and p not in mine_preferred]
-    if not give and len(mine) > share:
-        surplus = [p for p in mine if p not in mine_preferred] or mine
-        give = [max(surplus, key=lambda p: (p not in mine_preferred, fnv1a_32(f"{me}/{p}".encode())))]
+    if len(mine) - len(give) > share:
+        rest = sorted((p for p in mine if p not in give),
+                      key=lambda p: (p in mine_preferred, fnv1a_32(f"{me}/{p}".encode())))
+        give += rest[: len(mine) - len(give) - share]
     if give:
-        return Plan(release=(give[0],))
+        return Plan(release=tuple(give[:max_release]))
 
     room = min(share - len(mine), max_take)
     if room <= 0:

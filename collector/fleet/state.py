@@ -210,6 +210,7 @@ class UpstreamResult:
     matched: int = 0  # records of this acquirer's own terminals: applied
     foreign: int = 0  # records naming another acquirer's (or an unregistered) terminal: ignored
     unknown: int = 0  # records naming a terminal id the fleet does not know: ignored
+    elsewhere: int = 0  # records of terminals another collector materialises (partitioned collectors): not ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,11 +684,15 @@ class Fleet:
             feed.alive_since = rx
         feed.last_rx = rx
         feed.txns += len(batch.txns)
-        matched = foreign = unknown = 0
+        matched = foreign = unknown = elsewhere = 0
+        wanted = self.materialise
         for txn in batch.txns:
             t = self.terminals.get(txn.tid)
             if t is None:
-                unknown += 1
+                if wanted is not None and not wanted(txn.tid):
+                    elsewhere += 1  # its owner applies (or counts) it
+                else:
+                    unknown += 1
                 continue
             if t.acquirer != acquirer:
                 foreign += 1  # another acquirer's terminal: this feed cannot vouch for its uploads
@@ -698,7 +703,7 @@ class Fleet:
             t.pending_upload_since = None
             if t.conds is not None and "upstream_missing" in t.conds:
                 self._clear(t, "upstream_missing", rx, out)
-        return UpstreamResult(False, matched, foreign, unknown)
+        return UpstreamResult(False, matched, foreign, unknown, elsewhere)
 
     def tick(self, now: float) -> list[Transition]:
         """Evaluate time-driven conditions for every terminal, then mass-offline for the sites that changed."""

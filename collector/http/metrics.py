@@ -32,7 +32,7 @@ KINDS = ("heartbeat", "status", "upstream", "txn", "other")
 RESULTS = ("accepted", "rejected", "duplicate", "stale")
 # Reasons the collector adds beyond the decoder's: a full unknown-terminal bound, a bug, a feed nobody configured.
 EXTRA_REASONS = ("unknown_terminal_overflow", "internal_error", "unknown_acquirer")
-FEED_RECORD_RESULTS = ("matched", "foreign", "unknown")
+FEED_RECORD_RESULTS = ("matched", "foreign", "unknown", "elsewhere")
 SNAPSHOT_SOURCES = ("current", "previous", "empty")
 TASKS = ("consume", "tick", "snapshot", "registry")  # the supervised background tasks (collector/app.py)
 PROBLEM_LABELS = ["terminal_id", "merchant_id", "acquirer", "site", "model", "condition", "severity", "detail"]
@@ -76,7 +76,8 @@ class SelfMetrics:
         self.feed_records = Counter(
             "posfleet_feed_records",
             "Acquirer feed records by result: matched (the acquirer's own terminal), foreign (another acquirer's or an "
-            "unregistered terminal: ignored), unknown (a terminal id nobody knows: ignored)",
+            "unregistered terminal: ignored), unknown (a terminal id nobody knows: ignored), elsewhere (a terminal of "
+            "a partition another collector owns: applied there)",
             ["result"], registry=registry,
         )
         for result in FEED_RECORD_RESULTS:

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 FEED = -1  # the `partition` of an acquirer feed message
 # An unapplied message is redelivered after this long: far above the time a full queue takes to drain.
 ACK_WAIT_S = 60.0
+# The feed consumer of a collector that has not read for this long is deleted by the server.
+FEED_INACTIVE_S = 24 * 3600.0
 # How long one fetch waits on the server for a partition with nothing new (a long poll, cheap).
 FETCH_WAIT_S = 2.0
 
@@ -314,8 +316,10 @@ class NatsIngest:
             try:
                 sub = await self.js.pull_subscribe(
                     "acquirer.v1.>", durable=name, stream=self.cfg.feed_stream,
+                    # A collector gone for good (a renamed host) leaves no consumer behind for ever.
                     config=ConsumerConfig(ack_policy=AckPolicy.ALL, ack_wait=ACK_WAIT_S,
-                                          max_ack_pending=self.cfg.max_ack_pending, deliver_policy=DeliverPolicy.NEW),
+                                          max_ack_pending=self.cfg.max_ack_pending, deliver_policy=DeliverPolicy.NEW,
+                                          inactive_threshold=FEED_INACTIVE_S),
                 )
                 break
             except asyncio.CancelledError:

@@ -125,6 +125,9 @@ async def test_static_shards_every_fault_on_its_owner_only(tmp_path: Path, nats_
                 # The acquirer feed is read by every collector.
                 assert 'posfleet_acquirer_feed_stale{acquirer="acq-m"} 1.0' in text, f"c{i}"
                 assert 'posfleet_acquirer_feed_stale{acquirer="acq-a"} 0.0' in text, f"c{i}"
+                # ... and applied by each to its own terminals; the others' records are `elsewhere`.
+                assert metric_sample(c.port, "posfleet_feed_records_total", result="matched") > 0, f"c{i}"
+                assert metric_sample(c.port, "posfleet_feed_records_total", result="elsewhere") > 0, f"c{i}"
     finally:
         for c in collectors:
             c.stop()
