@@ -5,8 +5,8 @@ processes, the simulator's terminals over MQTT to the cluster's gateway, every a
 - Static shards: each terminal shows exactly its fault's condition through the collector that owns it, healthy
   ones nothing, and no collector materialises a terminal of another's partition.
 - Leases: two collectors share the partitions; kill -9 of one under load, the other serves its partitions again
-  (lease expiry, state object, replay from the last applied sequence + 1): no heartbeat lost by seq, no condition
-  on a healthy terminal.
+  (lease expiry, state object, replay from the last applied sequence + 1); the killed one restarts and gets its
+  preferred partitions handed back: no heartbeat lost by seq, no condition on a healthy terminal.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def owners(collectors: list[Process]) -> dict[str, int]:
     return out
 
 
-async def test_kill_9_of_a_collector_its_partitions_taken_over_nothing_lost(
+async def test_kill_9_of_a_collector_taken_over_then_handed_back_nothing_lost(
     tmp_path: Path, nats_cluster: NatsCluster
 ) -> None:
     sink = LineSink()
@@ -160,11 +160,14 @@ async def test_kill_9_of_a_collector_its_partitions_taken_over_nothing_lost(
     sim.write_registry(registry)
     n = nats_cluster.partitions
     collectors: list[Process] = []
+    extras = []
     for i in (0, 1):
         extra = history.influx_overrides(tmp_path / f"c{i}", sink.url)
         extra["state"]["snapshot_path"] = None
+        extras.append(extra)
         collectors.append(nats_collector(tmp_path / f"c{i}", nats_cluster, registry, f"c{i}", extra,
                                          ownership="lease", shard=f"{i}/2", lease_ttl_s=6))
+    extra1 = extras[1]
     tids = [s.tid for s in specs]
     try:
         async with sim:
@@ -192,6 +195,18 @@ async def test_kill_9_of_a_collector_its_partitions_taken_over_nothing_lost(
                                 for t in tids), 30, "two more heartbeats from every terminal", 0.25)
             await asyncio.to_thread(wait_until, lambda: set(owners(collectors[:1])) == set(tids), 10,
                                     "c0 holds every terminal")
+            # c1 comes back: c0 hands its preferred partitions back (state written, lease deleted), c1 replays
+            # them from there; still nothing lost, nothing raised.
+            with ConditionWatch(collectors[0].port, tids) as watch0, ConditionWatch(collectors[1].port, tids) as watch1:
+                collectors[1] = await asyncio.to_thread(
+                    lambda: nats_collector(tmp_path / "c1", nats_cluster, registry, "c1", extra1, ownership="lease",
+                                           shard="1/2", lease_ttl_s=6))
+                await asyncio.to_thread(wait_until, settled, 60, "partitions shared out again", 0.5)
+                back_at = time.time()
+                await asyncio.to_thread(
+                    wait_until, lambda: all(sum(1 for _, ts in sim.sent_seqs[t] if ts > back_at) >= 2 for t in tids),
+                    30, "two more heartbeats from every terminal after the hand-back", 0.25)
+            handed_back = metric_sample(collectors[1].port, "posfleet_cluster_takeovers_total", state="snapshot")
         sent_at_end = {t: sim.sent_seqs[t][-1][0] for t in tids}
         await asyncio.to_thread(
             wait_until, lambda: all(sent_at_end[t] in sink.heartbeat_seqs().get(t, {}) for t in tids), 30,
@@ -200,9 +215,11 @@ async def test_kill_9_of_a_collector_its_partitions_taken_over_nothing_lost(
         replayed = sum(len(v) for v in extra.values())
         print(f"\nkill -9 of one of two collectors: partitions served again by the other after {served_after:.1f} s; "
               f"{sim.heartbeats_sent} heartbeats sent, lost {sum(len(v) for v in lost.values())}, "
-              f"written twice (replayed after the takeover) {replayed}")
+              f"written twice (replayed after the takeover and the hand-back) {replayed}")
         assert not lost, f"heartbeats never applied: {lost}"
         assert not watch.seen, f"a healthy terminal raised something during the takeover: {watch.seen}"
+        assert not watch0.seen and not watch1.seen, f"raised during the hand-back: {watch0.seen} {watch1.seen}"
+        assert handed_back == n / 2, "the handed-back partitions did not come with their state"
         takeovers = metric_sample(collectors[0].port, "posfleet_cluster_takeovers_total", state="snapshot")
         assert takeovers >= n / 2, "the dead collector's partitions were not restored from their state objects"
     finally:
