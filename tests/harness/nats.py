@@ -30,6 +30,9 @@ import concurrent.futures
 import json
 import signal
 import sys
+import threading
+import time
+from collections import Counter
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -38,27 +41,37 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import nats
+import paho.mqtt.client as paho
 from nats.aio.client import Client
-from nats.js.api import StorageType, StreamConfig, StreamInfo
+from nats.js.api import StorageType, StreamConfig, StreamInfo, StreamSource, SubjectTransform
 
 from tests.harness.core import Process, free_port, http_get, spawn, wait_until
 
 __all__ = [
     "FEED_STREAM",
-    "FEED_SUBJECTS",
+    "FEED_SUBJECT",
+    "MQTT_MESSAGES_STREAM",
     "PARTITION_STREAM",
-    "PARTITION_SUBJECTS",
+    "PARTITION_SUBJECT",
+    "FailoverPublisher",
     "NatsCluster",
     "NatsNode",
+    "StoredMessage",
     "fnv1a_32",
+    "healthy_heartbeat",
+    "heartbeat_identities",
     "nats_server_binary",
     "partition_of",
 ]
 
 PARTITION_STREAM = "POSP"
-PARTITION_SUBJECTS = ["posp.>"]
+PARTITION_SUBJECT = "posp.>"
 FEED_STREAM = "FEED"
-FEED_SUBJECTS = ["acquirer.v1.>"]
+FEED_SUBJECT = "acquirer.v1.>"
+# The MQTT gateway's own stream: every QoS 1/2 PUBLISH is stored here, as `$MQTT.msgs.<subject after the
+# mapping>`, *before* the PUBACK. Our streams source from it (see NatsCluster.create_streams for why).
+MQTT_MESSAGES_STREAM = "$MQTT_msgs"
+MQTT_MESSAGES_PREFIX = "$MQTT.msgs."
 CLUSTER_NAME = "posfleet"
 # nats-py's JetStream API calls time out after 5 s by default; stream creation with R3 on two busy cores can
 # take longer (measured: see FIELD-NOTES.md).
@@ -152,15 +165,40 @@ class NatsNode:
             return False
         return bool(self.jsz().get("meta_cluster", {}).get("leader"))
 
+    def meta_peers_current(self, size: int) -> bool:
+        """This node is the meta leader and sees all `size - 1` other peers current (streams can be placed)."""
+        meta = self.jsz().get("meta_cluster", {})
+        if meta.get("leader") != self.name:
+            return False
+        peers = meta.get("replicas") or []
+        return len(peers) == size - 1 and all(p.get("current") for p in peers)
+
+    def local_messages(self, stream: str) -> int:
+        """How many messages this node's own replica of `stream` holds (its /jsz stream detail)."""
+        status, body = http_get(f"{self.monitor}/jsz?streams=true", timeout=2.0)
+        if status != 200:
+            raise RuntimeError(f"{self.name} /jsz -> {status}")
+        for account in json.loads(body).get("account_details", []):
+            for detail in account.get("stream_detail") or []:
+                if detail["name"] == stream:
+                    return int(detail["state"]["messages"])
+        raise LookupError(f"{self.name} holds no replica of {stream}")
+
     def current(self) -> bool:
         """Healthy including every stream and consumer replica being current (/healthz, the full check)."""
         return http_get(f"{self.monitor}/healthz", timeout=2.0)[0] == 200
 
 
-def node_config(node: NatsNode, peers: Sequence[NatsNode], partitions: int, cluster_name: str = CLUSTER_NAME,
+def node_config(node: NatsNode, nodes: Sequence[NatsNode], partitions: int, cluster_name: str = CLUSTER_NAME,
                 host: str = "127.0.0.1", store_dir: Path | None = None) -> str:
-    """The nats-server config of one node (same shape as deploy/nats/n*.conf, with test ports and paths)."""
-    routes = ", ".join(f"nats-route://{host}:{p.cluster_port}" for p in peers if p is not node)
+    """The nats-server config of one node (same shape as deploy/nats/nats.conf, with test ports and paths).
+
+    Every node lists every node's route (its own is skipped by the server), and the MQTT gateway's streams get
+    `stream_replicas` explicitly: left to itself the gateway counts the routes in the config, and with only the
+    two peers listed it made its `$MQTT_*` streams R2, which stalled every QoS 1 publish when one of their two
+    nodes stopped (measured while writing this harness).
+    """
+    routes = ", ".join(f"nats-route://{host}:{p.cluster_port}" for p in nodes)
     store = store_dir or node.workdir / "jetstream"
     mapping = f"posp.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
     return (
@@ -169,7 +207,7 @@ def node_config(node: NatsNode, peers: Sequence[NatsNode], partitions: int, clus
         f'http: "{host}:{node.monitor_port}"\n'
         f'jetstream {{\n  store_dir: "{store}"\n}}\n'
         f'cluster {{\n  name: "{cluster_name}"\n  listen: "{host}:{node.cluster_port}"\n  routes: [{routes}]\n}}\n'
-        f'mqtt {{\n  listen: "{host}:{node.mqtt_port}"\n}}\n'
+        f'mqtt {{\n  listen: "{host}:{node.mqtt_port}"\n  stream_replicas: {min(3, len(nodes))}\n}}\n'
         f'mappings {{\n  "pos.v1.*.*": "{mapping}"\n}}\n'
     )
 
@@ -210,8 +248,10 @@ class NatsCluster:
             for node in self.nodes:
                 self._spawn(node)
             self.wait_ready()
+            self.warm_up_mqtt()  # creates the gateway's streams, $MQTT_msgs among them
             if self.create_streams_on_start:
                 run_coro(self.create_streams())
+                wait_until(self.sources_active, self.ready_timeout, "the streams' sources on $MQTT_msgs")
         except BaseException:
             self.report()
             self.stop()
@@ -226,10 +266,30 @@ class NatsCluster:
                           log=node.log)
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait until every running node is healthy and knows the JetStream meta leader."""
+        """Wait until every running node is healthy and knows the JetStream meta leader, and the leader sees every
+        running peer current (else a new R3 stream fails with "no suitable peers for placement")."""
+        running = [n for n in self.nodes if n.proc is not None and n.alive()]
+        for node in running:
+            wait_until(node.ready, timeout or self.ready_timeout, f"nats {node.name} JetStream meta leader")
+        wait_until(lambda: any(n.meta_peers_current(len(running)) for n in running), timeout or self.ready_timeout,
+                   "the JetStream meta leader to see every peer current")
+
+    def warm_up_mqtt(self) -> None:
+        """One MQTT connection to each node in turn, so the gateway's `$MQTT_*` streams exist before the tests'.
+
+        Left to the tests' first connections, three nodes create them at once and on two busy cores some CONNECTs
+        time out ("lookup sessions stream ... timeout after 5s"): measured while writing this harness.
+        """
         for node in self.nodes:
-            if node.proc is not None and node.alive():
-                wait_until(node.ready, timeout or self.ready_timeout, f"nats {node.name} JetStream meta leader")
+            client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"harness-warm-up-{node.name}",
+                                 protocol=paho.MQTTv311)
+            client.connect("127.0.0.1", node.mqtt_port, keepalive=10)
+            client.loop_start()
+            try:
+                wait_until(client.is_connected, self.ready_timeout, f"MQTT CONNACK from {node.name}")
+            finally:
+                client.disconnect()
+                client.loop_stop()
 
     def stop_node(self, i: int) -> None:
         """Graceful stop of node i (SIGTERM: it closes its clients' connections, JetStream steps down)."""
@@ -286,15 +346,31 @@ class NatsCluster:
         return await nats.connect(servers=self.urls, connect_timeout=5, max_reconnect_attempts=-1, **options)
 
     async def create_streams(self) -> None:
-        """Create (or update to) the partitioned stream and the feed stream, `replicas` copies, file storage."""
+        """Create the partitioned stream and the feed stream (`replicas` copies, file storage), both *sourced* from
+        the MQTT gateway's `$MQTT_msgs` stream with a subject transform (`$MQTT.msgs.posp.>` -> `posp.>`).
+
+        Why not a stream capturing `posp.>`: the gateway PUBACKs a QoS 1 message once it is stored in
+        `$MQTT_msgs`; the plain-subject copy a capturing stream would store is a core-NATS publish, fire and
+        forget. While that stream elects a new leader after a node loss, those copies are dropped, silently, and
+        the terminal has its PUBACK: measured here, 7-1,127 acknowledged heartbeats missing per node stop or kill.
+        A source is a consumer of `$MQTT_msgs` (interest retention: a message stays until the source has it), so
+        what was PUBACKed reaches our stream, at least once.
+        """
         nc = await self.connect()
         try:
             js = nc.jetstream(timeout=JS_API_TIMEOUT_S)
-            for name, subjects in ((PARTITION_STREAM, PARTITION_SUBJECTS), (FEED_STREAM, FEED_SUBJECTS)):
-                await js.add_stream(StreamConfig(name=name, subjects=subjects, num_replicas=self.replicas,
+            for name, subject in ((PARTITION_STREAM, PARTITION_SUBJECT), (FEED_STREAM, FEED_SUBJECT)):
+                source = StreamSource(name=MQTT_MESSAGES_STREAM, subject_transforms=[
+                    SubjectTransform(src=MQTT_MESSAGES_PREFIX + subject, dest=subject)])
+                await js.add_stream(StreamConfig(name=name, sources=[source], num_replicas=self.replicas,
                                                  storage=StorageType.FILE))
         finally:
             await nc.close()
+
+    def sources_active(self) -> bool:
+        """True when `$MQTT_msgs` has a consumer for each of our streams (before that, interest retention drops
+        what MQTT clients publish)."""
+        return self.stream_info(MQTT_MESSAGES_STREAM).state.consumer_count >= 2
 
     def stream_info(self, name: str = PARTITION_STREAM) -> StreamInfo:
         """nats-py's StreamInfo of a stream (state, cluster leader and replicas)."""
@@ -307,3 +383,207 @@ class NatsCluster:
                 await nc.close()
 
         return run_coro(info())
+
+    def messages(self, name: str = PARTITION_STREAM, timeout: float = 60.0) -> list[StoredMessage]:
+        """Every message stored in one of our streams, read with an ordered consumer from the first one."""
+        return run_coro(self._messages(name, timeout))
+
+    async def _messages(self, name: str, timeout: float) -> list[StoredMessage]:
+        subject = {PARTITION_STREAM: PARTITION_SUBJECT, FEED_STREAM: FEED_SUBJECT}[name]
+        nc = await self.connect()
+        try:
+            js = nc.jetstream(timeout=JS_API_TIMEOUT_S)
+            want = (await js.stream_info(name)).state.messages
+            out: list[StoredMessage] = []
+            sub = await js.subscribe(subject, stream=name, ordered_consumer=True)
+            try:
+                async with asyncio.timeout(timeout):
+                    while len(out) < want:
+                        msg = await sub.next_msg(timeout=timeout)
+                        out.append(StoredMessage(msg.subject, msg.data, msg.metadata.sequence.stream))
+            finally:
+                await sub.unsubscribe()
+            return out
+        finally:
+            await nc.close()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One message of a stream: its subject after the mapping, payload and stream sequence."""
+
+    subject: str
+    data: bytes
+    stream_seq: int
+
+    @property
+    def partition(self) -> int:
+        """The partition token of a `posp.<p>.<tid>.<kind>` subject."""
+        return int(self.subject.split(".")[1])
+
+    @property
+    def terminal_id(self) -> str:
+        """The terminal id of a `posp.<p>.<tid>.<kind>` subject."""
+        return self.subject.split(".")[2]
+
+
+def healthy_heartbeat(tid: str, seq: int, interval_s: float) -> bytes:
+    """A protocol-v1 heartbeat of a terminal with nothing wrong (uploads caught up, nothing queued)."""
+    return json.dumps({
+        "tid": tid, "ts": round(time.time(), 3), "seq": seq, "interval_s": interval_s, "txn_count": seq,
+        "uploaded_count": seq, "queue_depth": 0, "oldest_queued_ts": None,
+    }, separators=(",", ":")).encode()
+
+
+class _Connection(threading.Thread):
+    """One MQTT connection publishing for some terminals; on losing its node it connects to the next node's port.
+
+    Whatever the session kind, paho resends every QoS 1 message not yet PUBACKed after the new CONNACK, so a
+    message handed to paho is either acknowledged or resent. Clean sessions by default, like the simulator's
+    terminals: with `clean_session=False` nats-server 2.15.1 can refuse every later CONNECT of the client after a
+    node loss ("unable to persist session ... wrong last sequence", see docs/scale.md).
+    """
+
+    def __init__(self, client_id: str, host: str, ports: Sequence[int], first: int, terminals: Sequence[str],
+                 rate: float, interval_s: float, stop: threading.Event, abort: threading.Event,
+                 clean_session: bool = True) -> None:
+        super().__init__(name=client_id, daemon=True)
+        self.client_id, self.host, self.ports, self.port_index = client_id, host, list(ports), first
+        self.terminals, self.rate, self.interval_s = list(terminals), rate, interval_s
+        self.stop_publishing, self.abort = stop, abort
+        self.clean_session = clean_session
+        self.sent: list[tuple[str, int]] = []
+        self.acked = 0
+        self.reconnects = 0
+        self.connected = threading.Event()
+        self.error: BaseException | None = None
+        self.ports_used: list[int] = []
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as err:  # reported by FailoverPublisher.check
+            self.error = err
+
+    def _on_connect(self, _c: paho.Client, _u: object, _f: object, reason: Any, _p: object) -> None:
+        if not reason.is_failure:
+            self.connected.set()
+
+    def _on_publish(self, _c: paho.Client, _u: object, _mid: int, _reason: object, _p: object) -> None:
+        self.acked += 1
+
+    def _run(self) -> None:
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             clean_session=self.clean_session, protocol=paho.MQTTv311)
+        client.max_inflight_messages_set(200)
+        client.max_queued_messages_set(0)  # keep every heartbeat while disconnected: nothing dropped client-side
+        client.on_connect = self._on_connect
+        client.on_publish = self._on_publish
+        seqs = dict.fromkeys(self.terminals, 0)
+        need_connect, connect_started = True, 0.0
+        next_t, i = time.monotonic(), 0
+        while not self.abort.is_set():
+            if self.stop_publishing.is_set() and self.acked >= len(self.sent):
+                break
+            if need_connect:
+                port = self.ports[self.port_index % len(self.ports)]
+                try:
+                    client.connect(self.host, port, keepalive=5)
+                except OSError:
+                    self.port_index += 1
+                    self.abort.wait(0.05)  # that node is down: try the next one
+                    continue
+                self.ports_used.append(port)
+                need_connect, connect_started = False, time.monotonic()
+            rc = client.loop(timeout=0.005)
+            lost = rc != paho.MQTT_ERR_SUCCESS
+            if not lost and not self.connected.is_set() and time.monotonic() - connect_started > 10:
+                lost = True  # connected over TCP but no CONNACK: the node is not serving MQTT
+            if lost:
+                self.connected.clear()
+                self.reconnects += 1
+                self.port_index += 1
+                need_connect = True
+                continue
+            if self.stop_publishing.is_set():
+                continue
+            now = time.monotonic()
+            while now >= next_t:
+                tid = self.terminals[i % len(self.terminals)]
+                i += 1
+                seqs[tid] += 1
+                client.publish(f"pos/v1/{tid}/heartbeat", healthy_heartbeat(tid, seqs[tid], self.interval_s), qos=1)
+                self.sent.append((tid, seqs[tid]))
+                next_t += 1.0 / self.rate
+        client.disconnect()
+        client.loop(timeout=0.05)
+
+
+class FailoverPublisher:
+    """Terminals sending healthy QoS 1 heartbeats to the cluster's MQTT ports, over `connections` paho clients
+    spread over the nodes, each moving to another node when its own goes away. Records every (terminal, seq)
+    handed to paho, so a test can check each one is in the stream."""
+
+    def __init__(self, ports: Sequence[int], terminals: Sequence[str], connections: int = 3, rate: float = 300.0,
+                 interval_s: float = 1.0, host: str = "127.0.0.1", client_prefix: str = "pub",
+                 clean_session: bool = True) -> None:
+        self._stop = threading.Event()
+        self._abort = threading.Event()
+        per_conn = rate / connections
+        self.connections = [
+            _Connection(f"{client_prefix}-{j}", host, ports, j, terminals[j::connections], per_conn, interval_s,
+                        self._stop, self._abort, clean_session)
+            for j in range(connections)
+        ]
+
+    def start(self) -> FailoverPublisher:
+        """Connect and start publishing; returns when every connection has its CONNACK."""
+        for c in self.connections:
+            c.start()
+        for c in self.connections:
+            wait_until(lambda c=c: c.connected.is_set() or c.error, 30, f"{c.client_id} connected")
+        self.check()
+        return self
+
+    @property
+    def sent(self) -> list[tuple[str, int]]:
+        """Every (terminal, seq) handed to paho so far."""
+        return [m for c in self.connections for m in c.sent]
+
+    @property
+    def acked(self) -> int:
+        """PUBACKs received."""
+        return sum(c.acked for c in self.connections)
+
+    @property
+    def reconnects(self) -> int:
+        """Connections lost and re-made (to another node)."""
+        return sum(c.reconnects for c in self.connections)
+
+    def check(self) -> None:
+        """Raise what a connection thread raised."""
+        for c in self.connections:
+            if c.error is not None:
+                raise RuntimeError(f"{c.client_id} failed") from c.error
+
+    def finish(self, timeout: float = 60.0) -> None:
+        """Stop publishing, wait until every message sent is acknowledged and the connections are closed."""
+        self._stop.set()
+        for c in self.connections:
+            c.join(timeout)
+            if c.is_alive():
+                self._abort.set()
+                raise TimeoutError(f"{c.client_id}: {len(c.sent) - c.acked} messages never acknowledged")
+        self.check()
+
+    def close(self) -> None:
+        """Abort (teardown): no waiting for acknowledgements."""
+        self._abort.set()
+        for c in self.connections:
+            c.join(10)
+
+
+def heartbeat_identities(messages: Sequence[StoredMessage]) -> Counter[tuple[str, int]]:
+    """How often each (terminal, seq) is in `messages`' heartbeats (more than once: an MQTT redelivery)."""
+    return Counter((m.terminal_id, int(json.loads(m.data)["seq"])) for m in messages
+                   if m.subject.endswith(".heartbeat"))

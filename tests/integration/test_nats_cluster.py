@@ -1,0 +1,156 @@
+"""The three-node NATS JetStream cluster that posfleet scales out on (tests/harness/nats.py, deploy/nats/).
+
+What the collectors rely on, checked against real nats-server processes: the streams are replicated on every
+node, the server's partition mapping puts all of one terminal's messages (heartbeat, retained status, last will)
+in partition `fnv1a_32(terminal_id) % N`, and terminals publishing over MQTT lose no heartbeat when a node is
+stopped or killed under load (they reconnect to another node's MQTT port; duplicates are allowed and counted).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+
+from tests.harness.core import wait_until
+from tests.harness.nats import (
+    FEED_STREAM,
+    PARTITION_STREAM,
+    FailoverPublisher,
+    NatsCluster,
+    heartbeat_identities,
+    partition_of,
+)
+
+pytestmark = pytest.mark.integration
+
+# Ids of every shape the protocol allows ([A-Za-z0-9_-]{1,64}), so the hash is checked over more than T%07d.
+TERMINALS = [f"T{i:07d}" for i in range(24)] + ["a", "Z9", "pos-terminal_0042", "x" * 64, "-_-", "0", "ACQ-7-42"]
+
+
+def _mqtt_client(client_id: str, port: int, will: tuple[str, bytes] | None = None) -> paho.Client:
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+    if will:
+        client.will_set(will[0], will[1], qos=1, retain=True)
+    client.connect("127.0.0.1", port, keepalive=5)
+    client.loop_start()
+    wait_until(client.is_connected, 15, f"{client_id} connected")
+    return client
+
+
+def test_streams_are_replicated_on_every_node(nats_cluster: NatsCluster) -> None:
+    for name in (PARTITION_STREAM, FEED_STREAM):
+        info = nats_cluster.stream_info(name)
+        assert info.config.num_replicas == 3
+        assert info.cluster is not None and info.cluster.leader is not None
+        peers = {info.cluster.leader} | {r.name for r in info.cluster.replicas or []}
+        assert peers == {n.name for n in nats_cluster.nodes}
+
+    # Published to one node's MQTT port, held by every node's own replica.
+    client = _mqtt_client("replication-check", nats_cluster.mqtt_ports[2])
+    try:
+        infos = [client.publish(f"pos/v1/T{i:07d}/heartbeat", b"{}", qos=1) for i in range(50)]
+        for info in infos:
+            info.wait_for_publish(15)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    for node in nats_cluster.nodes:
+        wait_until(lambda node=node: node.local_messages(PARTITION_STREAM) == 50, 20, f"{node.name} holds 50")
+
+
+def test_mapping_puts_every_message_of_a_terminal_in_its_fnv1a_partition(nats_cluster: NatsCluster) -> None:
+    n = nats_cluster.partitions
+    ports = nats_cluster.mqtt_ports
+    sender = _mqtt_client("mapping-sender", ports[0])
+    try:
+        for tid in TERMINALS:
+            sender.publish(f"pos/v1/{tid}/heartbeat", b'{"seq":1}', qos=1).wait_for_publish(15)
+            sender.publish(f"pos/v1/{tid}/status", b'{"state":"online"}', qos=1, retain=True).wait_for_publish(15)
+            sender.publish(f"pos/v1/{tid}/txn", b'{"n":1}', qos=1).wait_for_publish(15)
+    finally:
+        sender.disconnect()
+        sender.loop_stop()
+
+    # Last wills: a terminal's connection drops without DISCONNECT; the node it was on publishes its will.
+    dying = TERMINALS[:6]
+    for j, tid in enumerate(dying):
+        will = (f"pos/v1/{tid}/status", b'{"state":"offline","reason":"connection_lost"}')
+        client = _mqtt_client(f"will-{tid}", ports[j % len(ports)], will)
+        client.loop_stop()
+        sock = client.socket()
+        assert sock is not None
+        sock.close()  # TCP gone, no DISCONNECT packet: the broker must send the will
+
+    expected = 3 * len(TERMINALS) + len(dying)
+    wait_until(lambda: nats_cluster.stream_info().state.messages >= expected, 30, f"{expected} messages stored")
+    messages = nats_cluster.messages()
+    assert len(messages) == expected, [m.subject for m in messages]
+
+    by_terminal: dict[str, set[int]] = {}
+    kinds: dict[str, list[str]] = {}
+    for m in messages:
+        by_terminal.setdefault(m.terminal_id, set()).add(m.partition)
+        kinds.setdefault(m.terminal_id, []).append(m.subject.rsplit(".", 1)[1])
+    assert set(by_terminal) == set(TERMINALS)
+    for tid, partitions in by_terminal.items():
+        assert partitions == {partition_of(tid, n)}, tid
+    wills = [m for m in messages if b"connection_lost" in m.data]
+    assert sorted(m.terminal_id for m in wills) == sorted(dying)
+    assert all(m.partition == partition_of(m.terminal_id, n) for m in wills)
+    # The ids spread: a hash that put everything in one partition would pass the equalities above by luck.
+    assert len({partition_of(t, n) for t in TERMINALS}) > n // 2
+
+
+@pytest.fixture
+def publisher(nats_cluster: NatsCluster) -> Iterator[FailoverPublisher]:
+    pub = FailoverPublisher(nats_cluster.mqtt_ports, [f"T{i:07d}" for i in range(60)], connections=3, rate=300)
+    try:
+        yield pub.start()
+    finally:
+        pub.close()
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_node_lost_under_load_loses_no_heartbeat(nats_cluster: NatsCluster, publisher: FailoverPublisher,
+                                                 how: str, tmp_path: Path) -> None:
+    # The node to lose: the partitioned stream's leader, which one publisher connection is also on.
+    info = nats_cluster.stream_info()
+    assert info.cluster is not None and info.cluster.leader is not None
+    victim = next(n.index for n in nats_cluster.nodes if n.name == info.cluster.leader)
+    on_victim = [c for c in publisher.connections if c.ports_used[-1] == nats_cluster.mqtt_ports[victim]]
+    assert on_victim, "the publishers are spread over every node"
+
+    before = len(publisher.sent)
+    wait_until(lambda: publisher.acked >= before + 600, 30, "publishing before the node is lost")
+    (nats_cluster.stop_node if how == "stop" else nats_cluster.kill_node)(victim)
+    lost_at = len(publisher.sent)
+    wait_until(lambda: all(c.ports_used[-1] != nats_cluster.mqtt_ports[victim] and c.connected.is_set()
+                           for c in on_victim), 30, "the victim's publishers on another node")
+    wait_until(lambda: publisher.acked >= lost_at + 600, 60, "publishing acknowledged after the loss")
+    publisher.check()
+    publisher.finish(60)
+
+    sent = publisher.sent
+    assert len(set(sent)) == len(sent)
+    stored = heartbeat_identities(nats_cluster.messages())
+    missing = set(sent) - set(stored)
+    assert not missing, f"{len(missing)} of {len(sent)} heartbeats lost, e.g. {sorted(missing)[:5]}"
+    assert set(stored) <= set(sent), "only what was sent is stored"
+    duplicates = sum(stored.values()) - len(stored)
+    reconnects = publisher.reconnects
+    (tmp_path / "counts.json").write_text(json.dumps(
+        {"how": how, "sent": len(sent), "stored": sum(stored.values()), "duplicates": duplicates,
+         "reconnects": reconnects}))
+    print(f"{how}: sent {len(sent)}, stored {sum(stored.values())}, duplicates {duplicates}, "
+          f"reconnects {reconnects}")
+    assert reconnects >= len(on_victim)
+
+    # The lost node comes back with its store and catches up.
+    nats_cluster.start_node(victim)
+    total = sum(stored.values())
+    wait_until(lambda: nats_cluster.nodes[victim].local_messages(PARTITION_STREAM) == total, 30,
+               "the restarted node's replica caught up")
