@@ -20,7 +20,7 @@ import json
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import nats.errors
@@ -108,12 +108,30 @@ class Keeper:
         self.kv: KeyValue | None = None
         self.obs: ObjectStore | None = None
         self.round_s = cfg.lease_ttl_s / 3
+        self._part: dict[str, int] = {}
         self.connected = False
 
-    def belongs(self, p: int) -> Callable[[str], bool]:
-        """The predicate of partition p's terminal ids."""
-        n = self.cfg.partitions
-        return lambda tid: partition_of(tid, n) == p
+    def partition(self, tid: str) -> int:
+        """The partition of a terminal id, cached: a snapshot round groups every held terminal by partition."""
+        p = self._part.get(tid)
+        if p is None:
+            p = self._part[tid] = partition_of(tid, self.cfg.partitions)
+        return p
+
+    def members_of(self, ps: Iterable[int]) -> Callable[[str], bool]:
+        """The predicate of the terminal ids of partitions `ps`."""
+        wanted, part = frozenset(ps), self.partition
+        return lambda tid: part(tid) in wanted
+
+    def _group(self, ps: Iterable[int]) -> dict[int, list[Terminal]]:
+        """The held terminals of partitions `ps`, by partition, in one pass over the fleet."""
+        groups: dict[int, list[Terminal]] = {p: [] for p in ps}
+        part = self.partition
+        for tid, t in self.fleet.terminals.items():
+            group = groups.get(part(tid))
+            if group is not None:
+                group.append(t)
+        return groups
 
     async def setup(self) -> None:
         """Open (creating when missing) the lease bucket and the state object store."""
@@ -160,13 +178,13 @@ class Keeper:
                 self.metrics.renew_failures.inc()
                 self.metrics.lost.inc()
                 log.error("lease of partition %d lost (expired and taken, or deleted): dropping it", p)
-                await self._drop(p)
+                await self._drop([p])
         leases, members = await self._read()
         decision = plan(self.instance, self.cfg.partitions, leases, members)
-        for p in decision.release:
-            await self.release(p)
-        for p in decision.take:
-            await self.take(p)
+        if decision.release:
+            await self.release(decision.release)
+        if decision.take:
+            await self.take(decision.take)
 
     async def _read(self) -> tuple[dict[int, str], dict[str, frozenset[int]]]:
         assert self.kv is not None
@@ -196,45 +214,64 @@ class Keeper:
     async def _drop_expired(self) -> None:
         """While NATS cannot be reached, a lease not renewed within its TTL may be another's now: stop using it."""
         now = self.monotonic()
-        for p in [p for p, at in self.renewed.items() if now - at > self.cfg.lease_ttl_s]:
+        expired = [p for p, at in self.renewed.items() if now - at > self.cfg.lease_ttl_s]
+        for p in expired:
             log.error("lease of partition %d not renewed for %.1f s: dropping it", p, now - self.renewed[p])
             self.metrics.lost.inc()
-            await self._drop(p)
+        if expired:
+            await self._drop(expired)
 
-    async def _drop(self, p: int) -> None:
-        await self.reader.stop_partition(p)
-        self.fleet.release(self.belongs(p))
-        self.owned.discard(p)
-        self.reader.forget(p)
-        self.revisions.pop(p, None)
-        self.renewed.pop(p, None)
-        with contextlib.suppress(KeyError):
-            self.metrics.lag.remove(str(p))
+    async def _drop(self, ps: Sequence[int]) -> None:
+        """Stop reading partitions `ps` and forget their terminals (one recount of the fleet for all of them)."""
+        for p in ps:
+            await self.reader.stop_partition(p)
+        for t in self.fleet.release(self.members_of(ps)):
+            self._part.pop(t.tid, None)
+        for p in ps:
+            self.owned.discard(p)
+            self.reader.forget(p)
+            self.revisions.pop(p, None)
+            self.renewed.pop(p, None)
+            with contextlib.suppress(KeyError):
+                self.metrics.lag.remove(str(p))
 
     # ---- take and release ------------------------------------------------------------------------------------
-    async def take(self, p: int) -> bool:
-        """Acquire partition p's lease, adopt its state and start reading it; False when someone was first."""
-        assert self.kv is not None and self.obs is not None
+    async def take(self, ps: Sequence[int]) -> list[int]:
+        """Acquire the leases of partitions `ps` (those nobody was first to), adopt their state (one recount for
+        all of them) and start reading them; returns the partitions taken."""
+        assert self.kv is not None
+        got: list[int] = []
+        for p in ps:
+            try:
+                self.revisions[p] = await self.kv.create(f"p.{p}", self.instance.encode())
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+            self.renewed[p] = self.monotonic()
+            got.append(p)
+        if not got:
+            return got
         try:
-            rev = await self.kv.create(f"p.{p}", self.instance.encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-        self.revisions[p], self.renewed[p] = rev, self.monotonic()
-        try:
-            after, terminals, state = await self._load(p)
-            self.owned.add(p)
-            adopted = self.fleet.adopt(terminals, self.belongs(p), self.clock())
-            await self.reader.start_partition(p, after)
+            loaded = {p: await self._load(p) for p in got}
+            self.owned.update(got)
+            restored = [t for _after, terminals, _how in loaded.values() for t in terminals]
+            adopted = self.fleet.adopt(restored, self.members_of(got), self.clock())
+            for p in got:
+                await self.reader.start_partition(p, loaded[p][0])
         except BaseException:
-            # Half taken (NATS went away meanwhile): give it back now rather than hold it unread until it expires.
-            await self._drop(p)
-            with contextlib.suppress(Exception):
-                await self.kv.delete(f"p.{p}", last=rev)
+            # Half taken (NATS went away meanwhile): give them back now rather than hold them unread until expiry.
+            revisions = {p: self.revisions.get(p) for p in got}
+            await self._drop(got)
+            for p, rev in revisions.items():
+                with contextlib.suppress(Exception):
+                    await self.kv.delete(f"p.{p}", last=rev)
             raise
-        self.metrics.takeovers.labels(state).inc()
-        log.info("took partition %d: %d terminals (%s), reading from stream sequence %s", p, adopted, state,
-                 after + 1 if after is not None else "the last message per subject")
-        return True
+        for p in got:
+            after, _terminals, how = loaded[p]
+            self.metrics.takeovers.labels(how).inc()
+            log.info("took partition %d (state: %s), reading from stream sequence %s", p, how,
+                     after + 1 if after is not None else "the last message of every subject")
+        log.info("adopted %d terminals of partitions %s", adopted, got)
+        return got
 
     async def _load(self, p: int) -> tuple[int | None, list[Terminal], str]:
         """Partition p's state object: (last applied sequence, terminals, how it went)."""
@@ -250,8 +287,8 @@ class Keeper:
             return None, [], "corrupt"
         return after, terminals, "snapshot"
 
-    async def save(self, p: int) -> bool:
-        """Write partition p's state object (its terminals and the last applied sequence)."""
+    async def _save(self, p: int, terminals: list[Terminal]) -> bool:
+        """Write partition p's state object from its terminals (grouped by the caller in the same loop step)."""
         assert self.obs is not None
         applied = self.reader.applied.get(p)
         if applied is None:
@@ -259,46 +296,57 @@ class Keeper:
         renewed = self.renewed.get(p)
         if renewed is None or self.monotonic() - renewed > self.cfg.lease_ttl_s:
             return False  # the lease may have passed to another collector: its state is theirs to write
-        belongs = self.belongs(p)
-        # Encoded synchronously: no message is applied between reading `applied` and encoding the terminals.
-        data = encode_state(applied, [t for tid, t in self.fleet.terminals.items() if belongs(tid)])
-        await self.obs.put(f"p{p}", data)
+        await self.obs.put(f"p{p}", encode_state(applied, terminals))
         return True
 
     async def save_all(self) -> int:
         """Write the state of every owned partition; returns how many were written."""
+        # Encoded from one synchronous pass: no message is applied between reading a partition's last applied
+        # sequence and encoding its terminals (encode_state copies them out before the first await).
+        groups = self._group(self.owned)
+        states = {p: (self.reader.applied.get(p), encode_state(self.reader.applied.get(p) or 0, ts))
+                  for p, ts in groups.items()}
         n = 0
-        for p in sorted(self.owned):
+        for p, (applied, data) in sorted(states.items()):
+            renewed = self.renewed.get(p)
+            if applied is None or renewed is None or self.monotonic() - renewed > self.cfg.lease_ttl_s:
+                continue
             try:
-                n += await self.save(p)
+                assert self.obs is not None
+                await self.obs.put(f"p{p}", data)
+                n += 1
             except (nats.errors.Error, OSError, TimeoutError) as err:
                 log.error("cannot write the state of partition %d: %s", p, err or type(err).__name__)
         return n
 
-    async def release(self, p: int) -> None:
-        """Hand partition p over cleanly: stop reading, write its state, drop its terminals, delete the lease."""
+    async def release(self, ps: Sequence[int]) -> None:
+        """Hand partitions over cleanly: stop reading, write their state, drop their terminals, delete the leases."""
         assert self.kv is not None
-        await self.reader.stop_partition(p)
-        try:
-            await self.save(p)
-        except (nats.errors.Error, OSError, TimeoutError) as err:
-            log.error("cannot write the state of partition %d on release: %s", p, err or type(err).__name__)
-        rev = self.revisions.get(p)
-        await self._drop(p)
-        if rev is not None:
+        for p in ps:
+            await self.reader.stop_partition(p)
+        # Nothing of these partitions is applied any more: their terminals and sequences stay as they are now.
+        for p, terminals in self._group(ps).items():
+            try:
+                await self._save(p, terminals)
+            except (nats.errors.Error, OSError, TimeoutError) as err:
+                log.error("cannot write the state of partition %d on release: %s", p, err or type(err).__name__)
+        revisions = {p: self.revisions.get(p) for p in ps}
+        await self._drop(ps)
+        for p, rev in revisions.items():
+            if rev is None:
+                continue
             try:
                 await self.kv.delete(f"p.{p}", last=rev)
             except nats.errors.Error as err:
                 log.warning("lease of partition %d not deleted (%s): it expires on its own", p, err)
-        log.info("released partition %d", p)
+        log.info("released partitions %s", list(ps))
 
     async def close(self) -> None:
         """Clean shutdown: release every partition (state written) and leave the members."""
-        for p in sorted(self.owned):
-            try:
-                await self.release(p)
-            except (nats.errors.Error, OSError, TimeoutError) as err:
-                log.error("releasing partition %d failed: %s", p, err or type(err).__name__)
+        try:
+            await self.release(sorted(self.owned))
+        except (nats.errors.Error, OSError, TimeoutError) as err:
+            log.error("releasing the partitions failed: %s", err or type(err).__name__)
         if self.kv is not None:
             with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
                 await self.kv.delete(f"m.{self.instance}")

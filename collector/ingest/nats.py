@@ -1,10 +1,11 @@
 """NATS JetStream ingest: the partitions this collector owns, read by durable pull consumers, plus the acquirer feed.
 
-- The terminals' MQTT messages reach the NATS servers' MQTT gateway and are stored, mapped by the servers to
-  `<subject_prefix>.<partition>.<tid>.<kind>`, in one stream (limits retention: a replay source after an outage or
-  a takeover). Per owned partition one durable pull consumer `posfleet-p<N>` with AckPolicy.ALL: acknowledging
-  the last applied message of a partition acknowledges everything before it, so acks stay one per partition and
-  batch (FIELD-NOTES: per-message acks with a small max_ack_pending read 504 msg/s instead of 30k).
+- The terminals' MQTT messages reach the NATS servers' MQTT gateway, are mapped by the servers to
+  `<subject_prefix>.<partition>.<tid>.<kind>` and stored in one stream (collector/cluster/streams.py: sourced from
+  the gateway's own stream, limits retention: a replay source after an outage or a takeover). Per owned
+  partition one durable pull consumer `posfleet-p<N>` with AckPolicy.ALL: acknowledging the last applied message
+  of a partition acknowledges everything before it, so acks stay one per partition and batch (FIELD-NOTES:
+  per-message acks with a small max_ack_pending read 504 msg/s instead of 30k).
 - Acknowledged only after the collector applied the message (the app's sliding `ack`), and the last applied
   stream sequence per partition is kept (`applied`): the partition's snapshot records it, and the next owner
   replays from the one after.
@@ -33,9 +34,10 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from collector.cluster.partition import topic_of
+from collector.cluster.streams import FEED_SUBJECT, MQTT_MESSAGES_STREAM, stream_configs
 from collector.config import NatsConfig
 from collector.ingest.source import IngestMetrics
 
@@ -159,8 +161,8 @@ class NatsIngest:
         self.metrics.mqtt_connected.set(1)
         self.metrics.mqtt_connects.inc()
         self.js = self.nc.jetstream(timeout=self.cfg.api_timeout_s)
-        await self._ensure_stream(self.cfg.stream, [f"{self.cfg.subject_prefix}.>"])
-        await self._ensure_stream(self.cfg.feed_stream, ["acquirer.v1.>"])
+        for stream in stream_configs(self.cfg):
+            await self._ensure_stream(stream)
         log.info("NATS connected to %s; stream %s, %d partitions", self.nc.connected_url.netloc
                  if self.nc.connected_url else "?", self.cfg.stream, self.cfg.partitions)
         self._tasks.append(asyncio.create_task(self._acker(), name="nats-ack"))
@@ -182,20 +184,17 @@ class NatsIngest:
                 await self.nc.close()
         self.metrics.mqtt_connected.set(0)
 
-    async def _ensure_stream(self, name: str, subjects: list[str]) -> None:
+    async def _ensure_stream(self, config: StreamConfig) -> None:
         """Create the stream when it is missing (an existing one is left as the operator made it)."""
-        assert self.js is not None
+        assert self.js is not None and config.name is not None
         try:
-            await self.js.stream_info(name)
+            await self.js.stream_info(config.name)
             return
         except nats.js.errors.NotFoundError:
             pass
-        max_bytes = self.cfg.stream_max_bytes if self.cfg.stream_max_bytes > 0 else -1
-        await self.js.add_stream(StreamConfig(
-            name=name, subjects=subjects, retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-            num_replicas=self.cfg.replicas, max_age=self.cfg.stream_max_age_s, max_bytes=max_bytes,
-        ))
-        log.info("created stream %s (%s, %d replicas)", name, ", ".join(subjects), self.cfg.replicas)
+        await self.js.add_stream(config)
+        log.info("created stream %s (sourced from the MQTT gateway's %s, %d replicas)", config.name,
+                 MQTT_MESSAGES_STREAM, self.cfg.replicas)
 
     @property
     def subscribed(self) -> bool:
@@ -315,7 +314,7 @@ class NatsIngest:
         while True:
             try:
                 sub = await self.js.pull_subscribe(
-                    "acquirer.v1.>", durable=name, stream=self.cfg.feed_stream,
+                    FEED_SUBJECT, durable=name, stream=self.cfg.feed_stream,
                     # A collector gone for good (a renamed host) leaves no consumer behind for ever.
                     config=ConsumerConfig(ack_policy=AckPolicy.ALL, ack_wait=ACK_WAIT_S,
                                           max_ack_pending=self.cfg.max_ack_pending, deliver_policy=DeliverPolicy.NEW,
