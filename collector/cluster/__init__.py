@@ -1,4 +1,48 @@
 """Partitioned collectors on a NATS JetStream cluster (issue 12): which terminals are whose, and failover.
 
-(See the end of this docstring for what is and is not done.)
+    terminals --MQTT--> NATS MQTT gateway --mapping--> posp.<p>.<tid>.<kind> --source--> stream POSP
+    collector: lease p in KV -> state of p from the object store -> consumer posfleet-p<p> from seq + 1
+
+- `partition.py` (pure): p = fnv1a_32(tid) % N, what the servers' `{{partition(N,1)}}` mapping computes (checked
+  against a real cluster); the subject back to the MQTT topic ('//' -> '.') for protocol.decode, unchanged.
+- `streams.py`: the two stream definitions (POSP partitioned, FEED the acquirer feeds), sourced from the gateway's
+  `$MQTT_msgs` so that what the gateway PUBACKed is never lost to a leader change.
+- `ownership.py` (pure): who takes and releases what, from the leases and live members read from KV.
+- `keeper.py` (I/O, supervised by the app): leases `p.<N>` and members `m.<instance>` in KV bucket
+  `posfleet_leases` (bucket TTL = `nats.lease_ttl_s`; create = acquire, update with the last revision = renew,
+  delete = clean release), state objects `p<N>` in object store `posfleet_state` (last applied stream sequence +
+  the snapshot encoding of the partition's terminals, written every `state.snapshot_interval_s`, on release and
+  on shutdown), adoption into the Fleet (a full offline period from adoption: no false offline storm while the
+  stream is replayed), self-metrics (`posfleet_cluster_*`).
+- collector/ingest/nats.py reads the owned partitions (durable pull consumers, AckPolicy.ALL, acknowledged after
+  the batch is applied, rx = the stored timestamp) and the whole acquirer feed (one durable consumer per
+  collector); collector/app.py wires it (`ingest.source: nats`), `/readyz` is unready while it owns no partition,
+  cannot reach NATS or cannot renew its leases.
+
+Design decisions beyond the brief, and why:
+- The streams are sourced from `$MQTT_msgs`, not capturing `posp.>`: H12b measured acknowledged heartbeats lost
+  by a capturing stream during a leader change.
+- Partition ownership modes: `lease` (default, failover) and `static` (exactly the partitions of `shard: i/K`,
+  nobody takes them over; the durable consumers keep their position and the local snapshot file is used, as
+  with MQTT). In lease mode `shard` is only a preference, and the local snapshot file is not used.
+- Takeover replays from the state object's sequence + 1 even when the dead owner's consumer acknowledged more:
+  the state we hold is the object's, so what came after it must be applied again (duplicates of the newest
+  heartbeat are recognised by seq). A partition with no state object starts from the last message of every
+  subject (DeliverPolicy.LAST_PER_SUBJECT): every terminal's newest heartbeat and status, not 24 h of stream.
+- A collector releases partitions above its fair share, or preferred by a live member with room, a few per
+  round; it never takes a free partition that a live member with room prefers (no churn between two).
+- A collector whose lease renewal failed drops the partition at once and never writes its state again (the
+  new owner's); a state write also needs a renewal within the TTL.
+
+Done: partition function, config section (`ingest.source`, `nats:`, every problem at check-config time), static
+shards, leases + state objects + takeover + hand-back on rejoin, acquirer feed read by every collector
+(records of terminals owned elsewhere counted `elsewhere`), metrics (owned partitions, pending per partition,
+renew failures, leases lost, takeovers by state), tests (tests/unit/test_cluster_*.py,
+tests/integration/test_nats_collectors.py: every fault on its owner, kill -9 -> served again in ~7 s, 0 lost).
+
+Not done (later work): API forwarding across collectors (a terminal is answered only by its owner), fleet-level
+conditions across shards (mass_offline and upstream_feed_stale are per collector: a site spread over shards is
+judged per shard, and every collector reports the feed's staleness), Prometheus rules and dashboards
+aggregated over instances, KV reads by watcher instead of a keys()+get() scan per round, a registry reload
+computes the partition of every registered id (about 2 s per million ids in Python).
 """
