@@ -8,9 +8,11 @@ stopped or killed under load (they reconnect to another node's MQTT port; duplic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from tests.harness.nats import (
     PARTITION_STREAM,
     FailoverPublisher,
     NatsCluster,
+    delivery_delays,
     heartbeat_identities,
     nats_server_binary,
     partition_of,
@@ -141,7 +144,8 @@ def test_node_lost_under_load_loses_no_heartbeat(nats_cluster: NatsCluster, publ
 
     sent = publisher.sent
     assert len(set(sent)) == len(sent)
-    stored = heartbeat_identities(nats_cluster.messages())
+    messages, caught_up_s = nats_cluster.wait_heartbeats(sent)
+    stored = heartbeat_identities(messages)
     missing = set(sent) - set(stored)
     assert not missing, f"{len(missing)} of {len(sent)} heartbeats lost, e.g. {sorted(missing)[:5]}"
     assert set(stored) <= set(sent), "only what was sent is stored"
@@ -149,9 +153,9 @@ def test_node_lost_under_load_loses_no_heartbeat(nats_cluster: NatsCluster, publ
     reconnects = publisher.reconnects
     (tmp_path / "counts.json").write_text(json.dumps(
         {"how": how, "sent": len(sent), "stored": sum(stored.values()), "duplicates": duplicates,
-         "reconnects": reconnects}))
+         "reconnects": reconnects, "caught_up_s": caught_up_s}))
     print(f"{how}: sent {len(sent)}, stored {sum(stored.values())}, duplicates {duplicates}, "
-          f"reconnects {reconnects}")
+          f"reconnects {reconnects}, stream complete {caught_up_s:.1f} s after the last PUBACK")
     assert reconnects >= len(on_victim)
 
     # The lost node comes back with its store and catches up.
@@ -260,3 +264,93 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit.write_text(text.replace("/opt/posfleet/venv/bin/nats-server", nats_server_binary()))
     result = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+# ------------------------------------------------------------------------------ with the partitioned collectors
+
+
+class AgeWatch:
+    """Polls the collectors' APIs in a thread: the oldest `last_heartbeat_age_s` of any terminal, per poll."""
+
+    def __init__(self, ports: list[int], step: float = 0.5) -> None:
+        self.ports, self.step = ports, step
+        self.oldest: list[float] = [0.0]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="age-watch", daemon=True)
+
+    def _run(self) -> None:
+        from tests.harness.core import terminal_views
+
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, AssertionError):
+                ages = [v["last_heartbeat_age_s"] or 0.0 for p in self.ports for v in terminal_views(p).values()]
+                self.oldest.append(max(ages, default=0.0))
+            self._stop.wait(self.step)
+
+    def __enter__(self) -> AgeWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_node_stopped_under_load_no_false_alert_on_the_collectors(nats_cluster: NatsCluster, tmp_path: Path) -> None:
+    # Imported here: the collector helpers belong to the collectors' own test module.
+    from tests.faults import ConditionWatch, metric_sample
+    from tests.harness.core import terminal_views
+    from tests.integration.test_nats_collectors import nats_collector
+
+    tids = [f"T{i:07d}" for i in range(1500)]
+    registry = tmp_path / "terminals.csv"
+    registry.write_text("terminal_id,merchant_id,acquirer,model,site,region\n" + "".join(
+        f"{t},M{i // 10:05d},acq-{'ab'[i % 2]},A920,site{i // 30},r1\n" for i, t in enumerate(tids)))
+    n = nats_cluster.partitions
+    collectors = [nats_collector(tmp_path / f"c{i}", nats_cluster, registry, f"c{i}", ownership="lease",
+                                 shard=f"{i}/2", lease_ttl_s=6) for i in (0, 1)]
+    # Every terminal every 5 s (300 heartbeats/s), offline after 15 s of silence: the same ratio of failover time
+    # (a few seconds, printed below) to offline threshold as 30 s heartbeats give in production (90 s), with
+    # room for a leader election on two busy cores. At 1 s heartbeats (3 s) the box alone raised offline.
+    interval = 5.0
+    publisher = FailoverPublisher(nats_cluster.mqtt_ports, tids, connections=3, rate=len(tids) / interval,
+                                  interval_s=interval)
+    try:
+        publisher.start()
+
+        def settled() -> bool:
+            heard = [tid for c in collectors for tid, view in terminal_views(c.port).items()
+                     if view["last_heartbeat_received"] is not None]
+            return (all(metric_sample(c.port, "posfleet_cluster_partitions_owned") == n / 2 for c in collectors)
+                    and sorted(heard) == sorted(tids))  # each by exactly one collector
+
+        wait_until(settled, 60, "partitions shared out, every terminal heard")
+        with ConditionWatch(collectors[0].port, tids) as watch0, ConditionWatch(collectors[1].port, tids) as watch1, \
+                AgeWatch([c.port for c in collectors]) as ages:
+            wait_until(lambda: watch0.polls >= 2 and watch1.polls >= 2, 20, "the watches running")
+            assert not watch0.seen and not watch1.seen, f"raised before the stop: {watch0.seen} {watch1.seen}"
+            info = nats_cluster.stream_info()
+            assert info.cluster is not None
+            victim = next(x.index for x in nats_cluster.nodes if x.name == info.cluster.leader)
+            nats_cluster.stop_node(victim)
+            lost_at = len(publisher.sent)
+            # 20 s of heartbeats after the stop, all acknowledged: more than an offline threshold.
+            wait_until(lambda: publisher.acked >= lost_at + 6000, 90, "20 s of heartbeats after the stop")
+            polls = (watch0.polls, watch1.polls)
+            wait_until(lambda: watch0.polls >= polls[0] + 2 and watch1.polls >= polls[1] + 2, 20, "two more polls")
+        publisher.finish(60)
+        messages, _ = nats_cluster.wait_heartbeats(publisher.sent)
+        stored = heartbeat_identities(messages)
+        missing = set(publisher.sent) - set(stored)
+        delays = delivery_delays(messages)
+        print(f"\nnode stop under load: {len(publisher.sent)} heartbeats, {len(missing)} lost; delay to the stream "
+              f"p50 {delays[len(delays) // 2]:.3f} s, p99 {delays[int(len(delays) * 0.99)]:.3f} s, "
+              f"max {delays[-1]:.2f} s; oldest heartbeat age the collectors showed {max(ages.oldest):.1f} s")
+        assert not missing, f"{len(missing)} acknowledged heartbeats not in the stream"
+        assert not watch0.seen and not watch1.seen, f"raised during the node stop: {watch0.seen} {watch1.seen}"
+        for c in collectors:
+            c.require_alive()
+    finally:
+        publisher.close()
+        for c in collectors:
+            c.stop()
