@@ -217,8 +217,8 @@ class Collector:
                     self.cfg.nats, self.cfg.mqtt.topic_prefix, self.metrics, self.instance, self.cfg.mqtt.queue_size))
                 self.ingest = self.nats
                 if self.cfg.nats.ownership == "lease":
-                    assert self.nats.js is not None
-                    self.keeper = Keeper(self.nats.js, self.cfg.nats, self.instance, self.fleet, self.nats,
+                    assert self.nats.nc is not None
+                    self.keeper = Keeper(self.nats.nc, self.cfg.nats, self.instance, self.fleet, self.nats,
                                          self.partitions, ClusterMetrics(self.prom_registry), self.monotonic,
                                          self.clock)
                     await self.keeper.setup()
@@ -424,6 +424,11 @@ class Collector:
                 log.warning("hearing the broker again after %.1f s: silence is measured from %.1f s from now, every "
                             "terminal gets a full offline period after that", deaf_for, grace)
             self.fleet.started_at = max(self.fleet.started_at, now + grace)
+            if self.nats is not None:
+                # The feed's records of uploads made meanwhile may still be on their way (its consumer recovers on
+                # its own): upstream_missing gets its full grace from now, as silence does.
+                for feed in self.fleet.feeds.values():
+                    feed.alive_since = max(feed.alive_since, now + grace)
         self._emit(self.fleet.tick(now))
 
     def hearing(self) -> bool:
@@ -493,6 +498,8 @@ class Collector:
                 problems.append("NATS ingest tasks ended")
             elif not self.nats.owned():
                 problems.append("owns no partition")
+            if self.nats.deaf:
+                problems.append(f"NATS does not answer for partitions {sorted(self.nats.deaf)} (-1: the acquirer feed)")
             if self.keeper is not None and not self.keeper.connected:
                 problems.append("cannot renew partition leases in NATS KV")
         elif self.ingest is None or not self.ingest.subscribed:

@@ -2,8 +2,10 @@
 
 Every round (a third of the lease TTL) the keeper
 1. renews its member key `m.<instance>` and each of its leases `p.<N>` (update with the last revision: only the
-   holder can renew; a failed renewal means someone else holds it now, and the partition is dropped at once,
-   without writing its state, which belongs to the new owner);
+   holder can renew). A lease not renewed within its TTL (KV unreachable) is dropped: another collector may hold
+   it by now. A renewal refused because the lease expired is taken again if it is still free and its consumer
+   is still ours; otherwise someone else holds it, and the partition is dropped at once, without writing its
+   state, which belongs to the new owner. State objects are written only within a TTL of a renewal;
 2. reads every lease and member and asks `ownership.plan` what to take and release;
 3. takes a partition: create its lease (fails if anybody holds it), load its state object (the snapshot encoding
    of its terminals + the last applied stream sequence), adopt the terminals into the Fleet (a full offline
@@ -25,6 +27,7 @@ from typing import Protocol
 
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
@@ -59,8 +62,8 @@ def decode_state(data: bytes) -> tuple[int, list[Terminal]]:
 class PartitionReader(Protocol):
     """What the keeper needs from the ingest (collector.ingest.nats.NatsIngest has it)."""
 
-    applied: dict[int, int]
     pending: dict[int, int]
+    stolen: set[int]  # partitions whose consumer another collector recreated
 
     async def start_partition(self, p: int, after_seq: int | None, *, keep_position: bool = False) -> None:
         """Start reading partition p after stream sequence `after_seq`."""
@@ -72,6 +75,14 @@ class PartitionReader(Protocol):
 
     def forget(self, p: int) -> None:
         """Drop partition p's progress."""
+        ...
+
+    def position(self, p: int) -> int | None:
+        """The stream sequence up to which partition p is applied."""
+        ...
+
+    async def consumer_unchanged(self, p: int) -> bool:
+        """Whether partition p's consumer is the one this collector started reading."""
         ...
 
 
@@ -95,10 +106,13 @@ class ClusterMetrics:
 class Keeper:
     """Holds this collector's partitions: leases, state objects, adoption and release."""
 
-    def __init__(self, js: JetStreamContext, cfg: NatsConfig, instance: str, fleet: Fleet, reader: PartitionReader,
+    def __init__(self, nc: Client, cfg: NatsConfig, instance: str, fleet: Fleet, reader: PartitionReader,
                  owned: set[int], metrics: ClusterMetrics, monotonic: Callable[[], float] = time.monotonic,
                  clock: Callable[[], float] = time.time) -> None:
-        self.js, self.cfg, self.instance, self.fleet, self.reader = js, cfg, instance, fleet, reader
+        self.cfg, self.instance, self.fleet, self.reader = cfg, instance, fleet, reader
+        # KV and object store requests wait at most a round: a request lost with a dying node must not hold the
+        # round (and the renewals) for the whole API timeout.
+        self.js: JetStreamContext = nc.jetstream(timeout=max(1.0, cfg.lease_ttl_s / 3))
         self.owned = owned  # shared with the Fleet's `materialise` (the app's set)
         self.metrics = metrics
         self.monotonic, self.clock = monotonic, clock
@@ -154,12 +168,13 @@ class Keeper:
             await self.setup()
         while True:
             try:
-                await self.round()
+                # Bounded: a round stuck on a request lost with a dying node must not stop the renewals for good.
+                await asyncio.wait_for(self.round(), 3 * self.cfg.lease_ttl_s)
                 self.connected = True
             except (nats.errors.Error, OSError, TimeoutError) as err:
                 self.connected = False
                 log.warning("partition round failed: %s", err or type(err).__name__)
-                await self._drop_expired()
+            await self._drop_expired()
             self.metrics.owned.set(len(self.owned))
             for p in self.owned:
                 self.metrics.lag.labels(str(p)).set(self.reader.pending.get(p, 0))
@@ -169,16 +184,35 @@ class Keeper:
         """One round: renew, read, plan, act."""
         assert self.kv is not None
         kv = self.kv
+        stolen = sorted(self.owned & self.reader.stolen)
+        if stolen:  # another collector recreated their consumers: it owns them now
+            self.metrics.lost.inc(len(stolen))
+            log.error("partitions %s were taken over by another collector: dropping them", stolen)
+            await self._drop(stolen)
+        # Leases first, all at once (a slow answer must not hold the others past their TTL); the member key only
+        # shapes the next plan.
+        mine = sorted(self.owned)
+        results = await asyncio.gather(
+            *(kv.update(f"p.{p}", self.instance.encode(), last=self.revisions[p]) for p in mine),
+            return_exceptions=True)
+        lost: list[int] = []
+        for p, result in zip(mine, results, strict=True):
+            if isinstance(result, int):
+                self.revisions[p], self.renewed[p] = result, self.monotonic()
+                continue
+            self.metrics.renew_failures.inc()
+            if isinstance(result, (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError)):
+                if not await self._reclaim(p):
+                    lost.append(p)
+            elif isinstance(result, Exception):
+                log.warning("lease of partition %d not renewed: %s", p, result or type(result).__name__)
+            else:
+                raise result
+        if lost:
+            self.metrics.lost.inc(len(lost))
+            log.error("leases of partitions %s lost (expired and taken, or deleted): dropping them", lost)
+            await self._drop(lost)
         await kv.put(f"m.{self.instance}", json.dumps({"shard": self.cfg.shard}).encode())
-        for p in sorted(self.owned):
-            try:
-                self.revisions[p] = await kv.update(f"p.{p}", self.instance.encode(), last=self.revisions[p])
-                self.renewed[p] = self.monotonic()
-            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
-                self.metrics.renew_failures.inc()
-                self.metrics.lost.inc()
-                log.error("lease of partition %d lost (expired and taken, or deleted): dropping it", p)
-                await self._drop([p])
         leases, members = await self._read()
         decision = plan(self.instance, self.cfg.partitions, leases, members)
         if decision.release:
@@ -187,18 +221,20 @@ class Keeper:
             await self.take(decision.take)
 
     async def _read(self) -> tuple[dict[int, str], dict[str, frozenset[int]]]:
+        """Every lease and member: the bucket's subjects in one request, then their values concurrently (each
+        request bounded by the keeper's timeout; kv.keys() builds a consumer per call and can wait much longer)."""
         assert self.kv is not None
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            keys = []
+        kv, prefix = self.kv, f"$KV.{self.cfg.lease_bucket}."
+        info = await self.js.stream_info(f"KV_{self.cfg.lease_bucket}", subjects_filter=f"{prefix}>")
+        keys = [subject[len(prefix):] for subject in (info.state.subjects or {})]
+        entries = await asyncio.gather(*(kv.get(key) for key in keys), return_exceptions=True)
         leases: dict[int, str] = {}
         members: dict[str, frozenset[int]] = {}
-        for key in keys:
-            try:
-                entry = await self.kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
-                continue  # expired or deleted meanwhile
+        for key, entry in zip(keys, entries, strict=True):
+            if isinstance(entry, nats.js.errors.NotFoundError):
+                continue  # deleted (released) or expired meanwhile
+            if isinstance(entry, BaseException):
+                raise entry
             value = (entry.value or b"").decode(errors="replace")
             if key.startswith("p.") and key[2:].isdigit():
                 leases[int(key[2:])] = value
@@ -212,14 +248,33 @@ class Keeper:
         return leases, members
 
     async def _drop_expired(self) -> None:
-        """While NATS cannot be reached, a lease not renewed within its TTL may be another's now: stop using it."""
+        """A lease not renewed within its TTL may be another collector's by now: stop using it (its next owner
+        replays it from its state object, so nothing is lost, only read twice)."""
         now = self.monotonic()
-        expired = [p for p, at in self.renewed.items() if now - at > self.cfg.lease_ttl_s]
-        for p in expired:
-            log.error("lease of partition %d not renewed for %.1f s: dropping it", p, now - self.renewed[p])
-            self.metrics.lost.inc()
+        expired = sorted(p for p, at in self.renewed.items() if now - at > self.cfg.lease_ttl_s)
         if expired:
+            self.metrics.lost.inc(len(expired))
+            log.error("leases of partitions %s not renewed for a TTL (%.0f s): dropping them", expired,
+                      self.cfg.lease_ttl_s)
             await self._drop(expired)
+
+    async def _reclaim(self, p: int) -> bool:
+        """Partition p's lease expired without being renewed (KV was unreachable longer than the TTL): take it
+        again if nobody else did and nobody recreated its consumer meanwhile; our state is then still the newest."""
+        assert self.kv is not None
+        try:
+            rev = await self.kv.create(f"p.{p}", self.instance.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False  # somebody holds it now
+        if not await self.reader.consumer_unchanged(p):
+            # Taken and released by another collector meanwhile: its state object is newer than ours. Let go; the
+            # next round takes it properly (state object, replay).
+            with contextlib.suppress(Exception):
+                await self.kv.delete(f"p.{p}", last=rev)
+            return False
+        self.revisions[p], self.renewed[p] = rev, self.monotonic()
+        log.warning("lease of partition %d expired while NATS KV could not be reached; nobody took it: kept", p)
+        return True
 
     async def _drop(self, ps: Sequence[int]) -> None:
         """Stop reading partitions `ps` and forget their terminals (one recount of the fleet for all of them)."""
@@ -240,30 +295,41 @@ class Keeper:
         """Acquire the leases of partitions `ps` (those nobody was first to), adopt their state (one recount for
         all of them) and start reading them; returns the partitions taken."""
         assert self.kv is not None
+        kv = self.kv
+        created = await asyncio.gather(*(kv.create(f"p.{p}", self.instance.encode()) for p in ps),
+                                       return_exceptions=True)
         got: list[int] = []
-        for p in ps:
-            try:
-                self.revisions[p] = await self.kv.create(f"p.{p}", self.instance.encode())
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue
-            self.renewed[p] = self.monotonic()
-            got.append(p)
+        for p, result in zip(ps, created, strict=True):
+            if isinstance(result, int):
+                self.revisions[p], self.renewed[p] = result, self.monotonic()
+                got.append(p)
+            elif isinstance(result, nats.js.errors.KeyWrongLastSequenceError):
+                continue  # somebody was first
+            elif isinstance(result, Exception):
+                log.warning("lease of partition %d not created: %s", p, result or type(result).__name__)
+            else:
+                raise result
         if not got:
             return got
         try:
-            loaded = {p: await self._load(p) for p in got}
+            states = await asyncio.gather(*(self._load(p) for p in got))
+            loaded = dict(zip(got, states, strict=True))
             self.owned.update(got)
-            restored = [t for _after, terminals, _how in loaded.values() for t in terminals]
+            restored = [t for _after, terminals, _how in states for t in terminals]
             adopted = self.fleet.adopt(restored, self.members_of(got), self.clock())
-            for p in got:
-                await self.reader.start_partition(p, loaded[p][0])
+            await asyncio.gather(*(self.reader.start_partition(p, loaded[p][0]) for p in got))
+            # Taking many can outlast a lease on a busy host: renewed now, before anything counts on them.
+            renewed = await asyncio.gather(
+                *(kv.update(f"p.{p}", self.instance.encode(), last=self.revisions[p]) for p in got))
+            for p, rev in zip(got, renewed, strict=True):
+                self.revisions[p], self.renewed[p] = rev, self.monotonic()
         except BaseException:
             # Half taken (NATS went away meanwhile): give them back now rather than hold them unread until expiry.
-            revisions = {p: self.revisions.get(p) for p in got}
+            held = {p: self.revisions[p] for p in got if p in self.revisions}
             await self._drop(got)
-            for p, rev in revisions.items():
+            for p, last in held.items():
                 with contextlib.suppress(Exception):
-                    await self.kv.delete(f"p.{p}", last=rev)
+                    await kv.delete(f"p.{p}", last=last)
             raise
         for p in got:
             after, _terminals, how = loaded[p]
@@ -290,9 +356,9 @@ class Keeper:
     async def _save(self, p: int, terminals: list[Terminal]) -> bool:
         """Write partition p's state object from its terminals (grouped by the caller in the same loop step)."""
         assert self.obs is not None
-        applied = self.reader.applied.get(p)
+        applied = self.reader.position(p)
         if applied is None:
-            return False  # nothing applied yet and nothing restored: no state worth a write
+            return False  # nothing read yet and nothing restored: no state worth a write
         renewed = self.renewed.get(p)
         if renewed is None or self.monotonic() - renewed > self.cfg.lease_ttl_s:
             return False  # the lease may have passed to another collector: its state is theirs to write
@@ -304,7 +370,7 @@ class Keeper:
         # Encoded from one synchronous pass: no message is applied between reading a partition's last applied
         # sequence and encoding its terminals (encode_state copies them out before the first await).
         groups = self._group(self.owned)
-        states = {p: (self.reader.applied.get(p), encode_state(self.reader.applied.get(p) or 0, ts))
+        states = {p: (self.reader.position(p), encode_state(self.reader.position(p) or 0, ts))
                   for p, ts in groups.items()}
         n = 0
         for p, (applied, data) in sorted(states.items()):

@@ -48,10 +48,16 @@ log = logging.getLogger(__name__)
 FEED = -1  # the `partition` of an acquirer feed message
 # An unapplied message is redelivered after this long: far above the time a full queue takes to drain.
 ACK_WAIT_S = 60.0
+# Unsubscribing and acknowledging are local writes; while the client reconnects they can wait on its buffers:
+# never longer than this (an acknowledgement lost that way only means a redelivery).
+IO_TIMEOUT_S = 2.0
 # The feed consumer of a collector that has not read for this long is deleted by the server.
 FEED_INACTIVE_S = 24 * 3600.0
-# How long one fetch waits on the server for a partition with nothing new (a long poll, cheap).
-FETCH_WAIT_S = 2.0
+# How long one fetch waits on the server for a partition with nothing new (a long poll, cheap), and how often the
+# server says it is still there meanwhile: a fetch that hears nothing at all, not even that, marks the partition
+# deaf (its consumer's leader is gone) within two waits.
+FETCH_WAIT_S = 1.5
+FETCH_HEARTBEAT_S = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +100,16 @@ def connect_options(cfg: NatsConfig, name: str) -> dict[str, Any]:
 
 
 class _Partition:
-    """One owned partition: its pull subscription and fetch task."""
+    """One consumer being read (an owned partition, or FEED): its pull subscription, fetch task and the consumer
+    sequence of the last delivery (a jump means a delivery was lost on the way, see `_fetch`)."""
 
-    __slots__ = ("number", "sub", "task")
+    __slots__ = ("cseq", "number", "resync", "sub", "task")
 
     def __init__(self, number: int, sub: JetStreamContext.PullSubscription) -> None:
         self.number, self.sub = number, sub
         self.task: asyncio.Task[None] | None = None
+        self.cseq: int | None = None
+        self.resync = False  # a delivery was lost: recreate the consumer before fetching again
 
 
 class NatsIngest:
@@ -122,6 +131,16 @@ class NatsIngest:
         self._parts: dict[int, _Partition] = {}
         self.applied: dict[int, int] = {}  # partition -> last applied (and acknowledged) stream sequence
         self.pending: dict[int, int] = {}  # partition -> messages left in the stream after the last one fetched
+        # Partitions (and FEED) whose last fetch got no answer from the server or failed: while any is deaf the
+        # collector is not `subscribed`, so a silence it cannot hear raises nothing (as with a lost MQTT broker).
+        self.deaf: set[int] = set()
+        self.created: dict[int, object] = {}  # partition -> creation time of the consumer we read (who made it)
+        # partition -> the stream's last sequence when it was started from the newest message of every subject:
+        # what comes after is all delivered, in order, after those.
+        self.floor: dict[int, int] = {}
+        self.feed_consumer = f"posfleet-feed-{instance}"
+        self.resyncs = 0  # consumers recreated after a lost delivery
+        self.stolen: set[int] = set()  # partitions another collector took over (their consumer is not ours)
         self._acks: dict[int, Msg] = {}
         self._ack_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -198,16 +217,18 @@ class NatsIngest:
 
     @property
     def subscribed(self) -> bool:
-        """Connected and reading at least one partition: only then is a silence of our terminals evidence."""
-        return self.nc is not None and self.nc.is_connected and bool(self._parts)
+        """Connected, reading at least one partition and hearing all of them: only then is a silence of our
+        terminals evidence."""
+        return self.nc is not None and self.nc.is_connected and bool(self._parts) and not self.deaf
 
     def connected(self) -> bool:
         """The NATS connection is up."""
         return self.nc is not None and self.nc.is_connected
 
     def thread_alive(self) -> bool:
-        """The connection is not closed for good and the background tasks run."""
-        return self.nc is not None and not self.nc.is_closed and all(not t.done() for t in self._tasks)
+        """The connection is not closed for good and the background tasks (and every partition's reader) run."""
+        return (self.nc is not None and not self.nc.is_closed and all(not t.done() for t in self._tasks)
+                and all(part.task is not None and not part.task.done() for part in self._parts.values()))
 
     def owned(self) -> frozenset[int]:
         """The partitions being read."""
@@ -219,37 +240,55 @@ class NatsIngest:
         return f"posfleet-p{p}"
 
     async def start_partition(self, p: int, after_seq: int | None, *, keep_position: bool = False) -> None:
-        """Read partition p: from stream sequence `after_seq` + 1 (its snapshot's), or, without one, from where the
-        durable consumer stands (`keep_position`, static shards) or from the last message of every subject."""
+        """Read partition p from stream sequence `after_seq` + 1 (its state object's).
+
+        Without one: `keep_position` (static shards) reads on from where the durable consumer stands. Otherwise
+        an existing consumer's ack floor is where the previous owner got to (it died before its first state
+        write): replay after it. With no consumer either (a new stream), the newest message of every subject,
+        then what follows; `position` then counts from the stream's last sequence at that moment, so a release
+        before anything was applied still records where the next owner must start.
+        """
         assert self.js is not None
         if p in self._parts:
             return
         name = self.consumer_name(p)
-        existing = True
         try:
-            await self.js.consumer_info(self.cfg.stream, name)
+            info = await self.js.consumer_info(self.cfg.stream, name)
         except nats.js.errors.NotFoundError:
-            existing = False
-        if existing and not (keep_position and after_seq is None):
+            info = None
+        if info is not None and not (keep_position and after_seq is None):
+            if after_seq is None and info.ack_floor is not None and (info.ack_floor.stream_seq or 0) > 0:
+                after_seq = info.ack_floor.stream_seq
             # Whatever the consumer's ack floor says, the state we hold is the snapshot's: replay from there.
             await self.js.delete_consumer(self.cfg.stream, name)
-            existing = False
-        if not existing:
+            info = None
+        if info is None:
+            config = self._partition_config(p)
             if after_seq is not None:
-                policy, start = DeliverPolicy.BY_START_SEQUENCE, after_seq + 1
+                config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, after_seq + 1
             else:
                 # No state: the newest heartbeat and status of every terminal, then what follows.
-                policy, start = DeliverPolicy.LAST_PER_SUBJECT, None
-            await self.js.add_consumer(self.cfg.stream, ConsumerConfig(
-                name=name, durable_name=name, filter_subject=f"{self.cfg.subject_prefix}.{p}.>",
-                ack_policy=AckPolicy.ALL, ack_wait=ACK_WAIT_S, max_ack_pending=self.cfg.max_ack_pending,
-                deliver_policy=policy, opt_start_seq=start, max_waiting=16,
-            ))
+                self.floor[p] = (await self.js.stream_info(self.cfg.stream)).state.last_seq
+            await self.js.add_consumer(self.cfg.stream, config)
+            info = await self.js.consumer_info(self.cfg.stream, name)
+        self.created[p] = info.created
         sub = await self.js.pull_subscribe_bind(consumer=name, stream=self.cfg.stream)
         part = self._parts[p] = _Partition(p, sub)
         if after_seq is not None:
             self.applied[p] = after_seq
         part.task = asyncio.create_task(self._fetch(part), name=f"nats-p{p}")
+        part.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("NATS reader %s died", task.get_name(), exc_info=task.exception())
+
+    def position(self, p: int) -> int | None:
+        """The stream sequence up to which partition p is applied (None: unknown, nothing read yet)."""
+        applied, floor = self.applied.get(p), self.floor.get(p)
+        if applied is None:
+            return floor
+        return applied if floor is None else max(applied, floor)
 
     async def stop_partition(self, p: int) -> None:
         """Stop reading partition p; its fetched but unapplied messages are dropped (the next reader replays them
@@ -264,14 +303,28 @@ class NatsIngest:
         if any(i.partition == p for i in self._queue):
             self._queue = collections.deque(i for i in self._queue if i.partition != p)
         with contextlib.suppress(Exception):
-            await part.sub.unsubscribe()
+            await asyncio.wait_for(part.sub.unsubscribe(), IO_TIMEOUT_S)
         self.pending.pop(p, None)
+        self.deaf.discard(p)
         await self._flush_acks()
 
     def forget(self, p: int) -> None:
         """Drop what is known of partition p's progress (after it was released)."""
         self.applied.pop(p, None)
         self._acks.pop(p, None)
+        self.created.pop(p, None)
+        self.floor.pop(p, None)
+        self.stolen.discard(p)
+
+    async def consumer_unchanged(self, p: int) -> bool:
+        """Whether partition p's consumer is still the one we started reading (nobody took the partition over and
+        recreated it meanwhile)."""
+        assert self.js is not None
+        try:
+            info = await self.js.consumer_info(self.cfg.stream, self.consumer_name(p))
+        except nats.js.errors.NotFoundError:
+            return False
+        return p in self.created and info.created == self.created[p]
 
     async def _fetch(self, part: _Partition) -> None:
         """Fetch the partition's messages into the shared queue for ever (errors: wait a little, try again)."""
@@ -280,21 +333,128 @@ class NatsIngest:
             while len(self._queue) >= self.capacity:
                 self._space.clear()
                 await self._space.wait()
-            try:
-                msgs = await part.sub.fetch(self.cfg.fetch_batch, timeout=FETCH_WAIT_S)
-            except TimeoutError:
-                self.pending[part.number] = 0
+            if part.resync and not await self._resync(part):
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
                 continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # disconnected, leader change, consumer gone: said, then retried
-                if not self._closing:
-                    log.warning("NATS fetch of partition %d failed: %s", part.number, err or type(err).__name__)
+            msgs = await self._fetch_once(part.sub, part.number)
+            if msgs is None:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.5
+            if msgs and not self._in_order(part, msgs):
+                part.resync = True
+                continue
             self._enqueue(part.number, msgs)
+
+    def _in_order(self, part: _Partition, msgs: list[Msg]) -> bool:
+        """Whether `msgs` follow the last delivery without a gap in consumer sequence.
+
+        A fetch answered through a node that died on the way is lost, but the consumer counts it as delivered;
+        with AckPolicy.ALL, acknowledging the next message would acknowledge the lost ones too, and they would
+        never come again. So a gap is never acknowledged past: the consumer is recreated from the last applied
+        sequence + 1 (`_resync`), as nats' own ordered consumers do.
+        """
+        cseq = part.cseq
+        for m in msgs:
+            got = m.metadata.sequence.consumer
+            if cseq is not None and got != cseq + 1:
+                return False
+            cseq = got
+        part.cseq = cseq
+        return True
+
+    async def _resync(self, part: _Partition) -> bool:
+        """Recreate a consumer from its last applied stream sequence + 1 after a lost delivery; False (said, and
+        the partition deaf) when NATS cannot do it now."""
+        p = part.number
+        try:
+            await self._recreate(part)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self._deafen(p, f"recreating its consumer failed: {err or type(err).__name__}")
+            return False
+        part.resync = False
+        return True
+
+    async def _recreate(self, part: _Partition) -> None:
+        assert self.js is not None
+        p = part.number
+        if p != FEED and not await self.consumer_unchanged(p):
+            # Another collector took the partition (its lease expired while we could not renew it): not ours to
+            # recreate. The keeper drops it on its next round.
+            self.stolen.add(p)
+            raise RuntimeError("its consumer was recreated by another collector")
+        what = "the acquirer feed" if p == FEED else f"partition {p}"
+        start = self.applied.get(FEED) if p == FEED else self.position(p)
+        log.warning("NATS: a delivery of %s was lost in transit; reading it again from stream sequence %s", what,
+                    start + 1 if start is not None else "the newest")
+        self.resyncs += 1
+        await self._flush_acks()  # acknowledgements of what was applied go to the consumer they came from
+        if any(i.partition == p for i in self._queue):
+            self._queue = collections.deque(i for i in self._queue if i.partition != p)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(part.sub.unsubscribe(), IO_TIMEOUT_S)
+        stream = self.cfg.feed_stream if p == FEED else self.cfg.stream
+        name = self.feed_consumer if p == FEED else self.consumer_name(p)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.delete_consumer(stream, name)
+        config = self._feed_config() if p == FEED else self._partition_config(p)
+        if start is not None:
+            config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start + 1
+        await self.js.add_consumer(stream, config)
+        if p != FEED:
+            self.created[p] = (await self.js.consumer_info(stream, name)).created
+        part.sub = await self.js.pull_subscribe_bind(consumer=name, stream=stream)
+        part.cseq = None
+
+    def _partition_config(self, p: int) -> ConsumerConfig:
+        name = self.consumer_name(p)
+        return ConsumerConfig(
+            name=name, durable_name=name, filter_subject=f"{self.cfg.subject_prefix}.{p}.>",
+            ack_policy=AckPolicy.ALL, ack_wait=ACK_WAIT_S, max_ack_pending=self.cfg.max_ack_pending,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, max_waiting=16,
+        )
+
+    def _feed_config(self) -> ConsumerConfig:
+        # A collector gone for good (a renamed host) leaves no consumer behind for ever: inactive_threshold.
+        return ConsumerConfig(
+            name=self.feed_consumer, durable_name=self.feed_consumer, filter_subject=FEED_SUBJECT,
+            ack_policy=AckPolicy.ALL, ack_wait=ACK_WAIT_S, max_ack_pending=self.cfg.max_ack_pending,
+            deliver_policy=DeliverPolicy.NEW, inactive_threshold=FEED_INACTIVE_S, max_waiting=16,
+        )
+
+    async def _fetch_once(self, sub: JetStreamContext.PullSubscription, p: int) -> list[Msg] | None:
+        """One fetch: the messages (none when the partition is idle), or None after an error (logged)."""
+        try:
+            msgs = await sub.fetch(self.cfg.fetch_batch, timeout=FETCH_WAIT_S, heartbeat=FETCH_HEARTBEAT_S)
+        except nats.js.errors.FetchTimeoutError:  # idle: the server's heartbeats came, no message
+            self.pending[p] = 0
+            self.deaf.discard(p)
+            return []
+        except TimeoutError:  # not even a heartbeat: the consumer's leader is gone or the link is dead
+            self._deafen(p, "no answer from the server")
+            return []
+        except asyncio.CancelledError:
+            raise
+        except nats.js.errors.APIError as err:
+            if "heartbeat" in str(err):  # the wait left after a slow first request is under 2 heartbeats: again
+                return []
+            self._deafen(p, str(err))
+            return None
+        except Exception as err:  # disconnected, leader change, consumer gone: said, then retried
+            self._deafen(p, str(err) or type(err).__name__)
+            return None
+        self.deaf.discard(p)
+        return msgs
+
+    def _deafen(self, p: int, why: str) -> None:
+        if p not in self.deaf and not self._closing:
+            what = "the acquirer feed" if p == FEED else f"partition {p}"
+            log.warning("NATS: cannot read %s (%s): not judging silences until it answers again", what, why)
+        self.deaf.add(p)
 
     def _enqueue(self, p: int, msgs: list[Msg]) -> None:
         queue, prefix = self._queue, self.topic_prefix
@@ -310,36 +470,34 @@ class NatsIngest:
     async def _feed(self) -> None:
         """Every acquirer feed message, for every collector: a durable consumer of our own on the feed stream."""
         assert self.js is not None
-        name = f"posfleet-feed-{self.instance}"
+        name = self.feed_consumer
         while True:
             try:
-                sub = await self.js.pull_subscribe(
-                    FEED_SUBJECT, durable=name, stream=self.cfg.feed_stream,
-                    # A collector gone for good (a renamed host) leaves no consumer behind for ever.
-                    config=ConsumerConfig(ack_policy=AckPolicy.ALL, ack_wait=ACK_WAIT_S,
-                                          max_ack_pending=self.cfg.max_ack_pending, deliver_policy=DeliverPolicy.NEW,
-                                          inactive_threshold=FEED_INACTIVE_S),
-                )
+                try:
+                    await self.js.consumer_info(self.cfg.feed_stream, name)
+                except nats.js.errors.NotFoundError:
+                    await self.js.add_consumer(self.cfg.feed_stream, self._feed_config())
+                sub = await self.js.pull_subscribe_bind(consumer=name, stream=self.cfg.feed_stream)
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as err:
                 log.warning("NATS: cannot create the feed consumer %s: %s; retrying", name, err)
                 await asyncio.sleep(2.0)
+        part = _Partition(FEED, sub)
         while True:
             while len(self._queue) >= self.capacity:
                 self._space.clear()
                 await self._space.wait()
-            try:
-                msgs = await sub.fetch(self.cfg.fetch_batch, timeout=FETCH_WAIT_S)
-            except TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                if not self._closing:
-                    log.warning("NATS fetch of the acquirer feed failed: %s", err or type(err).__name__)
+            if part.resync and not await self._resync(part):
                 await asyncio.sleep(1.0)
+                continue
+            msgs = await self._fetch_once(part.sub, FEED)
+            if msgs is None:
+                await asyncio.sleep(1.0)
+                continue
+            if msgs and not self._in_order(part, msgs):
+                part.resync = True
                 continue
             for m in msgs:
                 md = m.metadata
@@ -368,8 +526,7 @@ class NatsIngest:
         for item in items:
             if item.partition == FEED or item.partition in parts:
                 acks[item.partition] = item.msg
-                if item.partition != FEED:
-                    applied[item.partition] = item.seq
+                applied[item.partition] = item.seq
         if items:
             self._ack_ready.set()
 
@@ -377,7 +534,7 @@ class NatsIngest:
         acks, self._acks = self._acks, {}
         for msg in acks.values():
             with contextlib.suppress(Exception):  # lost with the connection: redelivered, deduplicated by seq
-                await msg.ack()
+                await asyncio.wait_for(msg.ack(), IO_TIMEOUT_S)
 
     async def _acker(self) -> None:
         while True:
