@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from collector.cluster.forward import Forwarder, kv_members
 from collector.cluster.keeper import ClusterMetrics, Keeper
 from collector.cluster.partition import parse_shard, partition_of, shard_partitions
 from collector.config import Config
@@ -159,6 +160,7 @@ class Collector:
         self.ingest: IngestSource[Any] | None = None
         self.nats: NatsIngest | None = None
         self.keeper: Keeper | None = None  # partition leases (ingest.source: nats, nats.ownership: lease)
+        self.forwarder: Forwarder | None = None  # the API across collectors (collector/cluster/forward.py)
         self.writer: InfluxWriter | None = None
         self.http_port: int | None = None
         self._stack = AsyncExitStack()
@@ -228,6 +230,9 @@ class Collector:
                         await self.nats.start_partition(p, None, keep_position=True)
                     log.info("reading partitions %s of %d (static shard %s)", sorted(self.partitions),
                              self.cfg.nats.partitions, self.cfg.nats.shard)
+                assert self.nats.nc is not None  # any terminal from any collector: forwarded to its owner
+                self.forwarder = await self._stack.enter_async_context(
+                    Forwarder(self, self.nats.nc, kv_members(self.keeper) if self.keeper else None))
             else:
                 self.ingest = await self._stack.enter_async_context(MqttIngest(self.cfg.mqtt, self.metrics, loop))
             self._stack.push_async_callback(self._final_snapshot)
@@ -256,6 +261,8 @@ class Collector:
                 self.supervisor.start(name, factory)
             if self.keeper is not None:
                 self.supervisor.start("partitions", self.keeper.run)
+            if self.forwarder is not None:
+                self.supervisor.start("forward", self.forwarder.run)
         except BaseException:
             await self._stack.aclose()
             raise

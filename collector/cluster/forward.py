@@ -1,0 +1,395 @@
+"""The API across partitioned collectors: any collector answers for any terminal, and lists cover the whole fleet.
+
+    client -> collector A  GET /api/v1/terminals/T      (T's partition p is not A's)
+              A -> NATS request posfleet.api.p.<p> -> owner B (subscribed while it holds p)
+              B -> its own API on loopback (same path, same bearer token) -> reply {status, body} -> A -> client
+
+    client -> collector A  GET /api/v1/terminals?...    (a list)
+              A -> NATS posfleet.api.members (every collector) -> each answers its own list with the partitions
+              it holds -> A merges (sorted by terminal id, totals summed), names every live member (KV `m.*`) that
+              did not answer in time and every partition no answer covered.
+
+Decisions:
+- The owner answers through its own HTTP handlers (loopback, header `X-Posfleet-Forwarded`): one implementation
+  of every route and of the token checks; the forwarding collector checked the token too (its auth middleware
+  runs first), and the owner checks it again (every collector reads the same tokens file).
+- A partition that no collector holds has no subscriber: NATS answers "no responders" at once, and the API says
+  503 with the partition, never a wrong 404 "no such terminal". An owner that does not answer within
+  FORWARD_TIMEOUT_S is a 503 as well, saying so.
+- A collector that lost a partition but has not unsubscribed yet stays silent for it (the new owner answers).
+- Replies are zlib-compressed JSON and must fit NATS' max_payload; a larger one is an error naming the member.
+- Merged lists page up to MAX_MERGED terminals (offset + limit): every member must send its first offset + limit
+  to merge exactly; a deeper page is a 400 asking for a narrower filter.
+
+Pure parts (`merge_terminals`, `merge_sites`, `uncovered`) are unit-tested; the rest is I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import suppress
+from typing import Any, Final, Protocol
+from urllib.parse import urlencode
+
+import aiohttp
+import nats.errors
+from aiohttp import web
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from collector.cluster.keeper import Keeper
+from collector.cluster.partition import partition_of
+from collector.config import Config
+
+__all__ = [
+    "FORWARDED",
+    "Forwarder",
+    "MemberAnswer",
+    "kv_members",
+    "merge_sites",
+    "merge_terminals",
+    "uncovered",
+]
+
+log = logging.getLogger(__name__)
+
+FORWARDED: Final = "X-Posfleet-Forwarded"
+ANSWERED_BY: Final = "X-Posfleet-Answered-By"
+SUBJECT: Final = "posfleet.api"
+FORWARD_TIMEOUT_S: Final = 3.0  # one terminal from its owner
+GATHER_TIMEOUT_S: Final = 5.0  # every member's list
+SYNC_S: Final = 0.5  # subscriptions follow the held partitions this fast
+MAX_MERGED: Final = 1000  # offset + limit of a merged terminal list
+MAX_SITE_PAGES: Final = 20  # a member's sites, 1000 per page
+MAX_PATH: Final = 4096
+# Routes answered by the owner of the terminal's partition, and lists merged across collectors.
+ONE_TERMINAL: Final = frozenset({
+    "/api/v1/terminals/{terminal_id}", "/api/v1/terminals/{terminal_id}/diagnosis",
+    "/api/v1/terminals/{terminal_id}/timeline",
+})
+LISTS: Final = frozenset({"/api/v1/terminals", "/api/v1/sites"})
+
+
+class ForwardHost(Protocol):
+    """What forwarding needs from the collector."""
+
+    @property
+    def cfg(self) -> Config: ...
+    @property
+    def partitions(self) -> set[int]: ...
+    @property
+    def instance(self) -> str: ...
+    @property
+    def http_port(self) -> int | None: ...
+    @property
+    def route_hooks(self) -> list[Callable[[web.Application], None]]: ...
+
+
+class MemberAnswer:
+    """One collector's answer to a list request: its HTTP status and body, and the partitions it holds."""
+
+    __slots__ = ("body", "instance", "partitions", "status")
+
+    def __init__(self, instance: str, status: int, body: Any, partitions: Iterable[int]) -> None:
+        self.instance, self.status, self.body, self.partitions = instance, status, body, frozenset(partitions)
+
+
+# ---- pure decisions --------------------------------------------------------------------------------------------
+def uncovered(answers: Sequence[MemberAnswer], n: int) -> list[int]:
+    """Partitions that no answering member holds (their terminals are missing from a merged list)."""
+    held: set[int] = set()
+    for a in answers:
+        held |= a.partitions
+    return [p for p in range(n) if p not in held]
+
+
+def merge_terminals(bodies: Sequence[dict[str, Any]], offset: int, limit: int) -> dict[str, Any]:
+    """Members' terminal lists (each sorted by id, its first offset + limit) -> one page of the whole fleet."""
+    rows = sorted((t for b in bodies for t in b["terminals"]), key=lambda t: str(t["terminal_id"]))
+    return {"total": sum(int(b["total"]) for b in bodies), "offset": offset, "limit": limit,
+            "terminals": rows[offset : offset + limit]}
+
+
+def merge_sites(bodies: Sequence[dict[str, Any]], offset: int, limit: int) -> dict[str, Any]:
+    """Members' complete site lists -> one page: a site spread over collectors has its counts summed; its
+    mass_offline_since is the earliest any member reports (after fleet-wide judging only the leader's is set)."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for b in bodies:
+        for s in b["sites"]:
+            key = (str(s["acquirer"]), str(s["site"]))
+            m = merged.get(key)
+            if m is None:
+                merged[key] = {**s, "conditions": dict(s["conditions"])}
+                continue
+            for f in ("terminals", "online", "shutdown"):
+                m[f] += s[f]
+            for c, k in s["conditions"].items():
+                m["conditions"][c] = m["conditions"].get(c, 0) + k
+            since = [x for x in (m["mass_offline_since"], s["mass_offline_since"]) if x is not None]
+            m["mass_offline_since"] = min(since) if since else None
+    keys = sorted(merged)
+    return {"total": len(keys), "offset": offset, "limit": limit,
+            "sites": [merged[k] for k in keys[offset : offset + limit]]}
+
+
+def kv_members(keeper: Keeper) -> Callable[[], Awaitable[set[str]]]:
+    """The live members (`m.<instance>` keys, expired after a lease TTL without renewal) of the keeper's bucket."""
+
+    async def read() -> set[str]:
+        kv = keeper.kv
+        if kv is None:
+            return set()
+        prefix = f"$KV.{keeper.cfg.lease_bucket}."
+        info = await keeper.js.stream_info(f"KV_{keeper.cfg.lease_bucket}", subjects_filter=f"{prefix}m.>")
+        keys = [s[len(prefix):] for s in (info.state.subjects or {})]
+        entries = await asyncio.gather(*(kv.get(k) for k in keys), return_exceptions=True)
+        return {k[2:] for k, e in zip(keys, entries, strict=True) if not isinstance(e, BaseException)}
+
+    return read
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def _int(q: Any, name: str, default: int) -> int:
+    try:
+        return int(q.get(name, str(default)))
+    except ValueError:
+        raise web.HTTPBadRequest(text=json.dumps({"error": "limit and offset must be integers"}),
+                                 content_type="application/json") from None
+
+
+# ---- I/O ------------------------------------------------------------------------------------------------------
+class Forwarder:
+    """Answers for the held partitions over NATS, forwards the others' terminals, merges lists.
+
+    `async with Forwarder(host, nc, live_members):` after NATS is connected and before the HTTP app is built
+    (its middleware is installed through `host.route_hooks`); `run()` is the supervised subscription sync.
+    """
+
+    def __init__(self, host: ForwardHost, nc: Client,
+                 live_members: Callable[[], Awaitable[set[str]]] | None = None) -> None:
+        self.host, self.nc, self.live_members = host, nc, live_members
+        self.n = host.cfg.nats.partitions
+        self.subs: dict[int, Subscription] = {}
+        self.member_sub: Subscription | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.forwarded = 0
+        host.route_hooks.append(self.install)
+
+    async def __aenter__(self) -> Forwarder:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S))
+        self.member_sub = await self.nc.subscribe(f"{SUBJECT}.members", cb=self._answer_member)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for sub in [*self.subs.values(), *([self.member_sub] if self.member_sub else [])]:
+            with suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        self.subs.clear()
+        if self.session is not None:
+            await self.session.close()
+
+    def install(self, app: web.Application) -> None:
+        """Route hook: the forwarding middleware (after the auth middleware: the token is checked here first)."""
+        app.middlewares.append(self.middleware)
+
+    async def run(self) -> None:
+        """Keep one subscription per held partition (supervised by the app)."""
+        while True:
+            await self.sync()
+            await asyncio.sleep(SYNC_S)
+
+    async def sync(self) -> None:
+        """Subscribe to the partitions held now, unsubscribe from those given up."""
+        held = set(self.host.partitions)
+        for p in sorted(held - set(self.subs)):
+            self.subs[p] = await self.nc.subscribe(f"{SUBJECT}.p.{p}", cb=self._answer_partition)
+        for p in sorted(set(self.subs) - held):
+            await self.subs.pop(p).unsubscribe()
+
+    # ---- the owner's side -------------------------------------------------------------------------------------
+    async def _local(self, path: str, auth: str | None) -> tuple[int, bytes]:
+        """GET `path` from this collector's own API (loopback), as the forwarded request."""
+        assert self.session is not None
+        host = self.host.cfg.http.host
+        host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
+        headers = {FORWARDED: "1", **({"Authorization": auth} if auth else {})}
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{self.host.http_port}{path}"
+        async with self.session.get(url, headers=headers) as resp:
+            return resp.status, await resp.read()
+
+    def _request_of(self, msg: Msg) -> tuple[str, str | None] | None:
+        try:
+            req = json.loads(msg.data)
+            path, auth = req["path"], req.get("auth")
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(path, str) or len(path) > MAX_PATH or not path.startswith("/api/v1/"):
+            return None
+        return path, auth if isinstance(auth, str) else None
+
+    async def _reply(self, msg: Msg, answer: dict[str, Any]) -> None:
+        data = zlib.compress(json.dumps(answer).encode())
+        if len(data) > self.nc.max_payload:
+            data = zlib.compress(json.dumps({"instance": self.host.instance, "status": 507,
+                                             "error": "answer larger than NATS max_payload"}).encode())
+        await msg.respond(data)
+
+    async def _answer_partition(self, msg: Msg) -> None:
+        p = int(msg.subject.rsplit(".", 1)[-1])
+        req = self._request_of(msg)
+        if req is None or p not in self.host.partitions or not msg.reply:
+            return  # given up meanwhile: the new owner answers
+        try:
+            status, body = await self._local(*req)
+        except (aiohttp.ClientError, TimeoutError) as err:
+            log.warning("forwarded request for partition %d failed locally: %s", p, err or type(err).__name__)
+            return
+        await self._reply(msg, {"instance": self.host.instance, "status": status, "body": body.decode()})
+
+    async def _answer_member(self, msg: Msg) -> None:
+        req = self._request_of(msg)
+        if req is None or not msg.reply:
+            return
+        path, auth = req
+        held = sorted(self.host.partitions)  # before the answer: a partition taken meanwhile is not claimed
+        try:
+            if path.startswith("/api/v1/sites"):  # every page: sites are merged by key
+                status, body = await self._all_sites(path, auth)
+            else:
+                status, raw = await self._local(path, auth)
+                body = json.loads(raw) if status == 200 else raw.decode()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+            log.warning("list request failed locally: %s", err or type(err).__name__)
+            return
+        await self._reply(msg, {"instance": self.host.instance, "status": status, "body": body, "partitions": held})
+
+    async def _all_sites(self, path: str, auth: str | None) -> tuple[int, Any]:
+        base = path + ("&" if "?" in path else "?")
+        sites: list[Any] = []
+        for page in range(MAX_SITE_PAGES):
+            status, raw = await self._local(f"{base}limit=1000&offset={page * 1000}", auth)
+            if status != 200:
+                return status, raw.decode()
+            body = json.loads(raw)
+            sites.extend(body["sites"])
+            if len(sites) >= body["total"]:
+                return 200, {"total": len(sites), "sites": sites}
+        return 507, f"more than {MAX_SITE_PAGES * 1000} sites on {self.host.instance}"
+
+    # ---- the asking side --------------------------------------------------------------------------------------
+    @web.middleware
+    async def middleware(self, request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """Forward one terminal's routes to its partition's owner; merge lists; everything else is local."""
+        route = request.match_info.route.resource
+        pattern = route.canonical if route is not None else None
+        if request.method != "GET" or request.headers.get(FORWARDED) or pattern is None:
+            return await handler(request)
+        if pattern in ONE_TERMINAL:
+            p = partition_of(request.match_info["terminal_id"], self.n)
+            if p in self.host.partitions:
+                return await handler(request)
+            return await self.forward(p, request.path_qs, request.headers.get("Authorization"))
+        if pattern in LISTS:
+            return await self.gather(request, pattern)
+        return await handler(request)
+
+    async def forward(self, p: int, path: str, auth: str | None) -> web.Response:
+        """The owner's answer for partition `p`, or a 503 saying why there is none."""
+        payload = json.dumps({"path": path, "auth": auth}).encode()
+        try:
+            msg = await self.nc.request(f"{SUBJECT}.p.{p}", payload, timeout=FORWARD_TIMEOUT_S)
+        except nats.errors.NoRespondersError:
+            return _error(503, "the terminal's partition is held by no running collector", partition=p)
+        except (nats.errors.TimeoutError, TimeoutError):
+            return _error(503, f"the owner of the terminal's partition did not answer within {FORWARD_TIMEOUT_S:g} s",
+                          partition=p)
+        except nats.errors.Error as err:
+            return _error(503, "cannot reach NATS to ask the terminal's owner", partition=p,
+                          detail=type(err).__name__)
+        answer = json.loads(zlib.decompress(msg.data))
+        self.forwarded += 1
+        if "body" not in answer:
+            return _error(502, str(answer.get("error", "bad answer")), partition=p, collector=answer.get("instance"))
+        return web.Response(text=answer["body"], status=int(answer["status"]), content_type="application/json",
+                            headers={ANSWERED_BY: str(answer["instance"])})
+
+    async def ask_members(self, path: str, auth: str | None) -> tuple[list[MemberAnswer], dict[str, str]]:
+        """Every collector's answer to `path` within GATHER_TIMEOUT_S; stops early once every live member (KV)
+        answered and the answers cover every partition. Returns the answers and the members that failed
+        (instance -> why)."""
+        live: set[str] = set()
+        if self.live_members is not None:
+            with suppress(nats.errors.Error, TimeoutError):
+                live = await asyncio.wait_for(self.live_members(), FORWARD_TIMEOUT_S)
+        answers: list[MemberAnswer] = []
+        failed: dict[str, str] = {}
+        done = asyncio.Event()
+        inbox = self.nc.new_inbox()
+
+        async def collect(msg: Msg) -> None:
+            try:
+                a = json.loads(zlib.decompress(msg.data))
+                instance = str(a["instance"])
+            except (ValueError, KeyError, TypeError, zlib.error):
+                return
+            if "body" not in a:
+                failed[instance] = str(a.get("error", "bad answer"))
+            else:
+                answers.append(MemberAnswer(instance, int(a["status"]), a["body"], a.get("partitions", ())))
+            heard = {x.instance for x in answers} | set(failed)
+            if live <= heard and not uncovered(answers, self.n):
+                done.set()
+
+        sub = await self.nc.subscribe(inbox, cb=collect)
+        try:
+            await self.nc.publish(f"{SUBJECT}.members", json.dumps({"path": path, "auth": auth}).encode(),
+                                  reply=inbox)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), GATHER_TIMEOUT_S)
+        finally:
+            with suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        heard = {x.instance for x in answers} | set(failed)
+        for m in sorted(live - heard):
+            failed[m] = f"no answer within {GATHER_TIMEOUT_S:g} s"
+        return answers, failed
+
+    async def gather(self, request: web.Request, pattern: str) -> web.Response:
+        """A list over every collector: each member's part, merged; who did not answer is named."""
+        q = request.query
+        offset, limit = max(_int(q, "offset", 0), 0), min(max(_int(q, "limit", 100), 1), 1000)
+        rest = urlencode([(k, v) for k, v in q.items() if k not in ("offset", "limit")])
+        if pattern == "/api/v1/terminals":
+            if offset + limit > MAX_MERGED:
+                return _error(400, f"a list merged across collectors pages up to offset + limit = {MAX_MERGED}: "
+                                   "narrow it (acquirer, site, condition, merchant_id)")
+            path = f"{pattern}?{rest}{'&' if rest else ''}offset=0&limit={offset + limit}"
+        else:
+            path = f"{pattern}?{rest}"
+        started = time.monotonic()
+        answers, failed = await self.ask_members(path, request.headers.get("Authorization"))
+        ok = [a for a in answers if a.status == 200]
+        for a in answers:
+            if a.status != 200:
+                if not ok and a.status < 500:  # the same refusal everywhere (bad filter, token): say it as is
+                    return web.Response(text=str(a.body), status=a.status, content_type="application/json")
+                failed[a.instance] = f"answered {a.status}"
+        bodies = [a.body for a in ok]
+        merged = merge_terminals(bodies, offset, limit) if pattern == "/api/v1/terminals" else \
+            merge_sites(bodies, offset, limit)
+        merged["collectors"] = sorted(a.instance for a in ok)
+        merged["missing_collectors"] = dict(sorted(failed.items()))
+        merged["unheld_partitions"] = uncovered(ok, self.n)
+        merged["complete"] = not failed and not merged["unheld_partitions"]
+        merged["gather_s"] = round(time.monotonic() - started, 3)
+        return web.json_response(merged)
