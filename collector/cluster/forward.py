@@ -299,8 +299,8 @@ class Forwarder:
             if p in self.host.partitions:
                 return await handler(request)
             return await self.forward(p, request.path_qs, request.headers.get("Authorization"))
-        if pattern in LISTS:
-            return await self.gather(request, pattern)
+        if pattern in LISTS:  # local=1: this collector's own part (what it holds)
+            return await handler(request) if request.query.get("local") == "1" else await self.gather(request, pattern)
         return await handler(request)
 
     async def forward(self, p: int, path: str, auth: str | None) -> web.Response:
@@ -368,7 +368,7 @@ class Forwarder:
         """A list over every collector: each member's part, merged; who did not answer is named."""
         q = request.query
         offset, limit = max(_int(q, "offset", 0), 0), min(max(_int(q, "limit", 100), 1), 1000)
-        rest = urlencode([(k, v) for k, v in q.items() if k not in ("offset", "limit")])
+        rest = urlencode([(k, v) for k, v in q.items() if k not in ("offset", "limit", "local")])
         if pattern == "/api/v1/terminals":
             if offset + limit > MAX_MERGED:
                 return _error(400, f"a list merged across collectors pages up to offset + limit = {MAX_MERGED}: "

@@ -1,0 +1,157 @@
+"""Answers across partitioned collectors on a real three-node NATS cluster (collector/cluster/forward.py): any
+collector answers for any terminal (forwarded to its partition's owner by NATS request-reply), lists are merged
+across collectors, and what nobody can answer is said, never a wrong "no such terminal" or a silently short list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.cluster.partition import partition_of, shard_partitions
+from collector.sim.simulator import FAULTS, Simulator, make_fleet
+from tests.harness.core import Process, http_get, wait_until
+from tests.harness.nats import NatsCluster
+from tests.integration.test_nats_collectors import conditions, nats_collector
+
+pytestmark = pytest.mark.integration
+
+INTERVAL = 0.5
+
+
+def get(port: int, path: str) -> tuple[int, Any, str]:
+    """(status, JSON body, the collector that answered when forwarded)."""
+    status, body = http_get(f"http://127.0.0.1:{port}{path}", timeout=15)
+    return status, json.loads(body), ""
+
+
+def merged(port: int, query: str = "all=1") -> dict[str, Any]:
+    """The whole merged terminal list through one collector (paged)."""
+    status, body, _ = get(port, f"/api/v1/terminals?{query}&limit=1000")
+    assert status == 200, body
+    assert body["total"] <= 1000, "the test fleet fits one merged page"
+    return dict(body)
+
+
+def view_conditions(view: dict[str, Any]) -> set[str]:
+    return {c["condition"] for c in view["conditions"]}
+
+
+async def test_every_terminal_through_both_collectors(tmp_path: Path, nats_cluster: NatsCluster) -> None:
+    faults = list(FAULTS)
+    specs = make_fleet(2 * len(faults) + 10, ("acq-a", "acq-b"))
+    assignment = {specs[2 * i + k].tid: f for i, f in enumerate(faults) for k in (0, 1)}
+    sim = Simulator(f"mqtt://127.0.0.1:{nats_cluster.mqtt_ports[0]}", specs, INTERVAL, receipts=False)
+    for tid, fault in assignment.items():
+        if fault == "unregistered":
+            sim.set_fault(tid, fault)
+    registry = tmp_path / "terminals.csv"
+    sim.write_registry(registry)
+    n = nats_cluster.partitions
+    collectors: list[Process] = [
+        nats_collector(tmp_path / f"c{i}", nats_cluster, registry, f"c{i}", ownership="lease", shard=f"{i}/2",
+                       lease_ttl_s=6) for i in (0, 1)]
+    owner = {s.tid: partition_of(s.tid, n) % 2 for s in specs}
+    tids = {s.tid for s in specs}
+    try:
+        async with sim:
+            def settled() -> bool:
+                held = [conditions(c.port) for c in collectors]
+                return all(t in held[owner[t]] and t not in held[1 - owner[t]] for t in tids)
+
+            await asyncio.to_thread(wait_until, settled, 60, "each terminal held by its preferred owner", 0.5)
+            # Both owners hold terminals: the test is about answers across them.
+            assert {owner[t] for t in tids} == {0, 1}
+            for tid, fault in assignment.items():
+                sim.set_fault(tid, fault)
+            expected = {t: set() for t in tids}
+            expected.update({tid: ({FAULTS[f]} if FAULTS[f] else set()) for tid, f in assignment.items()})
+
+            def through(port: int) -> dict[str, set[str]]:
+                return {v["terminal_id"]: view_conditions(v) for v in merged(port)["terminals"]}
+
+            await asyncio.to_thread(wait_until, lambda: all(through(c.port) == expected for c in collectors), 60,
+                                    "every fault named in the merged list of both collectors", 0.5)
+            # A settled fleet (flapping and offline come and stay): one terminal at a time through both APIs.
+            for tid in sorted(tids):
+                seen = []
+                for c in collectors:
+                    status, view, _ = get(c.port, f"/api/v1/terminals/{tid}")
+                    assert status == 200, (tid, view)
+                    seen.append(view_conditions(view))
+                    status, diag, _ = get(c.port, f"/api/v1/terminals/{tid}/diagnosis")
+                    assert status == 200 and diag["terminal_id"] == tid, (tid, diag)
+                assert seen[0] == seen[1] == expected[tid], (tid, seen, expected[tid])
+            for c in collectors:
+                body = merged(c.port)
+                assert {v["terminal_id"] for v in body["terminals"]} == tids
+                assert body["complete"] and body["collectors"] == ["c0", "c1"] and not body["unheld_partitions"]
+                problems = merged(c.port, "condition=hardware_fault")
+                assert {v["terminal_id"] for v in problems["terminals"]} == {
+                    t for t, f in assignment.items() if FAULTS[f] == "hardware_fault"}
+                status, sites, _ = get(c.port, "/api/v1/sites")
+                assert status == 200 and sites["complete"], sites
+                registered = [s for s in specs if assignment.get(s.tid) != "unregistered"]
+                assert sum(s["terminals"] for s in sites["sites"] if s["acquirer"] != "unknown") == len(registered)
+            # An unknown terminal is still a 404 from its partition's owner, whoever is asked.
+            for c in collectors:
+                status, body, _ = get(c.port, "/api/v1/terminals/NOPE-1")
+                assert status == 404, body
+
+            # kill -9 of c1: until its lease expires, its partitions are held by nobody that answers. A list via
+            # c0 names c1 and the partitions missing; a terminal of c1 is a 503, not "no such terminal".
+            collectors[1].stop(signal.SIGKILL)
+            body = merged(collectors[0].port)
+            gone = sorted(shard_partitions((1, 2), n))
+            # Asked at once: c1's leases live 4-6 s more, c0 cannot have taken any of them yet.
+            assert body["collectors"] == ["c0"] and "c1" in body["missing_collectors"] and not body["complete"], body
+            assert body["unheld_partitions"] == gone, body
+            assert {v["terminal_id"] for v in body["terminals"]} == {t for t in tids if owner[t] == 0}
+            status, body, _ = get(collectors[0].port, f"/api/v1/terminals/{next(t for t in tids if owner[t] == 1)}")
+            assert status == 503 and body["partition"] in gone, body
+            # Once c0 took them over, it answers for every terminal again.
+            tid1 = next(t for t in sorted(tids) if owner[t] == 1)
+            await asyncio.to_thread(
+                wait_until, lambda: get(collectors[0].port, f"/api/v1/terminals/{tid1}")[0] == 200, 30,
+                "c1's terminal answered by c0 after the takeover", 0.5)
+    finally:
+        for c in collectors:
+            c.stop()
+    for c in collectors:
+        assert "Traceback" not in c.log_text()
+
+
+async def test_a_partition_nobody_holds_is_a_503(tmp_path: Path, nats_cluster: NatsCluster) -> None:
+    """Static shard 0 of 2 with no collector for shard 1: its terminals are answered as held by nobody."""
+    specs = make_fleet(24, ("acq-a",))
+    sim = Simulator(f"mqtt://127.0.0.1:{nats_cluster.mqtt_ports[0]}", specs, INTERVAL, receipts=False)
+    registry = tmp_path / "terminals.csv"
+    sim.write_registry(registry)
+    n = nats_cluster.partitions
+    mine = shard_partitions((0, 2), n)
+    c0 = nats_collector(tmp_path / "c0", nats_cluster, registry, "c0", ownership="static", shard="0/2")
+    held = {s.tid for s in specs if partition_of(s.tid, n) in mine}
+    orphans = {s.tid for s in specs} - held
+    assert held and orphans
+    try:
+        async with sim:
+            await asyncio.to_thread(wait_until, lambda: set(conditions(c0.port)) == held, 40, "c0 holds its shard")
+            for tid in sorted(orphans):
+                status, body, _ = get(c0.port, f"/api/v1/terminals/{tid}")
+                assert status == 503 and body["partition"] == partition_of(tid, n), body
+                assert "held by no running collector" in body["error"]
+                status, body, _ = get(c0.port, f"/api/v1/terminals/{tid}/diagnosis")
+                assert status == 503, body
+            body = merged(c0.port)
+            assert {v["terminal_id"] for v in body["terminals"]} == held
+            assert body["unheld_partitions"] == sorted(set(range(n)) - mine) and not body["complete"], body
+            status, body, _ = get(c0.port, "/api/v1/terminals?all=1&offset=900&limit=200")
+            assert status == 400 and "narrow" in body["error"], body
+    finally:
+        c0.stop()
+    assert "Traceback" not in c0.log_text()
