@@ -9,6 +9,7 @@ the time until the stream POSP holds them all is taken; then the stand-in reads 
 again and the time until they have applied them all is taken.
 
     .venv/bin/python bench/nats_ingest.py --terminals 100000 --count 300000 --collectors 1,2
+    .venv/bin/python bench/nats_ingest.py --memory-terminals 1000000 --memory-shards 4 --skip-ingest
 """
 
 from __future__ import annotations
@@ -159,6 +160,28 @@ def run_collectors(workdir: Path, cluster: NatsCluster, registry: Path, k: int, 
             p.stop()
 
 
+def memory(workdir: Path, cluster: NatsCluster, terminals: int, shards: int) -> dict[str, Any]:
+    """`shards` collectors over a registry of `terminals`: RSS of each once the partitions are shared out (each
+    materialises only its own terminals), before any heartbeat."""
+    registry = workdir / "terminals-memory.csv"
+    with registry.open("w") as fh:
+        fh.write("terminal_id,merchant_id,acquirer,model,site,region\n")
+        for i in range(terminals):
+            fh.write(f"T{i:07d},M{i // 20:06d},acq-{i % 4},A920,site{i // 50},r{i % 8}\n")
+    configs = [collectors_config(workdir / f"mem-c{i}", cluster, registry, i, shards) for i in range(shards)]
+    procs_: list[Process] = []
+    try:
+        start = time.monotonic()
+        procs_ = [start_collector(cfg.parent, cfg, port) for cfg, port in configs]
+        wait_until(lambda: idle(procs_, cluster.partitions), 600, "partitions shared out", 1.0)
+        held = [metric(p.port, "posfleet_fleet_terminals") for p in procs_]
+        return {"terminals": terminals, "shards": shards, "ready_s": round(time.monotonic() - start, 1),
+                "rss_mib": [round(rss_mib(p.proc.pid)) for p in procs_], "terminals_held": held}
+    finally:
+        for p in procs_:
+            p.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--terminals", type=int, default=100_000)
@@ -166,6 +189,9 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=2, help="fleetgen connections")
     ap.add_argument("--partitions", type=int, default=64)
     ap.add_argument("--collectors", default="1,2", help="comma list of collector counts; empty: none")
+    ap.add_argument("--memory-terminals", type=int, default=0, help="also: RSS with this many registered")
+    ap.add_argument("--memory-shards", type=int, default=4)
+    ap.add_argument("--skip-ingest", action="store_true", help="only the memory figure")
     ap.add_argument("--out", default=None, help="JSON result path")
     a = ap.parse_args()
 
@@ -173,6 +199,12 @@ def main() -> int:
                                "partitions": a.partitions}
     with tempfile.TemporaryDirectory(prefix="bench-nats-") as tmp, \
             NatsCluster(Path(tmp) / "nats", partitions=a.partitions) as cluster:
+        if a.memory_terminals:
+            results["memory"] = memory(Path(tmp), cluster, a.memory_terminals, a.memory_shards)
+            print("memory:", json.dumps(results["memory"]), flush=True)
+        if a.skip_ingest:
+            print(json.dumps(results, indent=1))
+            return 0
         pids = [n.proc.proc.pid for n in cluster.nodes if n.proc is not None]
         # 1. the cluster's MQTT ingest: PUBACKed, and stored in POSP (sourced from $MQTT_msgs)
         cpu0 = [cpu_s(p) for p in pids]
