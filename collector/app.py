@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from collector.cluster.fleetwide import FleetWide
 from collector.cluster.forward import Forwarder, kv_members
 from collector.cluster.keeper import ClusterMetrics, Keeper
 from collector.cluster.partition import parse_shard, partition_of, shard_partitions
@@ -161,6 +162,7 @@ class Collector:
         self.nats: NatsIngest | None = None
         self.keeper: Keeper | None = None  # partition leases (ingest.source: nats, nats.ownership: lease)
         self.forwarder: Forwarder | None = None  # the API across collectors (collector/cluster/forward.py)
+        self.fleetwide: FleetWide | None = None  # mass_offline across collectors (collector/cluster/fleetwide.py)
         self.writer: InfluxWriter | None = None
         self.http_port: int | None = None
         self._stack = AsyncExitStack()
@@ -233,6 +235,8 @@ class Collector:
                 assert self.nats.nc is not None  # any terminal from any collector: forwarded to its owner
                 self.forwarder = await self._stack.enter_async_context(
                     Forwarder(self, self.nats.nc, kv_members(self.keeper) if self.keeper else None))
+                self.fleetwide = await self._stack.enter_async_context(FleetWide(self, self.nats.nc, self.clock))
+                self.fleet_collector.fleet_level = self.fleetwide.exported
             else:
                 self.ingest = await self._stack.enter_async_context(MqttIngest(self.cfg.mqtt, self.metrics, loop))
             self._stack.push_async_callback(self._final_snapshot)
@@ -263,6 +267,8 @@ class Collector:
                 self.supervisor.start("partitions", self.keeper.run)
             if self.forwarder is not None:
                 self.supervisor.start("forward", self.forwarder.run)
+            if self.fleetwide is not None:
+                self.supervisor.start("fleetwide", self.fleetwide.run)
         except BaseException:
             await self._stack.aclose()
             raise

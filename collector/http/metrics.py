@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -197,6 +197,9 @@ class FleetCollector(Collector):
         self.self_metrics = self_metrics
         self.max_problem_series = max_problem_series
         self.clock = clock
+        # Partitioned collectors (collector/cluster/fleetwide.py): the fleet leader's mass-offline conditions, and
+        # whether this collector exports the acquirer feed series (the leader only), instead of its own shard's.
+        self.fleet_level: Callable[[], tuple[list[tuple[str, str, str, float]], bool]] | None = None
 
     def describe(self) -> Iterator[Metric]:
         """No static description: the registry must not call collect() at registration."""
@@ -204,7 +207,11 @@ class FleetCollector(Collector):
 
     def view(self) -> FleetView:
         """A copy of what the next scrape shows (call on the event loop)."""
-        return take_view(self.fleet, self.max_problem_series, self.clock())
+        view = take_view(self.fleet, self.max_problem_series, self.clock())
+        if self.fleet_level is not None:
+            mass, feeds = self.fleet_level()
+            view = replace(view, mass=mass, feeds=view.feeds if feeds else [])
+        return view
 
     def collect(self) -> Iterator[Metric]:
         """Render the fleet view (the copy of the scrape in progress, else one taken now)."""
