@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from collector.cluster.partition import partition_of, shard_partitions
 from collector.sim.simulator import FAULTS, Simulator, make_fleet
@@ -155,3 +156,67 @@ async def test_a_partition_nobody_holds_is_a_503(tmp_path: Path, nats_cluster: N
     finally:
         c0.stop()
     assert "Traceback" not in c0.log_text()
+
+
+def mass_series(port: int) -> set[tuple[str, str, str]]:
+    """(scope, acquirer, site) of every posfleet_fleet_mass_offline series a collector exports."""
+    _, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    out = set()
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            if s.name == "posfleet_fleet_mass_offline" and s.value == 1:
+                out.add((s.labels["scope"], s.labels["acquirer"], s.labels["site"]))
+    return out
+
+
+async def test_mass_offline_of_a_site_spread_over_collectors_raised_once_by_the_leader(
+    tmp_path: Path, nats_cluster: NatsCluster
+) -> None:
+    specs = make_fleet(30, ("acq-a",), sites_per_acquirer=3)  # 10 terminals per site
+    n = nats_cluster.partitions
+    owner = {s.tid: partition_of(s.tid, n) % 2 for s in specs}
+    down = [s.tid for s in specs if s.site == "acq-a-site0"]
+    assert {owner[t] for t in down} == {0, 1}, "the site's terminals sit in both collectors' partitions"
+    # site1: its terminals of c1's partitions go silent. c1 alone would see most of its part offline; the whole
+    # site is below the mass share: no mass outage.
+    of_c1 = [s.tid for s in specs if s.site == "acq-a-site1" and owner[s.tid] == 1]
+    part1 = of_c1[:4]  # 4 of 10: below the share (0.5) fleet-wide, at least half of c1's part
+    assert len(part1) == 4 and len(of_c1) <= 8, of_c1
+    sim = Simulator(f"mqtt://127.0.0.1:{nats_cluster.mqtt_ports[0]}", specs, INTERVAL, receipts=False)
+    registry = tmp_path / "terminals.csv"
+    sim.write_registry(registry)
+    collectors: list[Process] = [
+        nats_collector(tmp_path / f"c{i}", nats_cluster, registry, f"c{i}", ownership="lease", shard=f"{i}/2",
+                       lease_ttl_s=6) for i in (0, 1)]
+    tids = {s.tid for s in specs}
+    try:
+        async with sim:
+            def settled() -> bool:
+                held = [conditions(c.port) for c in collectors]
+                return all(t in held[owner[t]] and not held[owner[t]][t] for t in tids)
+
+            await asyncio.to_thread(wait_until, settled, 60, "each terminal held by its preferred owner, healthy", 0.5)
+            assert all(not mass_series(c.port) for c in collectors)
+            for tid in [*down, *part1]:
+                sim.set_fault(tid, "power_loss")
+            site0 = ("site", "acq-a", "acq-a-site0")
+            await asyncio.to_thread(wait_until, lambda: site0 in mass_series(collectors[0].port), 30,
+                                    "mass_offline of site0 raised by the leader (c0, owner of partition 0)", 0.25)
+
+            def offline_everywhere() -> bool:
+                held = {**conditions(collectors[0].port), **conditions(collectors[1].port)}
+                return all("offline" in held[t] for t in [*down, *part1])
+
+            await asyncio.to_thread(wait_until, offline_everywhere, 30, "every silent terminal offline", 0.25)
+            # Judged on a settled picture for several more rounds: still exactly one, on the leader.
+            for _ in range(10):
+                assert mass_series(collectors[0].port) == {site0}
+                assert mass_series(collectors[1].port) == set()
+                await asyncio.sleep(0.2)
+            _, body = http_get(f"http://127.0.0.1:{collectors[1].port}/metrics")
+            assert "posfleet_acquirer_feed_stale{" not in body.decode()
+    finally:
+        for c in collectors:
+            c.stop()
+    for c in collectors:
+        assert "Traceback" not in c.log_text()
