@@ -49,6 +49,7 @@ import nats
 import paho.mqtt.client as paho
 from nats.aio.client import Client
 from nats.js.api import StreamInfo
+from paho.mqtt.enums import CallbackAPIVersion
 
 from collector.cluster.streams import FEED_SUBJECT, MQTT_MESSAGES_STREAM, stream_configs
 from collector.config import NatsConfig
@@ -303,7 +304,7 @@ class NatsCluster:
         time out ("lookup sessions stream ... timeout after 5s"): measured while writing this harness.
         """
         for node in self.nodes:
-            client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"harness-warm-up-{node.name}",
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"harness-warm-up-{node.name}",
                                  protocol=paho.MQTTv311)
             client.connect("127.0.0.1", node.mqtt_port, keepalive=10)
             client.loop_start()
@@ -521,7 +522,7 @@ class _Connection(threading.Thread):
         self.acked += 1
 
     def _run(self) -> None:
-        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              clean_session=self.clean_session, protocol=paho.MQTTv311)
         client.max_inflight_messages_set(200)
         client.max_queued_messages_set(0)  # keep every heartbeat while disconnected: nothing dropped client-side
@@ -589,7 +590,10 @@ class FailoverPublisher:
         for c in self.connections:
             c.start()
         for c in self.connections:
-            wait_until(lambda c=c: c.connected.is_set() or c.error, 30, f"{c.client_id} connected")
+            def up(c: _Connection = c) -> bool:
+                return c.connected.is_set() or c.error is not None
+
+            wait_until(up, 30, f"{c.client_id} connected")
         self.check()
         return self
 
