@@ -39,7 +39,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
@@ -125,10 +125,10 @@ class NatsNode:
 
     index: int
     workdir: Path
-    client_port: int = field(default_factory=free_port)
-    cluster_port: int = field(default_factory=free_port)
-    mqtt_port: int = field(default_factory=free_port)
-    monitor_port: int = field(default_factory=free_port)
+    client_port: int
+    cluster_port: int
+    mqtt_port: int
+    monitor_port: int
     proc: Process | None = None
 
     @property
@@ -195,6 +195,17 @@ class NatsNode:
         return http_get(f"{self.monitor}/healthz", timeout=2.0)[0] == 200
 
 
+def distinct_free_ports(k: int) -> list[int]:
+    """k ports free on loopback now, all different (free_port alone once handed one node the same port for MQTT
+    and routes: the server died with "address already in use")."""
+    out: list[int] = []
+    while len(out) < k:
+        port = free_port()
+        if port not in out:
+            out.append(port)
+    return out
+
+
 def mapping_conf(partitions: int, prefix: str = "posp") -> str:
     """deploy/nats/mappings.conf with another partition count."""
     target = f"{prefix}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
@@ -244,7 +255,9 @@ class NatsCluster:
         self.create_streams_on_start = create_streams
         self.ready_timeout = ready_timeout
         self.binary = nats_server_binary()
-        self.nodes = [NatsNode(i, workdir / f"n{i}") for i in range(size)]
+        ports = distinct_free_ports(4 * size)
+        self.nodes = [NatsNode(i, workdir / f"n{i}", client_port=ports[4 * i], cluster_port=ports[4 * i + 1],
+                               mqtt_port=ports[4 * i + 2], monitor_port=ports[4 * i + 3]) for i in range(size)]
 
     # ---- addresses -------------------------------------------------------------------------------------------
     @property
@@ -292,8 +305,14 @@ class NatsCluster:
         """Wait until every running node is healthy and knows the JetStream meta leader, and the leader sees every
         running peer current (else a new R3 stream fails with "no suitable peers for placement")."""
         running = [n for n in self.nodes if n.proc is not None and n.alive()]
-        for node in running:
-            wait_until(node.ready, timeout or self.ready_timeout, f"nats {node.name} JetStream meta leader")
+
+        def all_ready() -> bool:
+            for node in running:  # a node that died fails the wait at once, not at its deadline
+                assert node.proc is not None
+                node.proc.require_alive()
+            return all(node.ready() for node in running)
+
+        wait_until(all_ready, timeout or self.ready_timeout, "every nats node with a JetStream meta leader")
         wait_until(lambda: any(n.meta_peers_current(len(running)) for n in running), timeout or self.ready_timeout,
                    "the JetStream meta leader to see every peer current")
 
