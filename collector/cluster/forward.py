@@ -31,7 +31,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any, Final, Protocol
 from urllib.parse import urlencode
@@ -43,6 +43,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from collector.cluster.fleetwide import FleetWide
 from collector.cluster.keeper import Keeper
 from collector.cluster.partition import partition_of
 from collector.config import Config
@@ -89,15 +90,20 @@ class ForwardHost(Protocol):
     def http_port(self) -> int | None: ...
     @property
     def route_hooks(self) -> list[Callable[[web.Application], None]]: ...
+    @property
+    def fleetwide(self) -> FleetWide | None: ...
 
 
 class MemberAnswer:
-    """One collector's answer to a list request: its HTTP status and body, and the partitions it holds."""
+    """One collector's answer to a list request: its HTTP status and body, the partitions it holds, and when it
+    is the fleet leader its fleet-wide mass-offline sites ((acquirer, site) -> since)."""
 
-    __slots__ = ("body", "instance", "partitions", "status")
+    __slots__ = ("body", "instance", "mass", "partitions", "status")
 
-    def __init__(self, instance: str, status: int, body: Any, partitions: Iterable[int]) -> None:
+    def __init__(self, instance: str, status: int, body: Any, partitions: Iterable[int],
+                 mass: dict[tuple[str, str], float] | None = None) -> None:
         self.instance, self.status, self.body, self.partitions = instance, status, body, frozenset(partitions)
+        self.mass = mass
 
 
 # ---- pure decisions --------------------------------------------------------------------------------------------
@@ -116,9 +122,11 @@ def merge_terminals(bodies: Sequence[dict[str, Any]], offset: int, limit: int) -
             "terminals": rows[offset : offset + limit]}
 
 
-def merge_sites(bodies: Sequence[dict[str, Any]], offset: int, limit: int) -> dict[str, Any]:
+def merge_sites(bodies: Sequence[dict[str, Any]], offset: int, limit: int,
+                mass: Mapping[tuple[str, str], float] | None = None) -> dict[str, Any]:
     """Members' complete site lists -> one page: a site spread over collectors has its counts summed; its
-    mass_offline_since is the earliest any member reports (after fleet-wide judging only the leader's is set)."""
+    mass_offline_since is the fleet leader's judgement when given (`mass`), else the earliest any member reports
+    (each judged its own part)."""
     merged: dict[tuple[str, str], dict[str, Any]] = {}
     for b in bodies:
         for s in b["sites"]:
@@ -134,6 +142,9 @@ def merge_sites(bodies: Sequence[dict[str, Any]], offset: int, limit: int) -> di
             since = [x for x in (m["mass_offline_since"], s["mass_offline_since"]) if x is not None]
             m["mass_offline_since"] = min(since) if since else None
     keys = sorted(merged)
+    if mass is not None:
+        for k, m in merged.items():
+            m["mass_offline_since"] = mass.get(k)
     return {"total": len(keys), "offset": offset, "limit": limit,
             "sites": [merged[k] for k in keys[offset : offset + limit]]}
 
@@ -270,7 +281,11 @@ class Forwarder:
         except (aiohttp.ClientError, TimeoutError, ValueError) as err:
             log.warning("list request failed locally: %s", err or type(err).__name__)
             return
-        await self._reply(msg, {"instance": self.host.instance, "status": status, "body": body, "partitions": held})
+        answer = {"instance": self.host.instance, "status": status, "body": body, "partitions": held}
+        fw = self.host.fleetwide
+        if fw is not None and fw.leader:
+            answer["mass"] = [[a, site, since] for scope, a, site, since in fw.exported()[0] if scope == "site"]
+        await self._reply(msg, answer)
 
     async def _all_sites(self, path: str, auth: str | None) -> tuple[int, Any]:
         base = path + ("&" if "?" in path else "?")
@@ -340,12 +355,15 @@ class Forwarder:
             try:
                 a = json.loads(zlib.decompress(msg.data))
                 instance = str(a["instance"])
+                if "body" not in a:
+                    failed[instance] = str(a.get("error", "bad answer"))
+                else:
+                    mass = {(str(x), str(y)): float(z) for x, y, z in a["mass"]} if "mass" in a else None
+                    answers.append(MemberAnswer(instance, int(a["status"]), a["body"], a.get("partitions", ()),
+                                                mass))
             except (ValueError, KeyError, TypeError, zlib.error):
+                log.warning("malformed answer to a list request ignored")
                 return
-            if "body" not in a:
-                failed[instance] = str(a.get("error", "bad answer"))
-            else:
-                answers.append(MemberAnswer(instance, int(a["status"]), a["body"], a.get("partitions", ())))
             heard = {x.instance for x in answers} | set(failed)
             if live <= heard and not uncovered(answers, self.n):
                 done.set()
@@ -385,8 +403,12 @@ class Forwarder:
                     return web.Response(text=str(a.body), status=a.status, content_type="application/json")
                 failed[a.instance] = f"answered {a.status}"
         bodies = [a.body for a in ok]
-        merged = merge_terminals(bodies, offset, limit) if pattern == "/api/v1/terminals" else \
-            merge_sites(bodies, offset, limit)
+        leader = next((a for a in ok if a.mass is not None), None)
+        if pattern == "/api/v1/terminals":
+            merged = merge_terminals(bodies, offset, limit)
+        else:
+            merged = merge_sites(bodies, offset, limit, leader.mass if leader else None)
+            merged["mass_offline_judged_by"] = leader.instance if leader else None
         merged["collectors"] = sorted(a.instance for a in ok)
         merged["missing_collectors"] = dict(sorted(failed.items()))
         merged["unheld_partitions"] = uncovered(ok, self.n)

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from collector.cluster.partition import partition_of, shard_partitions
 from collector.sim.simulator import FAULTS, Simulator, make_fleet
+from tests.faults import metric_sample
 from tests.harness.core import Process, http_get, wait_until
 from tests.harness.nats import NatsCluster
 from tests.integration.test_nats_collectors import conditions, nats_collector
@@ -43,6 +44,23 @@ def view_conditions(view: dict[str, Any]) -> set[str]:
     return {c["condition"] for c in view["conditions"]}
 
 
+def shared_out(collectors: list[Process], tids: set[str], n: int) -> dict[str, int]:
+    """Wait until the partitions are shared out (each collector some, n in all) and every terminal is held by
+    exactly one collector; returns terminal -> index of its owner."""
+    owner: dict[str, int] = {}
+
+    def settled() -> bool:
+        owned = [metric_sample(c.port, "posfleet_cluster_partitions_owned") for c in collectors]
+        held = [conditions(c.port) for c in collectors]
+        owner.clear()
+        owner.update({t: i for i, h in enumerate(held) for t in h})
+        return (sum(owned) == n and all(owned) and set(owner) == tids
+                and sum(len(h) for h in held) == len(tids))
+
+    wait_until(settled, 60, "partitions shared out, every terminal held by exactly one collector", 0.5)
+    return dict(owner)
+
+
 async def test_every_terminal_through_both_collectors(tmp_path: Path, nats_cluster: NatsCluster) -> None:
     faults = list(FAULTS)
     specs = make_fleet(2 * len(faults) + 10, ("acq-a", "acq-b"))
@@ -57,15 +75,10 @@ async def test_every_terminal_through_both_collectors(tmp_path: Path, nats_clust
     collectors: list[Process] = [
         nats_collector(tmp_path / f"c{i}", nats_cluster, registry, f"c{i}", ownership="lease", shard=f"{i}/2",
                        lease_ttl_s=6) for i in (0, 1)]
-    owner = {s.tid: partition_of(s.tid, n) % 2 for s in specs}
     tids = {s.tid for s in specs}
     try:
         async with sim:
-            def settled() -> bool:
-                held = [conditions(c.port) for c in collectors]
-                return all(t in held[owner[t]] and t not in held[1 - owner[t]] for t in tids)
-
-            await asyncio.to_thread(wait_until, settled, 60, "each terminal held by its preferred owner", 0.5)
+            owner = await asyncio.to_thread(shared_out, collectors, tids, n)
             # Both owners hold terminals: the test is about answers across them.
             assert {owner[t] for t in tids} == {0, 1}
             for tid, fault in assignment.items():
@@ -108,10 +121,11 @@ async def test_every_terminal_through_both_collectors(tmp_path: Path, nats_clust
             # c0 names c1 and the partitions missing; a terminal of c1 is a 503, not "no such terminal".
             collectors[1].stop(signal.SIGKILL)
             body = merged(collectors[0].port)
-            gone = sorted(shard_partitions((1, 2), n))
+            gone = body["unheld_partitions"]
             # Asked at once: c1's leases live 4-6 s more, c0 cannot have taken any of them yet.
             assert body["collectors"] == ["c0"] and "c1" in body["missing_collectors"] and not body["complete"], body
-            assert body["unheld_partitions"] == gone, body
+            assert {partition_of(t, n) for t in tids if owner[t] == 1} <= set(gone), body
+            assert not {partition_of(t, n) for t in tids if owner[t] == 0} & set(gone), body
             assert {v["terminal_id"] for v in body["terminals"]} == {t for t in tids if owner[t] == 0}
             status, body, _ = get(collectors[0].port, f"/api/v1/terminals/{next(t for t in tids if owner[t] == 1)}")
             assert status == 503 and body["partition"] in gone, body
@@ -172,16 +186,9 @@ def mass_series(port: int) -> set[tuple[str, str, str]]:
 async def test_mass_offline_of_a_site_spread_over_collectors_raised_once_by_the_leader(
     tmp_path: Path, nats_cluster: NatsCluster
 ) -> None:
-    specs = make_fleet(30, ("acq-a",), sites_per_acquirer=3)  # 10 terminals per site
+    specs = make_fleet(60, ("acq-a",), sites_per_acquirer=6)  # 10 terminals per site
     n = nats_cluster.partitions
-    owner = {s.tid: partition_of(s.tid, n) % 2 for s in specs}
-    down = [s.tid for s in specs if s.site == "acq-a-site0"]
-    assert {owner[t] for t in down} == {0, 1}, "the site's terminals sit in both collectors' partitions"
-    # site1: its terminals of c1's partitions go silent. c1 alone would see most of its part offline; the whole
-    # site is below the mass share: no mass outage.
-    of_c1 = [s.tid for s in specs if s.site == "acq-a-site1" and owner[s.tid] == 1]
-    part1 = of_c1[:4]  # 4 of 10: below the share (0.5) fleet-wide, at least half of c1's part
-    assert len(part1) == 4 and len(of_c1) <= 8, of_c1
+    site_of = {s.tid: s.site for s in specs}
     sim = Simulator(f"mqtt://127.0.0.1:{nats_cluster.mqtt_ports[0]}", specs, INTERVAL, receipts=False)
     registry = tmp_path / "terminals.csv"
     sim.write_registry(registry)
@@ -191,17 +198,23 @@ async def test_mass_offline_of_a_site_spread_over_collectors_raised_once_by_the_
     tids = {s.tid for s in specs}
     try:
         async with sim:
-            def settled() -> bool:
-                held = [conditions(c.port) for c in collectors]
-                return all(t in held[owner[t]] and not held[owner[t]][t] for t in tids)
-
-            await asyncio.to_thread(wait_until, settled, 60, "each terminal held by its preferred owner, healthy", 0.5)
+            owner = await asyncio.to_thread(shared_out, collectors, tids, n)
+            leader = next(owner[t] for t in sorted(tids) if partition_of(t, n) == 0)
+            parts = {(site, i): sorted(t for t in tids if site_of[t] == site and owner[t] == i)
+                     for site in set(site_of.values()) for i in (0, 1)}
+            # A site whose terminals sit with both collectors goes silent ...
+            site0 = next(s for s in sorted(set(site_of.values())) if parts[(s, 0)] and parts[(s, 1)])
+            down = parts[(site0, 0)] + parts[(site0, 1)]
+            # ... and one where 4 of 10 go silent, all with one collector and at least half of its part there: that
+            # collector alone would judge its part mass-offline; the whole site is below the share (0.5).
+            site1, k = next((s, i) for (s, i), p in sorted(parts.items()) if s != site0 and 4 <= len(p) <= 8)
+            part1 = parts[(site1, k)][:4]
             assert all(not mass_series(c.port) for c in collectors)
             for tid in [*down, *part1]:
                 sim.set_fault(tid, "power_loss")
-            site0 = ("site", "acq-a", "acq-a-site0")
-            await asyncio.to_thread(wait_until, lambda: site0 in mass_series(collectors[0].port), 30,
-                                    "mass_offline of site0 raised by the leader (c0, owner of partition 0)", 0.25)
+            mass0 = ("site", "acq-a", site0)
+            await asyncio.to_thread(wait_until, lambda: mass0 in mass_series(collectors[leader].port), 30,
+                                    "mass_offline of the site raised by the leader (owner of partition 0)", 0.25)
 
             def offline_everywhere() -> bool:
                 held = {**conditions(collectors[0].port), **conditions(collectors[1].port)}
@@ -210,11 +223,19 @@ async def test_mass_offline_of_a_site_spread_over_collectors_raised_once_by_the_
             await asyncio.to_thread(wait_until, offline_everywhere, 30, "every silent terminal offline", 0.25)
             # Judged on a settled picture for several more rounds: still exactly one, on the leader.
             for _ in range(10):
-                assert mass_series(collectors[0].port) == {site0}
-                assert mass_series(collectors[1].port) == set()
+                assert mass_series(collectors[leader].port) == {mass0}
+                assert mass_series(collectors[1 - leader].port) == set()
                 await asyncio.sleep(0.2)
-            _, body = http_get(f"http://127.0.0.1:{collectors[1].port}/metrics")
+            _, body = http_get(f"http://127.0.0.1:{collectors[1 - leader].port}/metrics")
             assert "posfleet_acquirer_feed_stale{" not in body.decode()
+            # The merged site list, through either collector, carries the leader's judgement and the whole sites.
+            for c in collectors:
+                status, sites, _ = get(c.port, "/api/v1/sites")
+                assert status == 200 and sites["complete"] and sites["mass_offline_judged_by"] == f"c{leader}", sites
+                by_site = {s["site"]: s for s in sites["sites"]}
+                assert by_site[site0]["terminals"] == 10 and by_site[site0]["mass_offline_since"]
+                assert by_site[site1]["conditions"].get("offline") == 4
+                assert [s for s, v in by_site.items() if v["mass_offline_since"]] == [site0]
     finally:
         for c in collectors:
             c.stop()

@@ -136,6 +136,9 @@ def test_merge_sites_sums_a_site_spread_over_collectors() -> None:
     assert page["sites"][1] == {"acquirer": "a", "site": "s1", "terminals": 10, "online": 5, "shutdown": 1,
                                 "conditions": {"offline": 4, "weak_signal": 1}, "mass_offline_since": 12.0}
     assert s["conditions"] == {"offline": 1}  # the members' bodies are not changed
+    # The fleet leader's judgement replaces the members' own (each judged only its part of a site).
+    judged = merge_sites([{"sites": [s, u]}, {"sites": [t]}], 0, 10, mass={("a", "s0"): 7.0})
+    assert [x["mass_offline_since"] for x in judged["sites"]] == [7.0, None]
 
 
 def test_uncovered_partitions() -> None:
