@@ -3,6 +3,7 @@
     client -> collector A  GET /api/v1/terminals/T      (T's partition p is not A's)
               A -> NATS request posfleet.api.p.<p> -> owner B (subscribed while it holds p)
               B -> its own API on loopback (same path, same bearer token) -> reply {status, body} -> A -> client
+    (also .../diagnosis, .../timeline, and /api/v1/reconcile and /api/v1/receipts with ?terminal_id=)
 
     client -> collector A  GET /api/v1/terminals?...    (a list)
               A -> NATS posfleet.api.members (every collector) -> each answers its own list with the partitions
@@ -42,6 +43,7 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from prometheus_client import CollectorRegistry, Counter
 
 from collector.cluster.fleetwide import FleetWide
 from collector.cluster.keeper import Keeper
@@ -75,6 +77,9 @@ ONE_TERMINAL: Final = frozenset({
     "/api/v1/terminals/{terminal_id}/timeline",
 })
 LISTS: Final = frozenset({"/api/v1/terminals", "/api/v1/sites"})
+CONTENT_TYPES: Final = frozenset({"application/json", "application/x-ndjson"})
+# Routes scoped by a `terminal_id` query parameter: answered by that terminal's owner.
+BY_TERMINAL: Final = frozenset({"/api/v1/reconcile", "/api/v1/receipts"})
 
 
 class ForwardHost(Protocol):
@@ -92,6 +97,8 @@ class ForwardHost(Protocol):
     def route_hooks(self) -> list[Callable[[web.Application], None]]: ...
     @property
     def fleetwide(self) -> FleetWide | None: ...
+    @property
+    def prom_registry(self) -> CollectorRegistry: ...
 
 
 class MemberAnswer:
@@ -192,7 +199,13 @@ class Forwarder:
         self.subs: dict[int, Subscription] = {}
         self.member_sub: Subscription | None = None
         self.session: aiohttp.ClientSession | None = None
-        self.forwarded = 0
+        # Every request that could not be answered completely is counted by why (nothing is dropped silently).
+        self.requests = Counter("posfleet_cluster_api_requests", "API requests answered with other collectors, by kind "
+                                "(terminal: forwarded to its owner; list: merged) and result",
+                                ["kind", "result"], registry=host.prom_registry)
+        for kind, result in (("terminal", "answered"), ("terminal", "no_owner"), ("terminal", "timeout"),
+                             ("terminal", "error"), ("list", "complete"), ("list", "incomplete")):
+            self.requests.labels(kind, result)
         host.route_hooks.append(self.install)
 
     async def __aenter__(self) -> Forwarder:
@@ -227,7 +240,7 @@ class Forwarder:
             await self.subs.pop(p).unsubscribe()
 
     # ---- the owner's side -------------------------------------------------------------------------------------
-    async def _local(self, path: str, auth: str | None) -> tuple[int, bytes]:
+    async def _local(self, path: str, auth: str | None) -> tuple[int, bytes, str]:
         """GET `path` from this collector's own API (loopback), as the forwarded request."""
         assert self.session is not None
         host = self.host.cfg.http.host
@@ -235,7 +248,7 @@ class Forwarder:
         headers = {FORWARDED: "1", **({"Authorization": auth} if auth else {})}
         url = f"http://{host if ':' not in host else f'[{host}]'}:{self.host.http_port}{path}"
         async with self.session.get(url, headers=headers) as resp:
-            return resp.status, await resp.read()
+            return resp.status, await resp.read(), resp.content_type
 
     def _request_of(self, msg: Msg) -> tuple[str, str | None] | None:
         try:
@@ -260,11 +273,12 @@ class Forwarder:
         if req is None or p not in self.host.partitions or not msg.reply:
             return  # given up meanwhile: the new owner answers
         try:
-            status, body = await self._local(*req)
+            status, body, ctype = await self._local(*req)
         except (aiohttp.ClientError, TimeoutError) as err:
             log.warning("forwarded request for partition %d failed locally: %s", p, err or type(err).__name__)
             return
-        await self._reply(msg, {"instance": self.host.instance, "status": status, "body": body.decode()})
+        await self._reply(msg, {"instance": self.host.instance, "status": status, "body": body.decode(),
+                                "content_type": ctype})
 
     async def _answer_member(self, msg: Msg) -> None:
         req = self._request_of(msg)
@@ -276,7 +290,7 @@ class Forwarder:
             if path.startswith("/api/v1/sites"):  # every page: sites are merged by key
                 status, body = await self._all_sites(path, auth)
             else:
-                status, raw = await self._local(path, auth)
+                status, raw, _ = await self._local(path, auth)
                 body = json.loads(raw) if status == 200 else raw.decode()
         except (aiohttp.ClientError, TimeoutError, ValueError) as err:
             log.warning("list request failed locally: %s", err or type(err).__name__)
@@ -291,7 +305,7 @@ class Forwarder:
         base = path + ("&" if "?" in path else "?")
         sites: list[Any] = []
         for page in range(MAX_SITE_PAGES):
-            status, raw = await self._local(f"{base}limit=1000&offset={page * 1000}", auth)
+            status, raw, _ = await self._local(f"{base}limit=1000&offset={page * 1000}", auth)
             if status != 200:
                 return status, raw.decode()
             body = json.loads(raw)
@@ -314,6 +328,11 @@ class Forwarder:
             if p in self.host.partitions:
                 return await handler(request)
             return await self.forward(p, request.path_qs, request.headers.get("Authorization"))
+        if pattern in BY_TERMINAL and request.query.get("terminal_id"):
+            p = partition_of(request.query["terminal_id"], self.n)
+            if p in self.host.partitions:
+                return await handler(request)
+            return await self.forward(p, request.path_qs, request.headers.get("Authorization"))
         if pattern in LISTS:  # local=1: this collector's own part (what it holds)
             return await handler(request) if request.query.get("local") == "1" else await self.gather(request, pattern)
         return await handler(request)
@@ -324,18 +343,27 @@ class Forwarder:
         try:
             msg = await self.nc.request(f"{SUBJECT}.p.{p}", payload, timeout=FORWARD_TIMEOUT_S)
         except nats.errors.NoRespondersError:
+            self.requests.labels("terminal", "no_owner").inc()
             return _error(503, "the terminal's partition is held by no running collector", partition=p)
         except (nats.errors.TimeoutError, TimeoutError):
+            self.requests.labels("terminal", "timeout").inc()
             return _error(503, f"the owner of the terminal's partition did not answer within {FORWARD_TIMEOUT_S:g} s",
                           partition=p)
         except nats.errors.Error as err:
+            self.requests.labels("terminal", "error").inc()
             return _error(503, "cannot reach NATS to ask the terminal's owner", partition=p,
                           detail=type(err).__name__)
-        answer = json.loads(zlib.decompress(msg.data))
-        self.forwarded += 1
+        try:
+            answer = json.loads(zlib.decompress(msg.data))
+        except (ValueError, zlib.error):
+            answer = {"error": "malformed answer"}
         if "body" not in answer:
+            self.requests.labels("terminal", "error").inc()
             return _error(502, str(answer.get("error", "bad answer")), partition=p, collector=answer.get("instance"))
-        return web.Response(text=answer["body"], status=int(answer["status"]), content_type="application/json",
+        self.requests.labels("terminal", "answered").inc()
+        return web.Response(text=answer["body"], status=int(answer["status"]),
+                            content_type=ctype if (ctype := answer.get("content_type")) in CONTENT_TYPES
+                            else "application/json",
                             headers={ANSWERED_BY: str(answer["instance"])})
 
     async def ask_members(self, path: str, auth: str | None) -> tuple[list[MemberAnswer], dict[str, str]]:
@@ -414,4 +442,5 @@ class Forwarder:
         merged["unheld_partitions"] = uncovered(ok, self.n)
         merged["complete"] = not failed and not merged["unheld_partitions"]
         merged["gather_s"] = round(time.monotonic() - started, 3)
+        self.requests.labels("list", "complete" if merged["complete"] else "incomplete").inc()
         return web.json_response(merged)

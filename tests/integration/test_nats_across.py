@@ -100,8 +100,16 @@ async def test_every_terminal_through_both_collectors(tmp_path: Path, nats_clust
                     seen.append(view_conditions(view))
                     status, diag, _ = get(c.port, f"/api/v1/terminals/{tid}/diagnosis")
                     assert status == 200 and diag["terminal_id"] == tid, (tid, diag)
+                    status, timeline, _ = get(c.port, f"/api/v1/terminals/{tid}/timeline")
+                    assert status == 200 and timeline["terminal_id"] == tid, (tid, timeline)
+                    if assignment.get(tid) != "unregistered":
+                        status, rec, _ = get(c.port, f"/api/v1/reconcile?terminal_id={tid}")
+                        assert status == 200 and rec["scope"] == {"terminal_id": tid}, (tid, rec)
+                        assert rec["terminals"] == 1
                 assert seen[0] == seen[1] == expected[tid], (tid, seen, expected[tid])
             for c in collectors:
+                assert metric_sample(c.port, "posfleet_cluster_api_requests_total", kind="terminal",
+                                     result="answered") > 0
                 body = merged(c.port)
                 assert {v["terminal_id"] for v in body["terminals"]} == tids
                 assert body["complete"] and body["collectors"] == ["c0", "c1"] and not body["unheld_partitions"]
@@ -162,6 +170,10 @@ async def test_a_partition_nobody_holds_is_a_503(tmp_path: Path, nats_cluster: N
                 assert "held by no running collector" in body["error"]
                 status, body, _ = get(c0.port, f"/api/v1/terminals/{tid}/diagnosis")
                 assert status == 503, body
+                status, body, _ = get(c0.port, f"/api/v1/reconcile?terminal_id={tid}")
+                assert status == 503, body
+            assert metric_sample(c0.port, "posfleet_cluster_api_requests_total", kind="terminal",
+                                 result="no_owner") == 3 * len(orphans)
             body = merged(c0.port)
             assert {v["terminal_id"] for v in body["terminals"]} == held
             assert body["unheld_partitions"] == sorted(set(range(n)) - mine) and not body["complete"], body
