@@ -40,9 +40,26 @@ shards, leases + state objects + takeover + hand-back on rejoin, acquirer feed r
 renew failures, leases lost, takeovers by state), tests (tests/unit/test_cluster_*.py,
 tests/integration/test_nats_collectors.py: every fault on its owner, kill -9 -> served again in ~7 s, 0 lost).
 
-Not done (later work): API forwarding across collectors (a terminal is answered only by its owner), fleet-level
-conditions across shards (mass_offline and upstream_feed_stale are per collector: a site spread over shards is
-judged per shard, and every collector reports the feed's staleness), Prometheus rules and dashboards
-aggregated over instances, KV reads by watcher instead of a keys()+get() scan per round, a registry reload
+Not done (later work): KV reads by watcher instead of a keys()+get() scan per round, a registry reload
 computes the partition of every registered id (about 2 s per million ids in Python).
+
+Answers across collectors (H12c): `forward.py` - a terminal's routes (the terminal, diagnosis, timeline,
+reconcile/receipts with ?terminal_id=) on a collector that does not hold its partition are answered by the owner
+through NATS request-reply on `posfleet.api.p.<N>` (subscribed while held; the owner answers through its own
+API on loopback with the same bearer token); a partition nobody holds is a 503 naming it; lists
+(/api/v1/terminals, /api/v1/sites) are merged by scatter-gather on `posfleet.api.members`, naming live members
+(KV `m.*`) that did not answer and partitions no answer covered (`local=1`: one collector's part).
+`fleetwide.py` - every collector publishes sparse per-site offline/shutdown counts each round
+(`posfleet.fleet.counts.<instance>`); the owner of partition 0 sums them with the registry's totals, runs the
+single-collector hysteresis (`mass_offline_step`) and alone exports the mass-offline and acquirer feed series
+(FleetCollector.fleet_level). PosUpstreamFeedStale counts only collectors still exporting the feed series;
+dashboards aggregate feed and mass series by acquirer/site. Tests: tests/unit/test_cluster_fleetwide.py,
+tests/integration/test_nats_across.py, promtool cases in alert_rules/tests/fleet.test.yml.
+Not done there: reconcile/receipts/facets by acquirer or merchant are not merged across collectors (only
+?terminal_id= is forwarded); every collector still runs its own per-shard mass-offline hysteresis (logged, and
+shown by /api/v1/sites?local=1; not exported); a new fleet leader starts its hysteresis afresh (a mass outage in
+progress is raised again after `mass_offline.raise_after` of its rounds); merged terminal lists page up to
+offset + limit = 1000 (a deeper page is a 400); all collectors must share the API tokens file (the bearer token
+is forwarded over NATS: use TLS there); forwarding timeouts are constants (3 s one terminal, 5 s a list), not in
+the config tree.
 """
