@@ -35,7 +35,7 @@ from typing import Any
 
 import nats
 from nats.js.api import StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 HERE = Path(__file__).resolve().parent
 MQTT_MESSAGES_STREAM = "$MQTT_msgs"
@@ -84,6 +84,20 @@ def load_configs(directory: Path) -> list[StreamConfig]:
     return [StreamConfig.from_response(json.loads(f.read_text())) for f in files]
 
 
+async def add_stream(js: Any, cfg: StreamConfig, deadline: float) -> None:
+    """Create a stream, asking again while the cluster is still placing its peers: right after a start the meta
+    leader can report "no suitable peers for placement, peer offline" (err_code 10005) for a few seconds."""
+    while True:
+        try:
+            await js.add_stream(cfg)
+            return
+        except APIError as err:
+            if err.err_code != 10005 or time.monotonic() > deadline:
+                raise
+            print(f"create-streams: {cfg.name}: {err.description}; asking again")
+            await asyncio.sleep(1.0)
+
+
 def _secret(path: str | None, env: str) -> str | None:
     if path:
         return Path(path).read_text().strip()
@@ -128,7 +142,7 @@ async def create(args: argparse.Namespace) -> int:
                 info = await js.stream_info(cfg.name)
                 print(f"create-streams: {cfg.name} exists ({info.state.messages} messages): left as it is")
             except NotFoundError:
-                await js.add_stream(cfg)
+                await add_stream(js, cfg, deadline)
                 print(f"create-streams: {cfg.name} created ({cfg.num_replicas} replicas)")
         while (await js.stream_info(MQTT_MESSAGES_STREAM)).state.consumer_count < len(configs):
             if time.monotonic() > deadline:

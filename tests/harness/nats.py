@@ -46,6 +46,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import nats
+import nats.js.errors
 import paho.mqtt.client as paho
 from nats.aio.client import Client
 from nats.js.api import StreamInfo
@@ -399,7 +400,16 @@ class NatsCluster:
         try:
             js = nc.jetstream(timeout=JS_API_TIMEOUT_S)
             for config in stream_configs(NatsConfig(replicas=self.replicas)):
-                await js.add_stream(config)
+                # Right after start-up the meta leader can still answer "no suitable peers for placement, peer
+                # offline" (10005) for a moment, even once every peer was reported current: ask again.
+                for attempt in range(20):
+                    try:
+                        await js.add_stream(config)
+                        break
+                    except nats.js.errors.APIError as err:
+                        if err.err_code != 10005 or attempt == 19:
+                            raise
+                        await asyncio.sleep(0.5)
         finally:
             await nc.close()
 
