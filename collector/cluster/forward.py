@@ -5,7 +5,8 @@
               B -> its own API on loopback (same path, same bearer token) -> reply {status, body} -> A -> client
     (also .../diagnosis, .../timeline, and /api/v1/reconcile and /api/v1/receipts with ?terminal_id=)
 
-    client -> collector A  GET /api/v1/terminals?...    (a list)
+    client -> collector A  GET /api/v1/terminals?...    (a list; also /api/v1/sites, /api/v1/reconcile without
+                                                          terminal_id, /api/v1/support/facets)
               A -> NATS posfleet.api.members (every collector) -> each answers its own list with the partitions
               it holds -> A merges (sorted by terminal id, totals summed), names every live member (KV `m.*`) that
               did not answer in time and every partition no answer covered.
@@ -18,6 +19,8 @@ Decisions:
   503 with the partition, never a wrong 404 "no such terminal". An owner that does not answer within
   FORWARD_TIMEOUT_S is a 503 as well, saying so.
 - A collector that lost a partition but has not unsubscribed yet stays silent for it (the new owner answers).
+- /api/v1/receipts (a stream) is not merged: without terminal_id it is a 400 naming the two ways that work.
+- A member answering 404 for a list's scope ("no such merchant") has nothing of it; all 404 is the 404.
 - Replies are zlib-compressed JSON and must fit NATS' max_payload; a larger one is an error naming the member.
 - Merged lists page up to MAX_MERGED terminals (offset + limit): every member must send its first offset + limit
   to merge exactly; a deeper page is a 400 asking for a narrower filter.
@@ -76,7 +79,7 @@ ONE_TERMINAL: Final = frozenset({
     "/api/v1/terminals/{terminal_id}", "/api/v1/terminals/{terminal_id}/diagnosis",
     "/api/v1/terminals/{terminal_id}/timeline",
 })
-LISTS: Final = frozenset({"/api/v1/terminals", "/api/v1/sites"})
+LISTS: Final = frozenset({"/api/v1/terminals", "/api/v1/sites", "/api/v1/reconcile", "/api/v1/support/facets"})
 CONTENT_TYPES: Final = frozenset({"application/json", "application/x-ndjson"})
 # Routes scoped by a `terminal_id` query parameter: answered by that terminal's owner.
 BY_TERMINAL: Final = frozenset({"/api/v1/reconcile", "/api/v1/receipts"})
@@ -170,6 +173,56 @@ def kv_members(keeper: Keeper) -> Callable[[], Awaitable[set[str]]]:
         return {k[2:] for k, e in zip(keys, entries, strict=True) if not isinstance(e, BaseException)}
 
     return read
+
+
+def _sum_summary(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        for k, v in part.items():
+            if k == "missing_amount_minor":
+                amounts = out.setdefault(k, {})
+                for cur, n in v.items():
+                    amounts[cur] = amounts.get(cur, 0) + n
+            else:
+                out[k] = out.get(k, 0) + v
+    if "missing_amount_minor" in out:
+        out["missing_amount_minor"] = dict(sorted(out["missing_amount_minor"].items()))
+    return out
+
+
+def merge_reconcile(bodies: Sequence[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """Members' reconciliation reports (each over its own terminals) -> one: totals and per-merchant summaries
+    summed (a merchant's terminals may sit with several collectors), the item lists joined up to `limit`."""
+    first = bodies[0]
+    out: dict[str, Any] = {k: first[k] for k in ("window", "now", "grace_s", "scope") if k in first}
+    truncated = any(bool(b.get("truncated")) for b in bodies)
+    for key in ("missing_at_acquirer", "unknown_to_terminal", "pending"):
+        items = [x for b in bodies for x in b[key]]
+        truncated |= len(items) > limit
+        out[key] = items[:limit]
+    out["truncated"] = truncated
+    out["recorded_rows"] = sum(int(b.get("recorded_rows", 0)) for b in bodies)
+    out["terminals"] = sum(int(b.get("terminals", 0)) for b in bodies)
+    out["totals"] = _sum_summary([b["totals"] for b in bodies])
+    merchants: dict[str, list[dict[str, Any]]] = {}
+    for b in bodies:
+        for m, summary in b["merchants"].items():
+            merchants.setdefault(m, []).append(summary)
+    out["merchants"] = {m: _sum_summary(parts) for m, parts in sorted(merchants.items())}
+    return out
+
+
+def merge_facets(bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Members' support-page facets -> one: acquirers and sites joined, problem counts summed."""
+    sites: dict[str, set[str]] = {}
+    by_condition: dict[str, int] = {}
+    for b in bodies:
+        for a, ss in b["sites"].items():
+            sites.setdefault(a, set()).update(ss)
+        for c, n in b["problem_terminals_by_condition"].items():
+            by_condition[c] = by_condition.get(c, 0) + n
+    return {"acquirers": sorted(sites), "sites": {a: sorted(ss) for a, ss in sorted(sites.items())},
+            "conditions": bodies[0]["conditions"], "problem_terminals_by_condition": by_condition}
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -333,6 +386,9 @@ class Forwarder:
             if p in self.host.partitions:
                 return await handler(request)
             return await self.forward(p, request.path_qs, request.headers.get("Authorization"))
+        if pattern == "/api/v1/receipts" and request.query.get("local") != "1":
+            return _error(400, "receipts are not merged across partitioned collectors: ask with terminal_id=, or "
+                               "ask every collector with local=1 (GET /api/v1/terminals names them in `collectors`)")
         if pattern in LISTS:  # local=1: this collector's own part (what it holds)
             return await handler(request) if request.query.get("local") == "1" else await self.gather(request, pattern)
         return await handler(request)
@@ -420,20 +476,32 @@ class Forwarder:
                 return _error(400, f"a list merged across collectors pages up to offset + limit = {MAX_MERGED}: "
                                    "narrow it (acquirer, site, condition, merchant_id)")
             path = f"{pattern}?{rest}{'&' if rest else ''}offset=0&limit={offset + limit}"
-        else:
+        elif pattern == "/api/v1/sites":
             path = f"{pattern}?{rest}"
+        else:
+            path = f"{pattern}?{urlencode([(k, v) for k, v in q.items() if k != 'local'])}"
         started = time.monotonic()
         answers, failed = await self.ask_members(path, request.headers.get("Authorization"))
         ok = [a for a in answers if a.status == 200]
         for a in answers:
             if a.status != 200:
                 if not ok and a.status < 500:  # the same refusal everywhere (bad filter, token): say it as is
-                    return web.Response(text=str(a.body), status=a.status, content_type="application/json")
+                    return web.Response(text=json.dumps(a.body) if not isinstance(a.body, str) else a.body,
+                                        status=a.status, content_type="application/json")
+                if a.status == 404:
+                    ok.append(a)  # nothing of that scope with this member (e.g. "no such merchant" there)
+                    continue
                 failed[a.instance] = f"answered {a.status}"
-        bodies = [a.body for a in ok]
+        bodies = [a.body for a in ok if a.status == 200]
+        if not bodies and pattern not in ("/api/v1/terminals", "/api/v1/sites"):
+            return _error(503, "no collector answered", missing_collectors=dict(sorted(failed.items())))
         leader = next((a for a in ok if a.mass is not None), None)
         if pattern == "/api/v1/terminals":
             merged = merge_terminals(bodies, offset, limit)
+        elif pattern == "/api/v1/reconcile":
+            merged = merge_reconcile(bodies, min(max(_int(q, "limit", 1000), 1), 10_000))
+        elif pattern == "/api/v1/support/facets":
+            merged = merge_facets(bodies)
         else:
             merged = merge_sites(bodies, offset, limit, leader.mass if leader else None)
             merged["mass_offline_judged_by"] = leader.instance if leader else None

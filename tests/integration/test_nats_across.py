@@ -125,6 +125,20 @@ async def test_every_terminal_through_both_collectors(tmp_path: Path, nats_clust
                 assert status == 200 and sites["complete"], sites
                 registered = [s for s in specs if assignment.get(s.tid) != "unregistered"]
                 assert sum(s["terminals"] for s in sites["sites"] if s["acquirer"] != "unknown") == len(registered)
+            # Reconciliation and the support page's facets over the whole fleet, through either collector.
+            registered = {s.tid for s in specs if assignment.get(s.tid) != "unregistered"}
+            per_acq = {a: sum(1 for s in specs if s.tid in registered and s.acquirer == a) for a in ("acq-a", "acq-b")}
+            for c in collectors:
+                for acq, count in per_acq.items():
+                    status, rec, _ = get(c.port, f"/api/v1/reconcile?acquirer={acq}")
+                    assert status == 200 and rec["complete"] and rec["terminals"] == count, rec
+                status, facets, _ = get(c.port, "/api/v1/support/facets")
+                assert status == 200 and facets["complete"], facets
+                assert {"acq-a", "acq-b"} <= set(facets["acquirers"])
+                assert facets["problem_terminals_by_condition"]["hardware_fault"] == sum(
+                    1 for f in assignment.values() if FAULTS[f] == "hardware_fault")
+                status, body, _ = get(c.port, "/api/v1/receipts?acquirer=acq-a")
+                assert status == 400 and "local=1" in body["error"], body
             # An unknown terminal is still a 404 from its partition's owner, whoever is asked.
             for c in collectors:
                 status, body, _ = get(c.port, "/api/v1/terminals/NOPE-1")

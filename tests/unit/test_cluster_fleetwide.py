@@ -8,7 +8,14 @@ from collections import Counter
 import pytest
 
 from collector.cluster.fleetwide import FleetJudge, Report, registry_totals, sparse_report
-from collector.cluster.forward import MemberAnswer, merge_sites, merge_terminals, uncovered
+from collector.cluster.forward import (
+    MemberAnswer,
+    merge_facets,
+    merge_reconcile,
+    merge_sites,
+    merge_terminals,
+    uncovered,
+)
 from collector.config import Thresholds
 from collector.fleet.detect import MassOffline, mass_offline_step
 from collector.fleet.registry import Registry, RegistryEntry
@@ -145,3 +152,33 @@ def test_uncovered_partitions() -> None:
     answers = [MemberAnswer("c0", 200, {}, [0, 2]), MemberAnswer("c1", 200, {}, [1])]
     assert uncovered(answers, 5) == [3, 4]
     assert uncovered([], 2) == [0, 1]
+
+
+def _summary(completed: int, missing: int, amounts: dict[str, int]) -> dict[str, object]:
+    return {"completed": completed, "recorded": completed - missing, "matched": completed - missing, "pending": 0,
+            "missing_at_acquirer": missing, "unknown_to_terminal": 0, "missing_amount_minor": amounts}
+
+
+def test_merge_reconcile_sums_a_merchant_spread_over_collectors() -> None:
+    base = {"window": {"from": "x"}, "now": "n", "grace_s": 60.0, "scope": {"acquirer": "a"}, "pending": [],
+            "unknown_to_terminal": [], "recorded_rows": 3}
+    a = {**base, "missing_at_acquirer": [{"txn_id": "1"}, {"txn_id": "2"}], "truncated": False, "terminals": 2,
+         "totals": _summary(5, 2, {"EUR": 300}), "merchants": {"M1": _summary(5, 2, {"EUR": 300})}}
+    b = {**base, "missing_at_acquirer": [{"txn_id": "3"}], "truncated": False, "terminals": 1,
+         "totals": _summary(2, 1, {"EUR": 50, "USD": 7}),
+         "merchants": {"M1": _summary(1, 1, {"USD": 7}), "M2": _summary(1, 0, {})}}
+    out = merge_reconcile([a, b], limit=2)
+    assert out["terminals"] == 3 and out["recorded_rows"] == 6
+    assert out["totals"] == _summary(7, 3, {"EUR": 350, "USD": 7})
+    assert out["merchants"]["M1"] == _summary(6, 3, {"EUR": 300, "USD": 7})
+    assert out["missing_at_acquirer"] == [{"txn_id": "1"}, {"txn_id": "2"}] and out["truncated"]
+    assert out["scope"] == {"acquirer": "a"}
+
+
+def test_merge_facets() -> None:
+    a = {"acquirers": ["a"], "sites": {"a": ["s1"]}, "conditions": ["offline"],
+         "problem_terminals_by_condition": {"offline": 2}}
+    b = {"acquirers": ["a", "b"], "sites": {"a": ["s0", "s1"], "b": ["t"]}, "conditions": ["offline"],
+         "problem_terminals_by_condition": {"offline": 1}}
+    assert merge_facets([a, b]) == {"acquirers": ["a", "b"], "sites": {"a": ["s0", "s1"], "b": ["t"]},
+                                    "conditions": ["offline"], "problem_terminals_by_condition": {"offline": 3}}
