@@ -56,10 +56,10 @@ single-collector hysteresis (`mass_offline_step`) and alone exports the mass-off
 dashboards aggregate feed and mass series by acquirer/site. Tests: tests/unit/test_cluster_fleetwide.py,
 tests/integration/test_nats_across.py, promtool cases in alert_rules/tests/fleet.test.yml.
 Not done there: /api/v1/receipts by acquirer or merchant is not merged (a stream; a 400 says to ask with
-terminal_id= or each collector with local=1), so the support page's paging stops at offset 1000; every collector still runs its own per-shard mass-offline hysteresis (logged, and
+terminal_id= or each collector with local=1); every collector still runs its own per-shard mass-offline hysteresis (logged, and
 shown by /api/v1/sites?local=1; not exported); a new fleet leader starts its hysteresis afresh (a mass outage in
 progress is raised again after `mass_offline.raise_after` of its rounds); merged terminal lists page up to
-offset + limit = 1000 (a deeper page is a 400); all collectors must share the API tokens file (the bearer token
+offset + limit = 1000 (a deeper page is a 400, also on the support page); all collectors must share the API tokens file (the bearer token
 is forwarded over NATS: use TLS there); forwarding timeouts are constants (3 s one terminal, 5 s a list), not in
 the config tree.
 """
