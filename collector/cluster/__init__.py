@@ -45,21 +45,21 @@ computes the partition of every registered id (about 2 s per million ids in Pyth
 
 Answers across collectors (H12c): `forward.py` - a terminal's routes (the terminal, diagnosis, timeline,
 reconcile/receipts with ?terminal_id=) on a collector that does not hold its partition are answered by the owner
-through NATS request-reply on `posfleet.api.p.<N>` (subscribed while held; the owner answers through its own
-API on loopback with the same bearer token); a partition nobody holds is a 503 naming it; lists
-(/api/v1/terminals, /api/v1/sites, /api/v1/reconcile, /api/v1/support/facets) are merged by scatter-gather on `posfleet.api.members`, naming live members
-(KV `m.*`) that did not answer and partitions no answer covered (`local=1`: one collector's part).
-`fleetwide.py` - every collector publishes sparse per-site offline/shutdown counts each round
+through NATS request-reply on `posfleet.api.p.<N>` (subscribed while held; the owner answers through its own API on
+loopback with the same bearer token); a partition nobody holds is a 503 naming it; lists (/api/v1/terminals,
+/api/v1/sites, /api/v1/reconcile, /api/v1/support/facets) are merged by scatter-gather on `posfleet.api.members`,
+naming live members (KV `m.*`) that did not answer and partitions no answer covered (`local=1`: one collector's
+part). `fleetwide.py` - every collector publishes sparse per-site offline/shutdown counts each round
 (`posfleet.fleet.counts.<instance>`); the owner of partition 0 sums them with the registry's totals, runs the
 single-collector hysteresis (`mass_offline_step`) and alone exports the mass-offline and acquirer feed series
 (FleetCollector.fleet_level). PosUpstreamFeedStale counts only collectors still exporting the feed series;
 dashboards aggregate feed and mass series by acquirer/site. Tests: tests/unit/test_cluster_fleetwide.py,
 tests/integration/test_nats_across.py, promtool cases in alert_rules/tests/fleet.test.yml.
 Not done there: /api/v1/receipts by acquirer or merchant is not merged (a stream; a 400 says to ask with
-terminal_id= or each collector with local=1); every collector still runs its own per-shard mass-offline hysteresis (logged, and
-shown by /api/v1/sites?local=1; not exported); a new fleet leader starts its hysteresis afresh (a mass outage in
-progress is raised again after `mass_offline.raise_after` of its rounds); merged terminal lists page up to
-offset + limit = 1000 (a deeper page is a 400, also on the support page); all collectors must share the API tokens file (the bearer token
-is forwarded over NATS: use TLS there); forwarding timeouts are constants (3 s one terminal, 5 s a list), not in
-the config tree.
+terminal_id= or each collector with local=1); every collector still runs its own per-shard mass-offline hysteresis
+(logged, and shown by /api/v1/sites?local=1; not exported); a new fleet leader starts its hysteresis afresh (a mass
+outage in progress is raised again after `mass_offline.raise_after` of its rounds); merged terminal lists page up to
+offset + limit = 1000 (a deeper page is a 400, also on the support page); all collectors must share the API tokens
+file (the bearer token is forwarded over NATS: use TLS there); forwarding timeouts are constants (3 s one terminal,
+5 s a list), not in the config tree.
 """
