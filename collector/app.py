@@ -512,7 +512,8 @@ class Collector:
             elif not self.nats.owned():
                 problems.append("owns no partition")
             if self.nats.deaf:
-                problems.append(f"NATS does not answer for partitions {sorted(self.nats.deaf)} (-1: the acquirer feed)")
+                problems.append(f"NATS does not answer for partitions {sorted(self.nats.deaf)} (-1: the acquirer "
+                                f"feed, -2: the stream itself)")
             if self.keeper is not None and not self.keeper.connected:
                 problems.append("cannot renew partition leases in NATS KV")
         elif self.ingest is None or not self.ingest.subscribed:

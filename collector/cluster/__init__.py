@@ -32,7 +32,13 @@ Design decisions beyond the brief, and why:
 - A collector releases partitions above its fair share, or preferred by a live member with room, a few per
   round; it never takes a free partition that a live member with room prefers (no churn between two).
 - A collector whose lease renewal failed drops the partition at once and never writes its state again (the
-  new owner's); a state write also needs a renewal within the TTL.
+  new owner's); a state write also needs a renewal within the TTL. Renewals run in their own task.
+- Our own pull requests answered into a callback subscription instead of nats-py's `fetch`: on Python 3.11
+  `fetch` drops a message arriving as its wait times out (asyncio.wait_for around queue.get), the consumer counts
+  it delivered and AckPolicy.ALL then acknowledges past it. Every delivery's consumer sequence is checked; a gap
+  (a response lost with a node) recreates the consumer from the last applied sequence + 1.
+- Deaf = no silence judged (as with a lost MQTT broker): while the connection is down, while a consumer answers
+  nothing (not even idle heartbeats), and while the partitioned stream has no leader.
 
 Done: partition function, config section (`ingest.source`, `nats:`, every problem at check-config time), static
 shards, leases + state objects + takeover + hand-back on rejoin, acquirer feed read by every collector

@@ -1,16 +1,18 @@
 """Partition leases in NATS KV, partition state in the NATS object store, and the takeover that uses both.
 
-Every round (a third of the lease TTL) the keeper
-1. renews its member key `m.<instance>` and each of its leases `p.<N>` (update with the last revision: only the
-   holder can renew). A lease not renewed within its TTL (KV unreachable) is dropped: another collector may hold
-   it by now. A renewal refused because the lease expired is taken again if it is still free and its consumer
-   is still ours; otherwise someone else holds it, and the partition is dropped at once, without writing its
-   state, which belongs to the new owner. State objects are written only within a TTL of a renewal;
+Every third of the lease TTL, in a task of its own (slow takes must never hold renewals past the TTL), the keeper
+1. renews each of its leases `p.<N>` at once (update with the last revision: only the holder can renew), then its
+   member key `m.<instance>`. A lease not renewed within its TTL (KV unreachable) is dropped: another collector
+   may hold it by now. A renewal refused because the lease expired is taken again if it is still free and its
+   consumer is still ours; otherwise someone else holds it, and the partition is dropped at once, without
+   writing its state, which belongs to the new owner. State objects are written only within a TTL of a renewal;
+and every round it
 2. reads every lease and member and asks `ownership.plan` what to take and release;
 3. takes a partition: create its lease (fails if anybody holds it), load its state object (the snapshot encoding
    of its terminals + the last applied stream sequence), adopt the terminals into the Fleet (a full offline
    period from now, no false offline storm), then (re)create its consumer from that sequence + 1;
-4. releases one: stop reading, write its state, drop its terminals, delete the lease.
+4. releases: stop reading, write their state, drop their terminals, delete the leases.
+Every request is bounded (a third of the TTL); takes and releases are batched (one recount of the fleet).
 A collector that dies stops renewing: its leases expire with the bucket's TTL and the others take over.
 """
 
@@ -118,6 +120,7 @@ class Keeper:
         self.monotonic, self.clock = monotonic, clock
         self.preferred = shard_partitions(parse_shard(cfg.shard), cfg.partitions) if cfg.shard else frozenset()
         self.revisions: dict[int, int] = {}  # my leases -> their last revision
+        self.lost_leases: set[int] = set()  # renewals refused: somebody else holds them now (dropped next round)
         self.renewed: dict[int, float] = {}  # my leases -> monotonic time of the last successful renewal
         self.kv: KeyValue | None = None
         self.obs: ObjectStore | None = None
@@ -163,57 +166,80 @@ class Keeper:
 
     # ---- the round -------------------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Rounds for ever (supervised by the app); errors of one round are logged and the next one tries again."""
+        """Renewals in a task of their own (slow takes or releases must never hold them past the TTL), and rounds
+        of read, plan, act for ever (supervised by the app); errors of one round are logged, the next tries again."""
         if self.kv is None:
             await self.setup()
+        renewer = asyncio.create_task(self._renew_loop(), name="lease-renewals")
+        try:
+            while True:
+                if renewer.done():
+                    renewer.result()  # a bug in the renewals ends the task (the supervisor restarts it, loudly)
+                try:
+                    # Bounded: a round stuck on a request lost with a dying node must not stop it for good.
+                    await asyncio.wait_for(self.round(), 3 * self.cfg.lease_ttl_s)
+                except (nats.errors.Error, OSError, TimeoutError) as err:
+                    log.warning("partition round failed: %s", err or type(err).__name__)
+                await self._drop_expired()
+                self.metrics.owned.set(len(self.owned))
+                for p in self.owned:
+                    self.metrics.lag.labels(str(p)).set(self.reader.pending.get(p, 0))
+                await asyncio.sleep(self.round_s)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await renewer
+
+    async def _renew_loop(self) -> None:
         while True:
             try:
-                # Bounded: a round stuck on a request lost with a dying node must not stop the renewals for good.
-                await asyncio.wait_for(self.round(), 3 * self.cfg.lease_ttl_s)
+                await asyncio.wait_for(self.renew(), 2 * self.round_s)
                 self.connected = True
             except (nats.errors.Error, OSError, TimeoutError) as err:
                 self.connected = False
-                log.warning("partition round failed: %s", err or type(err).__name__)
-            await self._drop_expired()
-            self.metrics.owned.set(len(self.owned))
-            for p in self.owned:
-                self.metrics.lag.labels(str(p)).set(self.reader.pending.get(p, 0))
+                log.warning("lease renewal failed: %s", err or type(err).__name__)
             await asyncio.sleep(self.round_s)
 
-    async def round(self) -> None:
-        """One round: renew, read, plan, act."""
+    async def renew(self) -> None:
+        """Renew every held lease at once, then the member key. A lease refused (expired) is reclaimed when still
+        free and its consumer still ours, else marked lost; the next round drops it."""
         assert self.kv is not None
         kv = self.kv
-        stolen = sorted(self.owned & self.reader.stolen)
-        if stolen:  # another collector recreated their consumers: it owns them now
-            self.metrics.lost.inc(len(stolen))
-            log.error("partitions %s were taken over by another collector: dropping them", stolen)
-            await self._drop(stolen)
-        # Leases first, all at once (a slow answer must not hold the others past their TTL); the member key only
-        # shapes the next plan.
-        mine = sorted(self.owned)
+        mine = sorted(self.revisions)
         results = await asyncio.gather(
             *(kv.update(f"p.{p}", self.instance.encode(), last=self.revisions[p]) for p in mine),
             return_exceptions=True)
-        lost: list[int] = []
         for p, result in zip(mine, results, strict=True):
+            if p not in self.revisions:
+                continue  # released meanwhile
             if isinstance(result, int):
                 self.revisions[p], self.renewed[p] = result, self.monotonic()
                 continue
             self.metrics.renew_failures.inc()
             if isinstance(result, (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError)):
                 if not await self._reclaim(p):
-                    lost.append(p)
+                    self.lost_leases.add(p)
             elif isinstance(result, Exception):
                 log.warning("lease of partition %d not renewed: %s", p, result or type(result).__name__)
             else:
                 raise result
+        await kv.put(f"m.{self.instance}", json.dumps({"shard": self.cfg.shard}).encode())
+
+    async def round(self) -> None:
+        """One round: drop what is no longer ours, read every lease and member, plan, act."""
+        stolen = sorted(self.owned & self.reader.stolen)
+        if stolen:  # another collector recreated their consumers: it owns them now
+            self.metrics.lost.inc(len(stolen))
+            log.error("partitions %s were taken over by another collector: dropping them", stolen)
+            await self._drop(stolen)
+        lost = sorted(self.lost_leases & self.owned)
+        self.lost_leases.clear()
         if lost:
             self.metrics.lost.inc(len(lost))
             log.error("leases of partitions %s lost (expired and taken, or deleted): dropping them", lost)
             await self._drop(lost)
-        await kv.put(f"m.{self.instance}", json.dumps({"shard": self.cfg.shard}).encode())
         leases, members = await self._read()
+        members[self.instance] = self.preferred  # alive and with these preferences, whether KV shows it yet or not
         decision = plan(self.instance, self.cfg.partitions, leases, members)
         if decision.release:
             await self.release(decision.release)
@@ -317,12 +343,8 @@ class Keeper:
             self.owned.update(got)
             restored = [t for _after, terminals, _how in states for t in terminals]
             adopted = self.fleet.adopt(restored, self.members_of(got), self.clock())
+            # The renewal task keeps these leases alive meanwhile, however long starting takes on a busy host.
             await asyncio.gather(*(self.reader.start_partition(p, loaded[p][0]) for p in got))
-            # Taking many can outlast a lease on a busy host: renewed now, before anything counts on them.
-            renewed = await asyncio.gather(
-                *(kv.update(f"p.{p}", self.instance.encode(), last=self.revisions[p]) for p in got))
-            for p, rev in zip(got, renewed, strict=True):
-                self.revisions[p], self.renewed[p] = rev, self.monotonic()
         except BaseException:
             # Half taken (NATS went away meanwhile): give them back now rather than hold them unread until expiry.
             held = {p: self.revisions[p] for p in got if p in self.revisions}

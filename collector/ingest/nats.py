@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
@@ -41,16 +44,19 @@ from collector.cluster.streams import FEED_SUBJECT, MQTT_MESSAGES_STREAM, stream
 from collector.config import NatsConfig
 from collector.ingest.source import IngestMetrics
 
-__all__ = ["FEED", "NatsInbound", "NatsIngest", "connect_options"]
+__all__ = ["FEED", "NatsInbound", "NatsIngest", "connect_options", "inbound", "next_cseq"]
 
 log = logging.getLogger(__name__)
 
 FEED = -1  # the `partition` of an acquirer feed message
+STREAM = -2  # in `NatsIngest.deaf`: the partitioned stream has no leader (nothing new is stored)
 # An unapplied message is redelivered after this long: far above the time a full queue takes to drain.
 ACK_WAIT_S = 60.0
 # Unsubscribing and acknowledging are local writes; while the client reconnects they can wait on its buffers:
 # never longer than this (an acknowledgement lost that way only means a redelivery).
 IO_TIMEOUT_S = 2.0
+# How often (and how long at most) the partitioned stream's leader is asked after.
+STREAM_CHECK_S = 1.0
 # The feed consumer of a collector that has not read for this long is deleted by the server.
 FEED_INACTIVE_S = 24 * 3600.0
 # How long one fetch waits on the server for a partition with nothing new (a long poll, cheap), and how often the
@@ -72,6 +78,34 @@ class NatsInbound:
     seq: int  # stream sequence
     msg: Msg = field(repr=False)
     retain: bool = False  # JetStream has no retained flag; the last status per subject plays that part
+
+
+def next_cseq(last: int | None, msgs: list[Msg]) -> int | None:
+    """The consumer sequence of the last of `msgs` when they follow `last` without a gap, else None.
+
+    A fetch answered through a node that died on the way is lost, but the consumer counts it as delivered; with
+    AckPolicy.ALL, acknowledging the next message would acknowledge the lost ones too, and they would never come
+    again. So a gap is never acknowledged past: the consumer is recreated from the last applied sequence + 1
+    (`NatsIngest._resync`), as nats' own ordered consumers do.
+    """
+    for m in msgs:
+        got = m.metadata.sequence.consumer
+        if last is not None and got != last + 1:
+            return None
+        last = got
+    return last
+
+
+def inbound(m: Msg, topic_prefix: str, partition: int) -> NatsInbound:
+    """A stored message as the collector applies it: the MQTT topic back (feed subjects keep their own prefix),
+    rx = the stream's stored timestamp, and where it came from."""
+    md = m.metadata
+    if partition == FEED:
+        topic = "/".join(tok.replace("//", ".") for tok in m.subject.split("."))
+    else:
+        mapped = topic_of(m.subject, topic_prefix)
+        topic = mapped[1] if mapped is not None else m.subject
+    return NatsInbound(topic, m.data, md.timestamp.timestamp(), partition, md.sequence.stream, m)
 
 
 def connect_options(cfg: NatsConfig, name: str) -> dict[str, Any]:
@@ -100,16 +134,28 @@ def connect_options(cfg: NatsConfig, name: str) -> dict[str, Any]:
 
 
 class _Partition:
-    """One consumer being read (an owned partition, or FEED): its pull subscription, fetch task and the consumer
-    sequence of the last delivery (a jump means a delivery was lost on the way, see `_fetch`)."""
+    """One consumer being read (an owned partition, or FEED) with our own pull requests.
 
-    __slots__ = ("cseq", "number", "resync", "sub", "task")
+    nats-py's `fetch` waits with `asyncio.wait_for(queue.get(), timeout)`, which on Python 3.11 drops a message
+    that arrives as the wait times out: the consumer counts it as delivered, and with AckPolicy.ALL the next
+    acknowledgement covered it (measured: a consumer-sequence gap every few seconds per collector on idle
+    partitions). Here a pull request (`batch`, `expires`, idle heartbeats) is answered into a subscription with a
+    callback, which never drops anything; one request is outstanding at a time, and the next goes out when it
+    is used up or expired.
+    """
 
-    def __init__(self, number: int, sub: JetStreamContext.PullSubscription) -> None:
-        self.number, self.sub = number, sub
+    __slots__ = ("consumer", "cseq", "heard", "inbox", "number", "owed", "resync", "stream", "sub", "task", "wake")
+
+    def __init__(self, number: int, stream: str, consumer: str) -> None:
+        self.number, self.stream, self.consumer = number, stream, consumer
+        self.inbox = ""
+        self.sub: Subscription | None = None
         self.task: asyncio.Task[None] | None = None
-        self.cseq: int | None = None
-        self.resync = False  # a delivery was lost: recreate the consumer before fetching again
+        self.cseq: int | None = None  # consumer sequence of the last delivery (a jump: a delivery was lost)
+        self.owed = 0  # messages the outstanding request may still bring
+        self.heard = 0.0  # monotonic time the server last said anything on this request (message, heartbeat)
+        self.resync = False  # a delivery was lost or the consumer deleted: recreate it before reading on
+        self.wake = asyncio.Event()
 
 
 class NatsIngest:
@@ -141,6 +187,7 @@ class NatsIngest:
         self.feed_consumer = f"posfleet-feed-{instance}"
         self.resyncs = 0  # consumers recreated after a lost delivery
         self.stolen: set[int] = set()  # partitions another collector took over (their consumer is not ours)
+        self._feed_part: _Partition | None = None
         self._acks: dict[int, Msg] = {}
         self._ack_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -152,12 +199,19 @@ class NatsIngest:
     async def __aenter__(self) -> NatsIngest:
         async def disconnected() -> None:
             self.metrics.mqtt_connected.set(0)
+            # Requests outstanding on the lost connection will never be answered: every consumer is deaf until it
+            # answers a new one.
+            self.deaf.update(self._parts)
+            self.deaf.add(FEED)
             if not self._closing:
                 log.warning("NATS connection lost; reconnecting")
 
         async def reconnected() -> None:
             self.metrics.mqtt_connected.set(1)
             self.metrics.mqtt_connects.inc()
+            for part in [*self._parts.values(), *([self._feed_part] if self._feed_part else [])]:
+                part.owed = 0  # ask again at once, on this connection
+                part.wake.set()
             log.info("NATS reconnected to %s", self.nc.connected_url.netloc if self.nc and self.nc.connected_url
                      else "?")
 
@@ -186,6 +240,7 @@ class NatsIngest:
                  if self.nc.connected_url else "?", self.cfg.stream, self.cfg.partitions)
         self._tasks.append(asyncio.create_task(self._acker(), name="nats-ack"))
         self._tasks.append(asyncio.create_task(self._feed(), name="nats-feed"))
+        self._tasks.append(asyncio.create_task(self._watch_stream(), name="nats-stream"))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -272,11 +327,12 @@ class NatsIngest:
             await self.js.add_consumer(self.cfg.stream, config)
             info = await self.js.consumer_info(self.cfg.stream, name)
         self.created[p] = info.created
-        sub = await self.js.pull_subscribe_bind(consumer=name, stream=self.cfg.stream)
-        part = self._parts[p] = _Partition(p, sub)
+        part = _Partition(p, self.cfg.stream, name)
+        await self._bind(part)
+        self._parts[p] = part
         if after_seq is not None:
             self.applied[p] = after_seq
-        part.task = asyncio.create_task(self._fetch(part), name=f"nats-p{p}")
+        part.task = asyncio.create_task(self._pull(part), name=f"nats-p{p}")
         part.task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
@@ -302,8 +358,7 @@ class NatsIngest:
                 await part.task
         if any(i.partition == p for i in self._queue):
             self._queue = collections.deque(i for i in self._queue if i.partition != p)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(part.sub.unsubscribe(), IO_TIMEOUT_S)
+        await self._unbind(part)
         self.pending.pop(p, None)
         self.deaf.discard(p)
         await self._flush_acks()
@@ -326,44 +381,102 @@ class NatsIngest:
             return False
         return p in self.created and info.created == self.created[p]
 
-    async def _fetch(self, part: _Partition) -> None:
-        """Fetch the partition's messages into the shared queue for ever (errors: wait a little, try again)."""
+    async def _bind(self, part: _Partition) -> None:
+        """A fresh inbox for the consumer's deliveries, read by a callback (in order, nothing dropped)."""
+        assert self.nc is not None
+
+        async def on_msg(m: Msg) -> None:
+            self._on_msg(part, m)
+
+        part.inbox = self.nc.new_inbox()
+        part.sub = await self.nc.subscribe(part.inbox, cb=on_msg)
+        part.owed, part.cseq = 0, None
+
+    async def _unbind(self, part: _Partition) -> None:
+        if part.sub is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(part.sub.unsubscribe(), IO_TIMEOUT_S)
+            part.sub = None
+
+    async def _request(self, part: _Partition) -> None:
+        """Ask the consumer for the next batch; answered into the inbox until used up or `expires`."""
+        assert self.nc is not None
+        body = {"batch": self.cfg.fetch_batch, "expires": int(FETCH_WAIT_S * 1e9),
+                "idle_heartbeat": int(FETCH_HEARTBEAT_S * 1e9)}
+        await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{part.stream}.{part.consumer}",
+                              json.dumps(body).encode(), reply=part.inbox)
+        part.owed, part.heard = self.cfg.fetch_batch, time.monotonic()
+
+    def _on_msg(self, part: _Partition, m: Msg) -> None:
+        """One answer to our requests: a delivery (in consumer order, else a resync), or a status."""
+        if part.resync or part.sub is None:
+            return  # read again after the resync
+        part.heard = time.monotonic()
+        p = part.number
+        status = m.headers.get("Status") if m.headers else None
+        if status is not None and not m.data:
+            if status == "100":  # idle heartbeat: the consumer is there
+                self.deaf.discard(p)
+                return
+            # 404 no messages, 408 request expired, 409 leadership change / consumer deleted / limits: this request
+            # is over; a deleted consumer is recreated from what was applied.
+            part.owed = 0
+            if status == "409" and "deleted" in (m.headers or {}).get("Description", "").lower():
+                part.resync = True
+            elif status not in ("404", "408"):
+                log.info("NATS: %s answered %s %s", part.consumer, status, (m.headers or {}).get("Description", ""))
+            part.wake.set()
+            return
+        self.deaf.discard(p)
+        md = m.metadata
+        cseq = next_cseq(part.cseq, [m])
+        if cseq is None:
+            log.warning("NATS: a delivery of %s was lost (consumer sequence %s after %s): reading it again from "
+                        "the last applied message", "the acquirer feed" if p == FEED else f"partition {p}",
+                        md.sequence.consumer, part.cseq)
+            part.resync = True
+            part.wake.set()
+            return
+        part.cseq = cseq
+        part.owed -= 1
+        self._queue.append(inbound(m, self.topic_prefix, p))
+        if p != FEED:
+            self.pending[p] = md.num_pending
+        self._ready.set()
+        if part.owed <= 0:
+            part.wake.set()
+
+    async def _pull(self, part: _Partition) -> None:
+        """Keep one request outstanding while there is room in the queue; notice a consumer that stopped answering
+        (deaf) and lost deliveries (resync)."""
         backoff = 0.5
+        silent_after = FETCH_WAIT_S + 3 * FETCH_HEARTBEAT_S
         while True:
+            if part.resync:
+                if not await self._resync(part):
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                backoff = 0.5
             while len(self._queue) >= self.capacity:
                 self._space.clear()
                 await self._space.wait()
-            if part.resync and not await self._resync(part):
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            msgs = await self._fetch_once(part.sub, part.number)
-            if msgs is None:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            backoff = 0.5
-            if msgs and not self._in_order(part, msgs):
-                part.resync = True
-                continue
-            self._enqueue(part.number, msgs)
-
-    def _in_order(self, part: _Partition, msgs: list[Msg]) -> bool:
-        """Whether `msgs` follow the last delivery without a gap in consumer sequence.
-
-        A fetch answered through a node that died on the way is lost, but the consumer counts it as delivered;
-        with AckPolicy.ALL, acknowledging the next message would acknowledge the lost ones too, and they would
-        never come again. So a gap is never acknowledged past: the consumer is recreated from the last applied
-        sequence + 1 (`_resync`), as nats' own ordered consumers do.
-        """
-        cseq = part.cseq
-        for m in msgs:
-            got = m.metadata.sequence.consumer
-            if cseq is not None and got != cseq + 1:
-                return False
-            cseq = got
-        part.cseq = cseq
-        return True
+            now = time.monotonic()
+            if part.owed <= 0 or now - part.heard > silent_after:
+                if part.owed > 0:  # the request got no answer at all, not even a heartbeat
+                    self._deafen(part.number, "no answer from the server")
+                try:
+                    await self._request(part)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:  # disconnected: said, then retried
+                    self._deafen(part.number, str(err) or type(err).__name__)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+            part.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(part.wake.wait(), FETCH_HEARTBEAT_S)
 
     async def _resync(self, part: _Partition) -> bool:
         """Recreate a consumer from its last applied stream sequence + 1 after a lost delivery; False (said, and
@@ -387,28 +500,23 @@ class NatsIngest:
             # recreate. The keeper drops it on its next round.
             self.stolen.add(p)
             raise RuntimeError("its consumer was recreated by another collector")
-        what = "the acquirer feed" if p == FEED else f"partition {p}"
         start = self.applied.get(FEED) if p == FEED else self.position(p)
-        log.warning("NATS: a delivery of %s was lost in transit; reading it again from stream sequence %s", what,
-                    start + 1 if start is not None else "the newest")
+        log.warning("NATS: reading %s again from stream sequence %s", "the acquirer feed" if p == FEED
+                    else f"partition {p}", start + 1 if start is not None else "the newest")
         self.resyncs += 1
         await self._flush_acks()  # acknowledgements of what was applied go to the consumer they came from
         if any(i.partition == p for i in self._queue):
             self._queue = collections.deque(i for i in self._queue if i.partition != p)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(part.sub.unsubscribe(), IO_TIMEOUT_S)
-        stream = self.cfg.feed_stream if p == FEED else self.cfg.stream
-        name = self.feed_consumer if p == FEED else self.consumer_name(p)
+        await self._unbind(part)
         with contextlib.suppress(nats.js.errors.NotFoundError):
-            await self.js.delete_consumer(stream, name)
+            await self.js.delete_consumer(part.stream, part.consumer)
         config = self._feed_config() if p == FEED else self._partition_config(p)
         if start is not None:
             config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start + 1
-        await self.js.add_consumer(stream, config)
+        await self.js.add_consumer(part.stream, config)
         if p != FEED:
-            self.created[p] = (await self.js.consumer_info(stream, name)).created
-        part.sub = await self.js.pull_subscribe_bind(consumer=name, stream=stream)
-        part.cseq = None
+            self.created[p] = (await self.js.consumer_info(part.stream, part.consumer)).created
+        await self._bind(part)
 
     def _partition_config(self, p: int) -> ConsumerConfig:
         name = self.consumer_name(p)
@@ -426,46 +534,34 @@ class NatsIngest:
             deliver_policy=DeliverPolicy.NEW, inactive_threshold=FEED_INACTIVE_S, max_waiting=16,
         )
 
-    async def _fetch_once(self, sub: JetStreamContext.PullSubscription, p: int) -> list[Msg] | None:
-        """One fetch: the messages (none when the partition is idle), or None after an error (logged)."""
-        try:
-            msgs = await sub.fetch(self.cfg.fetch_batch, timeout=FETCH_WAIT_S, heartbeat=FETCH_HEARTBEAT_S)
-        except nats.js.errors.FetchTimeoutError:  # idle: the server's heartbeats came, no message
-            self.pending[p] = 0
-            self.deaf.discard(p)
-            return []
-        except TimeoutError:  # not even a heartbeat: the consumer's leader is gone or the link is dead
-            self._deafen(p, "no answer from the server")
-            return []
-        except asyncio.CancelledError:
-            raise
-        except nats.js.errors.APIError as err:
-            if "heartbeat" in str(err):  # the wait left after a slow first request is under 2 heartbeats: again
-                return []
-            self._deafen(p, str(err))
-            return None
-        except Exception as err:  # disconnected, leader change, consumer gone: said, then retried
-            self._deafen(p, str(err) or type(err).__name__)
-            return None
-        self.deaf.discard(p)
-        return msgs
-
     def _deafen(self, p: int, why: str) -> None:
         if p not in self.deaf and not self._closing:
             what = "the acquirer feed" if p == FEED else f"partition {p}"
             log.warning("NATS: cannot read %s (%s): not judging silences until it answers again", what, why)
         self.deaf.add(p)
 
-    def _enqueue(self, p: int, msgs: list[Msg]) -> None:
-        queue, prefix = self._queue, self.topic_prefix
-        for m in msgs:
-            mapped = topic_of(m.subject, prefix)
-            md = m.metadata
-            self.pending[p] = md.num_pending
-            topic = mapped[1] if mapped is not None else m.subject
-            queue.append(NatsInbound(topic, m.data, md.timestamp.timestamp(), p, md.sequence.stream, m))
-        if msgs:
-            self._ready.set()
+    async def _watch_stream(self) -> None:
+        """While the partitioned stream elects a new leader (a node died), nothing new is stored, yet the consumers
+        still answer with heartbeats: the terminals' silence then says nothing about them. Asked every second."""
+        assert self.nc is not None
+        js = self.nc.jetstream(timeout=STREAM_CHECK_S)
+        while True:
+            try:
+                info = await js.stream_info(self.cfg.stream)
+                healthy = info.cluster is None or bool(info.cluster.leader)
+                why = "no leader"
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                healthy, why = False, str(err) or type(err).__name__
+            if healthy:
+                self.deaf.discard(STREAM)
+            elif STREAM not in self.deaf:
+                if not self._closing:
+                    log.warning("NATS: stream %s cannot store now (%s): not judging silences until it can",
+                                self.cfg.stream, why)
+                self.deaf.add(STREAM)
+            await asyncio.sleep(STREAM_CHECK_S)
 
     async def _feed(self) -> None:
         """Every acquirer feed message, for every collector: a durable consumer of our own on the feed stream."""
@@ -477,34 +573,18 @@ class NatsIngest:
                     await self.js.consumer_info(self.cfg.feed_stream, name)
                 except nats.js.errors.NotFoundError:
                     await self.js.add_consumer(self.cfg.feed_stream, self._feed_config())
-                sub = await self.js.pull_subscribe_bind(consumer=name, stream=self.cfg.feed_stream)
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as err:
                 log.warning("NATS: cannot create the feed consumer %s: %s; retrying", name, err)
                 await asyncio.sleep(2.0)
-        part = _Partition(FEED, sub)
-        while True:
-            while len(self._queue) >= self.capacity:
-                self._space.clear()
-                await self._space.wait()
-            if part.resync and not await self._resync(part):
-                await asyncio.sleep(1.0)
-                continue
-            msgs = await self._fetch_once(part.sub, FEED)
-            if msgs is None:
-                await asyncio.sleep(1.0)
-                continue
-            if msgs and not self._in_order(part, msgs):
-                part.resync = True
-                continue
-            for m in msgs:
-                md = m.metadata
-                topic = "/".join(tok.replace("//", ".") for tok in m.subject.split("."))
-                self._queue.append(NatsInbound(topic, m.data, md.timestamp.timestamp(), FEED, md.sequence.stream, m))
-            if msgs:
-                self._ready.set()
+        part = self._feed_part = _Partition(FEED, self.cfg.feed_stream, name)
+        await self._bind(part)
+        try:
+            await self._pull(part)
+        finally:
+            await self._unbind(part)
 
     # ---- consumer side -------------------------------------------------------------------------------------
     async def batches(self, max_batch: int = 2000) -> list[NatsInbound]:
