@@ -59,11 +59,11 @@ IO_TIMEOUT_S = 2.0
 STREAM_CHECK_S = 1.0
 # The feed consumer of a collector that has not read for this long is deleted by the server.
 FEED_INACTIVE_S = 24 * 3600.0
-# How long one fetch waits on the server for a partition with nothing new (a long poll, cheap), and how often the
-# server says it is still there meanwhile: a fetch that hears nothing at all, not even that, marks the partition
-# deaf (its consumer's leader is gone) within two waits.
+# How long one pull request waits on the server for a partition with nothing new (a long poll, cheap), and how
+# often the server says it is still there meanwhile: four heartbeats without a word mark the partition deaf (its
+# consumer's leader is gone) within a second.
 FETCH_WAIT_S = 1.5
-FETCH_HEARTBEAT_S = 0.3
+FETCH_HEARTBEAT_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +357,7 @@ class NatsIngest:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await part.task
         if any(i.partition == p for i in self._queue):
-            self._queue = collections.deque(i for i in self._queue if i.partition != p)
+            self._drop_queued(p)
         await self._unbind(part)
         self.pending.pop(p, None)
         self.deaf.discard(p)
@@ -385,10 +385,13 @@ class NatsIngest:
         """A fresh inbox for the consumer's deliveries, read by a callback (in order, nothing dropped)."""
         assert self.nc is not None
 
-        async def on_msg(m: Msg) -> None:
-            self._on_msg(part, m)
+        inbox = self.nc.new_inbox()
 
-        part.inbox = self.nc.new_inbox()
+        async def on_msg(m: Msg) -> None:
+            if part.inbox == inbox:  # not a late answer to a request of a consumer since recreated
+                self._on_msg(part, m)
+
+        part.inbox = inbox
         part.sub = await self.nc.subscribe(part.inbox, cb=on_msg)
         part.owed, part.cseq = 0, None
 
@@ -450,7 +453,7 @@ class NatsIngest:
         """Keep one request outstanding while there is room in the queue; notice a consumer that stopped answering
         (deaf) and lost deliveries (resync)."""
         backoff = 0.5
-        silent_after = FETCH_WAIT_S + 3 * FETCH_HEARTBEAT_S
+        silent_after = 4 * FETCH_HEARTBEAT_S  # heartbeats come every 0.25 s while a request is outstanding
         while True:
             if part.resync:
                 if not await self._resync(part):
@@ -506,7 +509,7 @@ class NatsIngest:
         self.resyncs += 1
         await self._flush_acks()  # acknowledgements of what was applied go to the consumer they came from
         if any(i.partition == p for i in self._queue):
-            self._queue = collections.deque(i for i in self._queue if i.partition != p)
+            self._drop_queued(p)
         await self._unbind(part)
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await self.js.delete_consumer(part.stream, part.consumer)
@@ -533,6 +536,13 @@ class NatsIngest:
             ack_policy=AckPolicy.ALL, ack_wait=ACK_WAIT_S, max_ack_pending=self.cfg.max_ack_pending,
             deliver_policy=DeliverPolicy.NEW, inactive_threshold=FEED_INACTIVE_S, max_waiting=16,
         )
+
+    def _drop_queued(self, p: int) -> None:
+        """Forget the fetched, unapplied messages of p, in place: `batches` may hold the deque while it waits, and a
+        second deque would let it apply (and acknowledge) what was meant to be read again."""
+        keep = [i for i in self._queue if i.partition != p]
+        self._queue.clear()
+        self._queue.extend(keep)
 
     def _deafen(self, p: int, why: str) -> None:
         if p not in self.deaf and not self._closing:
