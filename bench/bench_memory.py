@@ -8,6 +8,10 @@ gc.freeze) and reads RSS again: the difference over N is the figure. The object 
 bytes by kind (deduplicated by identity, so shared objects count once over the fleet).
 
     .venv/bin/python bench/bench_memory.py --terminals 1000000
+    .venv/bin/python bench/bench_memory.py --terminals 100000 --baselines learned   # or: off (activity disabled)
+
+With `--baselines learned` every terminal's activity baseline holds a real two-week record (so every one is
+evaluated and in the check wheel after the restart); `off` switches activity baselines off for the comparison.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def rss_bytes() -> int:
     return int(m.group(1)) * 1024 if m else 0
 
 
-def write_inputs(workdir: Path, n: int, per_site: int) -> Path:
+def write_inputs(workdir: Path, n: int, per_site: int, baselines: str = "learned") -> Path:
     """Registry CSV and collector config; returns the config path."""
     with open(workdir / "terminals.csv", "w") as fh:
         fh.write("terminal_id,merchant_id,acquirer,model,site,region\n")
@@ -48,6 +52,7 @@ def write_inputs(workdir: Path, n: int, per_site: int) -> Path:
         "http: {host: 127.0.0.1, port: 0}\n"
         f"registry: {{path: '{workdir / 'terminals.csv'}'}}\n"
         f"state: {{snapshot_path: '{workdir / 'state.snapshot'}', snapshot_interval_s: 3600}}\n"
+        + ("activity: {enabled: false}\n" if baselines == "off" else "")
     )
     return config
 
@@ -89,7 +94,30 @@ def build_snapshot(config: Path, n: int, shape: str) -> None:
         assert isinstance(msg, Heartbeat)
         for _ in range(3):  # paper_out needs a few heartbeats (hysteresis); the rest is the same each time
             c.fleet.on_heartbeat(msg, now, out)
+    if c.fleet.activity.enabled:
+        record = learned_record(now)
+        activity = c.fleet.activity
+        for tid in c.fleet.terminals:
+            activity.store.load(activity.slot_of(tid), record)
     assert c.snapshot_now()
+
+
+def learned_record(now: float) -> bytes:
+    """A real baseline record: two weeks of a shop selling 0-2 a minute, 7:00 to 19:00 UTC, heartbeats every 60 s."""
+    from zoneinfo import ZoneInfo
+
+    from collector.fleet.baseline import BaselineStore
+
+    store, tz = BaselineStore(1), ZoneInfo("Europe/Berlin")
+    t, count = now - 14 * 86_400.0, 0
+    prev: float | None = None
+    while t < now:
+        hour = time.gmtime(t).tm_hour
+        sold = (hour + int(t // 60)) % 3 if 7 <= hour < 19 else 0
+        store.observe(0, tz, prev, count, t, count + sold)
+        prev, count, t = t, count + sold, t + 60
+    assert store.evaluated(0)
+    return store.record(0)
 
 
 def breakdown(collector: Any, n: int) -> dict[str, float]:
@@ -107,6 +135,13 @@ def breakdown(collector: Any, n: int) -> dict[str, float]:
 
     fleet = collector.fleet
     add("fleet.terminals dict", fleet.terminals)
+    activity = fleet.activity
+    for kind, obj in (("activity store (64 B records)", activity.store.buf), ("activity slot->terminal list",
+                      activity.tids), ("activity slot index", activity._index),
+                      ("activity schedule (due + wheel)", activity.due)):
+        add(kind, obj)
+    for entries in activity.wheel.values():
+        add("activity schedule (due + wheel)", entries)
     add("registry dict", collector.registry_file.entries)
     for tid, entry in collector.registry_file.entries.items():
         add("registry entries", entry)
@@ -128,6 +163,8 @@ def breakdown(collector: Any, n: int) -> dict[str, float]:
                 for k, x in v.items():
                     add("strings", k)
                     add(f"{f} dicts", x)
+            elif isinstance(v, tuple):
+                add(f"{f} tuples", v)
             elif isinstance(v, list):
                 add(f"{f} lists", v)
                 for x in v:
@@ -167,12 +204,43 @@ def measure(config: Path, n: int) -> dict[str, Any]:
     }
 
 
+def measure_live(config: Path, n: int, shape: str) -> dict[str, Any]:
+    """Fresh process, no snapshot: RSS per terminal after three heartbeats each through `Collector.process` (the
+    live path: decode, state, detection), all messages of a round sharing one receive time as a socket read does."""
+    from collector.app import Collector
+    from collector.config import load_config
+    from collector.ingest.mqtt import Inbound
+
+    cfg = load_config(config)
+    gc.collect()
+    before = rss_bytes()
+    c = Collector.load(cfg)
+    gc.collect()
+    gc.freeze()
+    loaded = rss_bytes()
+    now = time.time()
+    for rnd in range(3):
+        rx = now + 30 * rnd
+        for i in range(n):
+            body = json.loads(heartbeat(i, rx, shape))
+            body["seq"] += rnd
+            c.process(Inbound(f"pos/v1/T{i:07d}/heartbeat", json.dumps(body).encode(), False, 0, 1, rx))
+    gc.collect()
+    after = rss_bytes()
+    return {"terminals": n, "registry_loaded_per_terminal": (loaded - before) / n,
+            "rss_per_terminal": (after - before) / n, "breakdown": breakdown(c, n)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--terminals", type=int, default=1_000_000)
     ap.add_argument("--per-site", type=int, default=50)
     ap.add_argument("--shape", choices=("field", "ingest"), default="field",
                     help="heartbeats like a real fleet's, or like bench_ingest.py's (small counters, fewer fields)")
+    ap.add_argument("--baselines", choices=("learned", "off"), default="learned",
+                    help="activity baselines: a learned record per terminal (default), or switched off")
+    ap.add_argument("--live", action="store_true",
+                    help="no restart: three heartbeats per terminal through the live path, RSS per terminal after")
     ap.add_argument("--phase", choices=("all", "build", "measure"), default="all", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -182,13 +250,25 @@ def main() -> None:
     if args.phase == "measure":
         print(json.dumps(measure(args.workdir / "collector.yaml", args.terminals)))
         return
+    if args.live:
+        with tempfile.TemporaryDirectory(prefix="posfleet-bench-memory-") as tmp:
+            live = measure_live(write_inputs(Path(tmp), args.terminals, args.per_site, args.baselines),
+                                args.terminals, args.shape)
+        print(f"terminals (registered, three live heartbeats each) {live['terminals']:,} ({args.shape} shape, "
+              f"activity baselines {args.baselines})")
+        print(f"RSS per terminal, registry loaded               {live['registry_loaded_per_terminal']:,.0f} B")
+        print(f"RSS per terminal after the heartbeats            {live['rss_per_terminal']:,.0f} B")
+        for kind, size in live["breakdown"].items():
+            print(f"  {kind:<40} {size:7.1f} B")
+        return
     with tempfile.TemporaryDirectory(prefix="posfleet-bench-memory-") as tmp:
         workdir = Path(tmp)
-        write_inputs(workdir, args.terminals, args.per_site)
+        write_inputs(workdir, args.terminals, args.per_site, args.baselines)
         me = [sys.executable, __file__, "--terminals", str(args.terminals), "--workdir", str(workdir)]
         subprocess.run([*me, "--phase", "build", "--shape", args.shape], check=True)
         res = json.loads(subprocess.run([*me, "--phase", "measure"], check=True, capture_output=True).stdout)
-    print(f"terminals (registered, one heartbeat each)   {res['terminals']:,} ({args.shape}-shaped heartbeats)")
+    print(f"terminals (registered, one heartbeat each)   {res['terminals']:,} ({args.shape}-shaped heartbeats, "
+          f"activity baselines {args.baselines})")
     print(f"load average (1/5/15 min)                   {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"snapshot                                    {res['snapshot_bytes'] / 2**20:.1f} MiB, "
           f"restored in {res['restore_s']:.1f} s")

@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -41,8 +41,9 @@ from collector.ingest.source import Message
 from collector.ingest.source import Source as IngestSource
 from collector.supervise import DEFAULT_POLICY, RestartPolicy, Supervisor
 from collector.support.routes import install as install_support
-from exporters.history.influx import InfluxWriter
-from exporters.history.lines import HistoryRecorder
+
+if TYPE_CHECKING:
+    from exporters.history.influx import InfluxWriter
 
 __all__ = ["Collector", "RateLimitedLog", "run_collector"]
 
@@ -82,12 +83,12 @@ def _load_registry(cfg: Config) -> Registry:
     return load_registry(cfg.registry.path) if cfg.registry.path else Registry({})
 
 
-def _restore(cfg: Config, now: float) -> Restored:
+def _restore(cfg: Config, now: float, registry: Registry) -> Restored:
     """Load the newest good snapshot generation; say loudly what was set aside and what is used instead."""
     path = cfg.state.snapshot_path
     if not path:
         return Restored([], [], Source.EMPTY)
-    restored = load_snapshot(path, now)
+    restored = load_snapshot(path, now, registry)
     for bad in restored.set_aside:
         where = f"moved to {bad.moved_to}" if bad.moved_to else "left in place"
         log.error("state snapshot %s is corrupt (%s): %s", bad.original, bad.reason, where)
@@ -143,9 +144,9 @@ class Collector:
                 return partition_of(tid, n) in owned
 
         self.fleet = Fleet(cfg, started_at=clock(), registry=self.registry_file, restored=restored.state,
-                           materialise=owns)
+                           materialise=owns, baselines=restored.activity)
         # What happened at restore, without a second reference to every restored terminal (8 B each).
-        self.restored = restored._replace(terminals=[], feeds=[])
+        self.restored = restored._replace(terminals=[], feeds=[], activity=None)
         # A wall-clock step beyond two evaluation rounds (10 s at least: NTP slews smaller offsets) is a jump.
         self.clock_watch = ClockWatch(clock(), monotonic(), max(10.0, 2 * cfg.state.eval_interval_s))
         # When the collector stopped hearing the broker (None while it hears it); from start until subscribed too.
@@ -187,7 +188,7 @@ class Collector:
         registry = _load_registry(cfg)
         leased = cfg.ingest.source == "nats" and cfg.nats.ownership == "lease"
         # Leased partitions come with their state from NATS; a local file may hold partitions owned elsewhere now.
-        restored = Restored([], [], Source.EMPTY) if leased else _restore(cfg, clock())
+        restored = Restored([], [], Source.EMPTY) if leased else _restore(cfg, clock(), registry)
         corrupt = len(corrupt_files(cfg.state.snapshot_path)) if cfg.state.snapshot_path else 0
         return cls(cfg, clock, monotonic, restart_policy, registry=registry, restored=restored,
                    corrupt_snapshots=corrupt, tokens=load_tokens(cfg.http.tokens_file))
@@ -209,6 +210,11 @@ class Collector:
             gc.freeze()
             loop = asyncio.get_running_loop()
             if self.cfg.influx.enabled:
+                # Imported only when history is on: influxdb-client and what it pulls in (urllib3, reactivex,
+                # dateutil) are ~18 MB of RSS that a collector without InfluxDB does not need.
+                from exporters.history.influx import InfluxWriter
+                from exporters.history.lines import HistoryRecorder
+
                 # Entered first, so it is closed last: what the loop drains on shutdown still reaches it.
                 self.writer = await self._stack.enter_async_context(
                     InfluxWriter(self.cfg.influx, self.prom_registry, self.cfg.state.spool_dir)

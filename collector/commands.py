@@ -51,6 +51,55 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _baseline_learn(args: argparse.Namespace) -> int:
+    import time
+
+    from collector.config import resolve_token
+    from collector.fleet.registry import RegistryError, load_registry
+    from collector.fleet.snapshot import SnapshotError, load_snapshot, save_snapshot
+    from collector.fleet.state import Fleet
+    from exporters.history.backfill import ExportSource, HistoryError, HistorySource, InfluxSource, learn_baselines
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"posfleet: invalid configuration: {err}", file=sys.stderr)
+        return 2
+    path = args.snapshot or cfg.state.snapshot_path
+    if not path:
+        print("posfleet baseline learn: no snapshot to write (state.snapshot_path is off; give --snapshot)",
+              file=sys.stderr)
+        return 2
+    if args.days <= 0 or args.window_hours <= 0:
+        print("posfleet baseline learn: --days and --window-hours must be positive", file=sys.stderr)
+        return 2
+    try:
+        registry = load_registry(cfg.registry.path)
+        token = resolve_token(cfg.influx)
+    except (RegistryError, OSError, ValueError) as err:
+        print(f"posfleet baseline learn: {err}", file=sys.stderr)
+        return 2
+    now = time.time()
+    restored = load_snapshot(path, now, registry)
+    fleet = Fleet(cfg, started_at=now, registry=registry, restored=restored.state, baselines=restored.activity)
+    url = args.url or cfg.influx.url
+    source: HistorySource = (
+        ExportSource(url, token, cfg.influx.request_timeout_s) if args.reader == "export"
+        else InfluxSource.from_bucket(url, cfg.influx.bucket, token, cfg.influx.request_timeout_s)
+    )
+    end = args.until if args.until is not None else now
+    try:
+        result = learn_baselines(fleet, source, end - args.days * 86_400.0, end, args.window_hours * 3600.0)
+        save_snapshot(fleet, path)
+    except (HistoryError, SnapshotError) as err:
+        print(f"posfleet baseline learn: {err}; nothing was written", file=sys.stderr)
+        return 1
+    print(f"learned {result.heartbeats} heartbeats of {result.terminals} terminals ({result.evaluated} now "
+          f"evaluated, {result.terminals - result.evaluated} still learning); {result.unknown_terminals} unknown "
+          f"terminal ids and {result.backwards} counter-backwards points skipped; wrote {path}")
+    return 0
+
+
 BEGIN, END = "<!-- BEGIN GENERATED SCHEMAS -->", "<!-- END GENERATED SCHEMAS -->"
 
 
@@ -94,6 +143,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("schema", help="print the protocol's JSON Schemas (or --write them into docs/protocol.md)")
     p.add_argument("--write", metavar="FILE", help="replace the generated section of this Markdown file")
     p.set_defaults(handler=_schema)
+
+    p = sub.add_parser("baseline", help="activity baselines (docs/activity.md)")
+    bsub = p.add_subparsers(dest="baseline_command", required=True, metavar="SUBCOMMAND")
+    q = bsub.add_parser(
+        "learn",
+        help="backfill the activity baselines from the heartbeat history in InfluxDB into the state snapshot "
+        "(run while the collector is stopped)",
+    )
+    q.add_argument("--config", "-c", help="the collector's YAML configuration (influx, registry, state, activity)")
+    q.add_argument("--days", type=float, default=28.0, help="how much history to read (default 28 days)")
+    q.add_argument("--until", type=float, help="end of the history to read, Unix time (default now)")
+    q.add_argument("--window-hours", type=float, default=6.0, help="history read per query (default 6 hours)")
+    q.add_argument("--url", help="where to read the history (default influx.url)")
+    q.add_argument("--reader", choices=("influxql", "export"), default="influxql",
+                   help="influxql: InfluxDB's /query (1.x, 2.x v1 API); export: VictoriaMetrics' /api/v1/export")
+    q.add_argument("--snapshot", help="snapshot to update (default state.snapshot_path)")
+    q.set_defaults(handler=_baseline_learn)
 
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("config")

@@ -6,11 +6,13 @@ problem it finds at once, not just the first.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import logging
 import os
 import re
 import typing
+import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -21,9 +23,9 @@ import yaml
 from msgspec import Meta, Struct
 
 __all__ = [
-    "TOKEN_ENV", "Config", "ConfigError", "Hysteresis", "InfluxConfig", "IngestConfig", "MqttTls", "NatsConfig",
-    "NatsTls", "Thresholds", "config_warnings",
-    "load_config", "load_metrics_token", "parse_shard", "parse_version", "resolve_token",
+    "TOKEN_ENV", "ActivityConfig", "Config", "ConfigError", "Hysteresis", "InfluxConfig", "IngestConfig", "MqttTls",
+    "NatsConfig", "NatsTls", "Thresholds", "config_warnings", "load_config", "load_metrics_token", "parse_shard",
+    "parse_version", "resolve_token",
 ]
 
 log = logging.getLogger(__name__)
@@ -347,6 +349,65 @@ class MetricsConfig(Struct, frozen=True, forbid_unknown_fields=True):
     token_file: str | None = None
 
 
+def _zone_problem(name: str) -> str | None:
+    """Why `name` is not an IANA time zone this host knows, or None."""
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        return f"unknown time zone {name!r} (an IANA name such as Europe/Berlin)"
+    return None
+
+
+class ActivityConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """Learned activity baselines (`activity_drop`, `acquirer_volume_drop`): the model's knobs, whose reasons are
+    in docs/activity.md (Parameters), the zones a terminal's local hours are read in, and a holiday calendar."""
+
+    enabled: bool = True
+    # A terminal's zone: the registry's `tz` column, else its acquirer's entry here, else `default_tz`.
+    default_tz: str = "UTC"
+    acquirer_tz: dict[str, str] = {}
+    # Public holidays: registry region (or "*" for every region) -> local dates (YYYY-MM-DD). Those local days
+    # count for nothing: no expectation, no flag (an acquirer-wide holiday is otherwise one warning per shop).
+    holidays: dict[str, list[str]] = {}
+    # A silent terminal's flag time is computed ahead (flag_due) and recomputed at least this often, so a
+    # baseline that changed or a first sale that moved the stretch is seen within this long.
+    recheck_s: Positive = 900.0
+    half_life_days: Positive = 7.0  # a changed shop relearned in ~2 weeks, one odd day moves a bucket <= 13%
+    fast_half_life_days: Positive = 2.0  # improbable zeros (a shop now closed then) relearned in ~4 days
+    min_cover_s: Annotated[int, Meta(ge=1, le=3600)] = 1800  # an hour heard for less than half teaches nothing
+    max_gap_s: Positive = 600.0  # a delta is spread only over a normal heartbeat gap (<= 10 x 60 s)
+    min_learned_h: Count = 168  # one week: every hour of every day type seen before judging
+    p_stretch: Annotated[float, Meta(gt=0, lt=1)] = 1e-3  # the issue's P(no sale) < 1/1000, a floor
+    p_day: Annotated[float, Meta(gt=0, lt=1)] = 1e-5  # false flags per terminal-day near 1e-5 (target 1e-4)
+    opening_slack_h: Annotated[float, Meta(ge=0)] = 0.5  # shops open up to ~30 min late
+    horizon_h: Count = 336  # a stretch is integrated over at most 14 days (bounded work)
+    # Regional holiday guard: a local day on which at least this share of a region's online terminals that
+    # normally have sold by now have not (over at least holiday_min_peers of them) counts for nothing: faults are
+    # independent per terminal, a whole region silent together is a calendar. Fewer peers prove nothing.
+    holiday_share: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    holiday_min_peers: Count = 20
+    # One pass over the fleet for that share takes this long (a share of the terminals per tick): a holiday is
+    # found within ~2 passes of enough peers passing their usual first sale, before busy shops would be flagged.
+    holiday_scan_s: Positive = 600.0
+    volume_windows_s: tuple[Annotated[int, Meta(ge=60, le=3600)], ...] = (600, 1800)  # 10 min big, 30 min small
+    volume_ratio: Annotated[float, Meta(gt=0, lt=1)] = 0.6  # "far below", with room for daily swings
+    volume_p: Annotated[float, Meta(gt=0, lt=1)] = 1e-6  # <= 3e-3 false flags per acquirer-day
+    volume_min_expected: Positive = 200.0  # a halving is then >= 100 short (~7 sd)
+    volume_slack_s: Annotated[float, Meta(ge=0)] = 120.0  # batches a minute or two late are not a drop
+
+    def __post_init__(self) -> None:
+        problems = [f"default_tz: {why}" for why in [_zone_problem(self.default_tz)] if why]
+        problems += [f"acquirer_tz.{a}: {why}" for a, z in self.acquirer_tz.items() if (why := _zone_problem(z))]
+        for region, days in self.holidays.items():
+            for day in days:
+                try:
+                    datetime.date.fromisoformat(day)
+                except ValueError:
+                    problems.append(f"holidays.{region}: {day!r} is not a date (YYYY-MM-DD)")
+        if problems:
+            raise ValueError("activity: " + "; ".join(problems))
+
+
 class Config(Struct, frozen=True, forbid_unknown_fields=True):
     """The whole configuration."""
 
@@ -361,6 +422,7 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True):
     # Minimum app version per terminal model, e.g. {"A920": "3.2.0"}; "*" applies to models not listed.
     software_policy: dict[str, str] = {}
     influx: InfluxConfig = InfluxConfig()  # history writer; off unless influx.enabled
+    activity: ActivityConfig = ActivityConfig()  # learned activity baselines (docs/activity.md)
 
 
 def _unreadable(path: str) -> str | None:

@@ -42,6 +42,7 @@ __all__ = [
     "Drop",
     "NotEvaluated",
     "Params",
+    "Quiet",
     "VolumeBaseline",
     "VolumeDrop",
     "acquirer_volume_drop",
@@ -196,6 +197,12 @@ class BaselineStore:
         self.capacity = capacity
         self.params = params
         self.buf = bytearray(capacity * RECORD)
+
+    def grow(self, capacity: int) -> None:
+        """Make room for `capacity` slots (new slots are empty); the only way the store grows."""
+        if capacity > self.capacity:
+            self.buf.extend(bytes((capacity - self.capacity) * RECORD))
+            self.capacity = capacity
 
     def rates(self, slot: int) -> list[float]:
         """The 48 expected rates (txn/h) of a slot: weekday hours, then Saturday and Sunday two-hour blocks."""

@@ -55,7 +55,9 @@ class Condition:
     """A per-terminal condition the collector detects and exposes."""
 
     name: str
-    kind: Literal["heartbeat", "time"]  # observed per accepted heartbeat (with hysteresis) or on every tick
+    # observed per accepted heartbeat (with hysteresis), on every tick, or against the learned activity baseline
+    # when its schedule says (collector.fleet.activity)
+    kind: Literal["heartbeat", "time", "baseline"]
     severity: Severity  # when active; hardware_fault is downgraded to warning for paper_out alone (detect)
     step: str  # the diagnosis checklist step (STEPS) it belongs to
     causes: Mapping[str, str]  # detail -> probable cause for humans; "" is the default
@@ -536,6 +538,48 @@ _CONDITIONS: Final = (
             ),
         ),
     ),
+    Condition(
+        name="activity_drop",
+        kind="baseline",
+        severity="warning",
+        step="local_records",
+        causes={
+            "": (
+                "The terminal is online and reports nothing wrong, but it has recorded no transaction for a "
+                "stretch in which its learned activity made silence very unlikely: a card reader or payment app "
+                "that hangs without reporting a fault, an app declining everything, or the merchant taking "
+                "payments on another device."
+            ),
+        },
+        merchant=(
+            (
+                "Your terminal {tid} is switched on and connected, but it has recorded no payment since {since}, "
+                "when it usually does. If customers cannot pay with it, please restart it and tell us; if you "
+                "are closed today or use another terminal, you can ignore this message."
+            ),
+            (
+                "您的POS终端 {tid} 已开机联网，但自 {since} 起没有任何交易记录，而平时此时段通常有交易。"
+                "如顾客无法用它付款，请重启终端并联系我们；如今天休息或在使用其他终端，请忽略此消息。"
+            ),
+        ),
+        alerts=(
+            Alert(
+                name="PosTerminalActivityDrop",
+                severity="warning",
+                summary="POS terminal has stopped recording transactions while it looks healthy.",
+                what=(
+                    "is online and reports no fault, but has recorded no transaction where its learned activity "
+                    "made that very unlikely{{ with $detail }} ({{ . }}){{ end }}. Its payments have probably "
+                    "stopped."
+                ),
+                cause=(
+                    "A card reader or payment application that hangs or declines everything without reporting a "
+                    "fault, or the merchant moved to another terminal. Call the merchant and ask for a test "
+                    "payment."
+                ),
+            ),
+        ),
+    ),
 )
 
 _FINDINGS: Final = (
@@ -592,6 +636,25 @@ _FINDINGS: Final = (
         ),
     ),
     Finding(
+        name="acquirer_volume_drop",
+        step="acquirer_records",
+        cause=(
+            "The acquirer's feed still arrives but records far fewer transactions than usual for this hour: its "
+            "host is failing (declining or losing transactions) before its feed stops."
+        ),
+        merchant=(
+            (
+                "Your terminal {tid} is working, but the payment institution has been recording far fewer "
+                "payments than usual since {since}. We have reported it to them; if a payment is declined, please "
+                "ask the customer to wait a few minutes and try again rather than repeat it."
+            ),
+            (
+                "您的POS终端 {tid} 工作正常，但支付机构自 {since} 起记录的交易远少于平时。我们已向其报告；"
+                "如有交易被拒，请让顾客稍候再试，不要重复收款。"
+            ),
+        ),
+    ),
+    Finding(
         name="shutdown",
         step="network_power",
         cause="The terminal was switched off cleanly (not a fault): it takes no payments until switched on.",
@@ -625,6 +688,7 @@ RANK: Final = (
     "upload_backlog",
     "upstream_missing",
     "unrecorded_transactions",
+    "acquirer_volume_drop",
     "messages_rejected",
     "merchant_mismatch",
     "unregistered",
@@ -633,6 +697,7 @@ RANK: Final = (
     "hardware_fault",
     "weak_signal",
     "flapping",
+    "activity_drop",
     "paper_out",
     "acquirer_feed_unknown",
 )

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from collector.fleet.state import FeedState, Terminal
 
 __all__ = [
+    "BASELINE_CONDITIONS",
     "CONDITIONS",
     "HEARTBEAT_CONDITIONS",
     "SEVERITY",
@@ -47,9 +48,11 @@ HEARTBEAT_CONDITIONS: Final = (
     "clock_skew",
 )
 TIME_CONDITIONS: Final = ("offline", "messages_rejected", "upstream_missing", "flapping")
+# Judged against the learned activity baseline when its schedule says (collector.fleet.activity).
+BASELINE_CONDITIONS: Final = ("activity_drop",)
 # The order of /metrics and the API's lists; messages_rejected goes last so existing series keep their order.
 CONDITIONS: Final = (
-    "offline", "upstream_missing", *HEARTBEAT_CONDITIONS, "flapping", "messages_rejected"
+    "offline", "upstream_missing", *HEARTBEAT_CONDITIONS, "flapping", "messages_rejected", *BASELINE_CONDITIONS
 )
 
 # Severity when a condition is active (the catalogue's); hardware_fault is downgraded to warning for paper_out

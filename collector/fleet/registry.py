@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import sys
+import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ __all__ = ["Registry", "RegistryEntry", "RegistryError", "load_registry"]
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("terminal_id", "merchant_id", "acquirer", "model", "site", "region")
+COLUMNS = ("terminal_id", "merchant_id", "acquirer", "model", "site", "region", "tz")
 
 
 class RegistryError(ValueError):
@@ -33,6 +35,7 @@ class RegistryEntry(msgspec.Struct, frozen=True, gc=False):
     model: str
     site: str
     region: str
+    tz: str = ""  # IANA zone of the site (activity baselines); "" = the acquirer's default (config `activity`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,16 @@ class Registry:
 EMPTY = Registry({})
 
 
+@functools.lru_cache(maxsize=1024)
+def _zone_problem(name: str) -> bool:
+    """True when `name` is not a time zone this host knows (checked once per distinct name)."""
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        return True
+    return False
+
+
 def load_registry(path: str | os.PathLike[str] | None) -> Registry:
     """Read the CSV; every bad line is reported at once."""
     if path is None:
@@ -81,12 +94,16 @@ def load_registry(path: str | os.PathLike[str] | None) -> Registry:
             for col in ("terminal_id", "merchant_id", "acquirer"):
                 if not valid_id(values[col]):
                     problems.append(f"line {lineno}: {col} must match [A-Za-z0-9_-]{{1,64}}")
+            if values["tz"] and _zone_problem(values["tz"]):
+                problems.append(f"line {lineno}: tz {values['tz']!r} is not a known IANA time zone")
             if values["terminal_id"] in entries:
                 problems.append(f"line {lineno}: duplicate terminal_id {values['terminal_id']}")
             if len(problems) > 20:
                 break
-            # Ids and names repeat (and meet the same strings again in snapshots and heartbeats): one object each.
-            shared = {c: sys.intern(v) for c, v in values.items()}
+            # Names repeat (and meet the same strings again in snapshots and heartbeats): one object each. The
+            # terminal id is unique: not interned (the intern table would cost ~31 B per terminal); restored
+            # terminals share the registry's own id string instead (collector.fleet.snapshot).
+            shared = {c: v if c == "terminal_id" else sys.intern(v) for c, v in values.items()}
             entries[shared["terminal_id"]] = RegistryEntry(
                 terminal_id=shared["terminal_id"],
                 merchant_id=shared["merchant_id"],
@@ -94,6 +111,7 @@ def load_registry(path: str | os.PathLike[str] | None) -> Registry:
                 model=shared["model"],
                 site=shared["site"] or "unknown",
                 region=shared["region"],
+                tz=shared["tz"],
             )
     if problems:
         raise RegistryError(f"{p}: " + "; ".join(problems))

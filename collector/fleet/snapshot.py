@@ -25,7 +25,9 @@ from typing import NamedTuple
 
 import msgspec
 
-from collector.fleet.state import Active, FeedState, Fleet, Terminal, share_float
+from collector.fleet.activity import ActivitySnapshot
+from collector.fleet.registry import EMPTY, Registry
+from collector.fleet.state import Active, FeedState, Fleet, Terminal, share_float, streak_pairs
 
 __all__ = [
     "FORMAT",
@@ -53,6 +55,7 @@ class _Snapshot(msgspec.Struct):
     format: int
     terminals: list[Terminal]
     feeds: list[tuple[str, float, float, int]]
+    activity: ActivitySnapshot | None = None  # absent in snapshots written before the baselines existed
 
 
 class _Lazy(msgspec.Struct):
@@ -61,10 +64,13 @@ class _Lazy(msgspec.Struct):
     format: int
     terminals: list[msgspec.Raw]
     feeds: list[tuple[str, float, float, int]]
+    # Decoded on its own (`_activity`): a baseline buffer that does not decode costs the baselines, not the state.
+    activity: msgspec.Raw = msgspec.Raw()  # empty: none in the file
 
 
 _DECODER = msgspec.msgpack.Decoder(_Lazy)
 _TERMINAL = msgspec.msgpack.Decoder(Terminal)
+_ACTIVITY = msgspec.msgpack.Decoder(ActivitySnapshot)
 
 
 class SnapshotError(RuntimeError):
@@ -94,6 +100,8 @@ class Restored(NamedTuple):
     feeds: list[FeedState]
     source: Source = Source.EMPTY
     set_aside: tuple[SetAside, ...] = ()
+    # Activity baselines (`Fleet(baselines=...)`); None: none in the file (written before they existed).
+    activity: ActivitySnapshot | None = None
 
     @property
     def state(self) -> tuple[list[Terminal], list[FeedState]]:
@@ -118,19 +126,21 @@ def _encode(fleet: Fleet) -> bytes:
     return encode_terminals(
         list(fleet.terminals.values()),
         [(f.acquirer, f.last_rx, f.alive_since, f.txns) for f in fleet.feeds.values()],
+        fleet.activity.snapshot(fleet.terminals) if fleet.activity.enabled else None,
     )
 
 
-def encode_terminals(terminals: list[Terminal], feeds: list[tuple[str, float, float, int]] | None = None) -> bytes:
-    """Some terminals (one partition's, collector/cluster) in the snapshot file's format: header + body."""
-    body = msgspec.msgpack.encode(_Snapshot(FORMAT, terminals, feeds or []))
+def encode_terminals(terminals: list[Terminal], feeds: list[tuple[str, float, float, int]] | None = None,
+                     activity: ActivitySnapshot | None = None) -> bytes:
+    """Terminals (the fleet's, or one partition's for collector/cluster) in the snapshot file's format."""
+    body = msgspec.msgpack.encode(_Snapshot(FORMAT, terminals, feeds or [], activity))
     return _HEADER.pack(MAGIC, FORMAT, len(body), zlib.crc32(body)) + body
 
 
-def decode_terminals(data: bytes) -> list[Terminal]:
+def decode_terminals(data: bytes, registry: Registry = EMPTY) -> list[Terminal]:
     """The terminals of `encode_terminals` bytes, verified (header, length, checksum); SnapshotError if bad."""
     try:
-        return _verify(data)[0]
+        return _verify(data, registry)[0]
     except _Corrupt as err:
         raise SnapshotError(f"corrupt partition state: {err}") from None
 
@@ -179,10 +189,15 @@ _STR_FIELDS = (
 _FLOAT_FIELDS = ("interval_s", "rssi_dbm", "battery_pct", "status_rx", "upstream_rx")
 
 
-def _share_values(t: Terminal) -> None:
+def _share_values(t: Terminal, registry: Registry) -> None:
     """Decoding gives every terminal its own copy of strings and floats the fleet shares (ids, versions, states,
-    intervals, zeros): replace them by one shared object each, or a restart costs far more than a fresh start."""
-    t.tid = sys.intern(t.tid)
+    intervals, zeros): replace them by one shared object each, or a restart costs far more than a fresh start.
+
+    The terminal id becomes the registry's own string object (one per id, not interned: the interpreter's table
+    of interned strings would cost ~31 B more per terminal at 1,000,000)."""
+    entry = registry.entries.get(t.tid)
+    if entry is not None:
+        t.tid = entry.terminal_id
     for name in _STR_FIELDS:
         value = getattr(t, name)
         if value:
@@ -198,7 +213,7 @@ def _share_values(t: Terminal) -> None:
             sys.intern(c): Active(a.since, sys.intern(a.severity), sys.intern(a.detail)) for c, a in t.conds.items()
         }
     if t.streaks:
-        t.streaks = {sys.intern(c): n for c, n in t.streaks.items()}
+        t.streaks = tuple(sys.intern(x) if isinstance(x, str) else x for x in streak_pairs(t.streaks) or ())
     if t.rejected:
         t.rejected = {sys.intern(c): n for c, n in t.rejected.items()}
 
@@ -207,24 +222,27 @@ class _Corrupt(Exception):
     """A snapshot file failed verification; the message is the reason."""
 
 
-def _decode_body(body: bytes, expected_format: int) -> tuple[list[Terminal], list[FeedState]]:
+_Body = tuple[list[Terminal], list[FeedState], ActivitySnapshot | None]
+
+
+def _decode_body(body: bytes, expected_format: int, registry: Registry) -> _Body:
     try:
         snap = _DECODER.decode(body)
     except msgspec.DecodeError as err:
         raise _Corrupt(f"does not decode ({err})") from None
     if snap.format != expected_format:
         raise _Corrupt(f"body says format {snap.format}, expected {expected_format}")
-    return _restore(snap)
+    return _restore(snap, registry)
 
 
-def _verify(data: bytes) -> tuple[list[Terminal], list[FeedState]]:
+def _verify(data: bytes, registry: Registry = EMPTY) -> _Body:
     """Decode the bytes of a snapshot file after checking header, length and checksum; raises on any fault."""
     if not data:
         raise _Corrupt("empty file")
     if not data.startswith(MAGIC):
         if MAGIC.startswith(data):
             raise _Corrupt(f"truncated header ({len(data)} bytes)")
-        return _decode_body(data, LEGACY_FORMAT)  # the format before the header, or garbage
+        return _decode_body(data, LEGACY_FORMAT, registry)  # the format before the header, or garbage
     if len(data) < _HEADER.size:
         raise _Corrupt(f"truncated header ({len(data)} of {_HEADER.size} bytes)")
     _magic, fmt, length, crc = _HEADER.unpack_from(data)
@@ -235,7 +253,7 @@ def _verify(data: bytes) -> tuple[list[Terminal], list[FeedState]]:
         raise _Corrupt(f"truncated: body is {len(body)} of {length} bytes")
     if zlib.crc32(body) != crc:
         raise _Corrupt("checksum mismatch")
-    return _decode_body(body, FORMAT)
+    return _decode_body(body, FORMAT, registry)
 
 
 def _set_aside(path: Path, reason: str, now: float) -> SetAside:
@@ -272,7 +290,7 @@ def corrupt_files(path: str | os.PathLike[str]) -> list[Path]:
     return sorted(found, key=age)
 
 
-def _restore(snap: _Lazy) -> tuple[list[Terminal], list[FeedState]]:
+def _restore(snap: _Lazy, registry: Registry) -> _Body:
     """Decode the terminals one at a time, each shared at once: the copies it drops are freed before the next
     terminal is decoded, which then reuses their memory. Decoding all first and sharing after left a hole per
     dropped string across the whole heap (~1 KB per terminal of RSS after a restart, bench/bench_memory.py)."""
@@ -281,7 +299,7 @@ def _restore(snap: _Lazy) -> tuple[list[Terminal], list[FeedState]]:
     try:
         for raw in snap.terminals:
             t = decode(raw)
-            _share_values(t)
+            _share_values(t, registry)
             terminals.append(t)
     except msgspec.DecodeError as err:
         raise _Corrupt(f"terminal {len(terminals)} does not decode ({err})") from None
@@ -291,13 +309,27 @@ def _restore(snap: _Lazy) -> tuple[list[Terminal], list[FeedState]]:
         feed = FeedState(acquirer)
         feed.last_rx, feed.alive_since, feed.txns = last_rx, alive_since, txns
         feeds.append(feed)
-    return terminals, feeds
+    return terminals, feeds, _activity(snap.activity)
 
 
-def load_snapshot(path: str | os.PathLike[str], now: float | None = None) -> Restored:
+def _activity(raw: msgspec.Raw) -> ActivitySnapshot | None:
+    """The baselines; ones that do not decode become an unusable record the fleet counts and starts without."""
+    if not len(raw) or bytes(raw) == b"\xc0":  # absent, or nil (activity baselines switched off)
+        return None
+    try:
+        return _ACTIVITY.decode(raw)
+    except msgspec.DecodeError as err:
+        log.error("activity baselines in the snapshot do not decode (%s)", err)
+        return ActivitySnapshot(0, memoryview(b""), memoryview(b""))
+
+
+def load_snapshot(
+    path: str | os.PathLike[str], now: float | None = None, registry: Registry = EMPTY
+) -> Restored:
     """Read the newest good generation (current, then `.prev`, else empty); bad files are moved aside.
 
     `now` (unix time) names the moved files. Never raises for a bad file: the result says what happened.
+    Terminals share their id string with `registry` (pass the one the Fleet will use).
     """
     target = Path(path)
     now = time.time() if now is None else now
@@ -311,9 +343,9 @@ def load_snapshot(path: str | os.PathLike[str], now: float | None = None) -> Res
             aside.append(_set_aside(candidate, f"unreadable ({err.strerror or err})", now))
             continue
         try:
-            terminals, feeds = _verify(data)
+            terminals, feeds, activity = _verify(data, registry)
         except _Corrupt as err:
             aside.append(_set_aside(candidate, str(err), now))
             continue
-        return Restored(terminals, feeds, source, tuple(aside))
+        return Restored(terminals, feeds, source, tuple(aside), activity)
     return Restored([], [], Source.EMPTY, tuple(aside))

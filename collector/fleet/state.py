@@ -19,12 +19,17 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
+from zoneinfo import ZoneInfo
 
 import msgspec
 
 from collector.config import Config
+from collector.fleet.activity import CONDITION as ACTIVITY
+from collector.fleet.activity import Activity, ActivitySnapshot, drop_detail
+from collector.fleet.baseline import Drop, Quiet
 from collector.fleet.detect import (
     HEARTBEAT_CONDITIONS,
+    SEVERITY,
     TIME_CONDITIONS,
     MassOffline,
     Raw,
@@ -163,10 +168,41 @@ class Terminal(msgspec.Struct, array_like=True, gc=False):
     pending_upload_since: float | None = None  # uploads acknowledged but not yet seen in the feed, since
     events: list[float] | None = None  # recent reboots / offline->online cycles (flapping)
     conds: dict[str, Active] | None = None  # active conditions
-    streaks: dict[str, int] | None = None  # hysteresis counters of conditions about to change
+    # Hysteresis counters of conditions about to change, as flat (condition, count, ...) pairs: a tuple of one
+    # pair is 56 B where a dict is 184. Snapshots written before this hold a map: see `streak_pairs`.
+    streaks: tuple[str | int, ...] | dict[str, int] | None = None
     rejected: dict[str, int] | None = None  # messages the collector rejected, by reason (bounded)
     rejected_rx: float | None = None  # receive time of the last rejected message
     rejected_last: str = ""  # reason of the last rejected message
+
+
+Streaks = tuple[str | int, ...]
+
+
+def streak_pairs(streaks: Streaks | dict[str, int] | None) -> Streaks | None:
+    """The flat (condition, count, ...) form of a terminal's streaks, whatever form a snapshot gave."""
+    if isinstance(streaks, dict):
+        return tuple(x for c, n in streaks.items() for x in (sys.intern(c), n)) or None
+    return streaks or None
+
+
+def streak_of(streaks: Streaks | None, cond: str) -> int:
+    """The hysteresis count of `cond` (0 when it has none)."""
+    if streaks:
+        for i in range(0, len(streaks), 2):
+            if streaks[i] == cond:
+                count = streaks[i + 1]
+                assert isinstance(count, int)
+                return count
+    return 0
+
+
+def with_streak(streaks: Streaks | None, cond: str, n: int) -> Streaks | None:
+    """`streaks` with `cond` set to `n` (removed when `n` is 0); None when nothing is left."""
+    kept: Streaks = ()
+    if streaks:
+        kept = tuple(x for i in range(0, len(streaks), 2) if streaks[i] != cond for x in streaks[i:i + 2])
+    return (*kept, cond, n) if n else (kept or None)
 
 
 def classify(t: Terminal, hb: Heartbeat, rx: float) -> HeartbeatResult:
@@ -247,6 +283,7 @@ class Fleet:
         started_at: float,
         registry: Registry = EMPTY,
         restored: tuple[list[Terminal], list[FeedState]] = ([], []),
+        baselines: ActivitySnapshot | None = None,
         materialise: Callable[[str], bool] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -288,6 +325,9 @@ class Fleet:
         self.unregistered_seen = 0
         self.max_unregistered = 10_000  # bounds state and series that unknown ids can create
         self.refused: Counter[str] = Counter(dict.fromkeys(BOUNDS, 0))  # what each bound refused
+        # Room for every terminal the registry or the snapshot names (the two mostly overlap); it grows if needed.
+        self.activity = Activity(cfg.activity, max(len(registry.entries), len(restored[0])))
+        self._restore_activity(baselines, restored[0])
         self.set_registry(registry)
 
     # ---- registry -------------------------------------------------------------------------------------
@@ -331,6 +371,8 @@ class Fleet:
         for t in gone:
             del self.terminals[t.tid]
             self.adopted.pop(t.tid, None)
+            if self.activity.enabled:
+                self.activity.release(t.tid)  # not carried in the partition state: the next owner learns it anew
         if gone:
             self._rebuild_counts()
         return gone
@@ -472,26 +514,24 @@ class Fleet:
             hyst = self.th.weak_signal if cond == "weak_signal" else self.th.default
             hit = raw.get(cond)
             active = t.conds is not None and cond in t.conds
+            streaks = t.streaks
+            assert not isinstance(streaks, dict)  # snapshots' maps are converted on restore
             if (hit is not None) == active:
-                if t.streaks and cond in t.streaks:
-                    del t.streaks[cond]
-                    if not t.streaks:
-                        t.streaks = None
+                if streaks and cond in streaks:
+                    t.streaks = with_streak(streaks, cond, 0)
                 if hit is not None and t.conds is not None and t.conds[cond].detail != hit[1]:
                     self._update(t, cond, hit)
                 continue
-            streaks = t.streaks if t.streaks is not None else {}
-            n = streaks.get(cond, 0) + 1
+            n = streak_of(streaks, cond) + 1
             if n >= (hyst.clear_after if active else hyst.raise_after):
-                streaks.pop(cond, None)
+                t.streaks = with_streak(streaks, cond, 0)
                 if active:
                     self._clear(t, cond, now, out)
                 else:
                     assert hit is not None
                     self._raise(t, cond, hit[0], hit[1], now, out)
             else:
-                streaks[cond] = n
-            t.streaks = streaks or None
+                t.streaks = with_streak(streaks, cond, n)
 
     def _time_step(self, t: Terminal, now: float, out: list[Transition]) -> None:
         offline_active = t.conds is not None and "offline" in t.conds
@@ -567,6 +607,8 @@ class Fleet:
         if not first and (hb.txn_count < t.txn_count or hb.uploaded_count < t.uploaded_count):
             self._reject(t, "counter_backwards", rx, out)
             return HeartbeatResult.BACKWARDS
+        if self.activity.enabled:
+            self._learn(t, first, rx, hb.txn_count, out)
         was_online = self._online(t)
         if result is HeartbeatResult.REBOOT:
             self._event(t, rx)
@@ -584,8 +626,17 @@ class Fleet:
             t.interval_s = self._shared(hb.interval_s)
         # Arrival order is the truth: a host clock stepping back must not leave last_rx in the future.
         t.last_rx = rx
-        t.txn_count, t.uploaded_count = hb.txn_count, hb.uploaded_count
-        t.queue_depth, t.oldest_queued_ts = hb.queue_depth, hb.oldest_queued_ts
+        # Unchanged values keep their long-lived objects: the message's copies die with it instead of being kept
+        # between other messages' garbage, where each one pins a page of the heap (peak RSS under a burst).
+        if hb.txn_count != t.txn_count:
+            t.txn_count = hb.txn_count
+        if hb.uploaded_count == t.txn_count:  # everything uploaded, the usual case: one int object for both
+            t.uploaded_count = t.txn_count
+        elif hb.uploaded_count != t.uploaded_count:
+            t.uploaded_count = hb.uploaded_count
+        t.queue_depth = hb.queue_depth
+        if hb.oldest_queued_ts != t.oldest_queued_ts:
+            t.oldest_queued_ts = hb.oldest_queued_ts
         if hb.mid is not None and hb.mid != t.mid:
             t.mid = sys.intern(hb.mid)  # ids and versions repeat across the fleet: share one string each
             if t.acquirer == UNKNOWN:
@@ -703,6 +754,8 @@ class Fleet:
             t.pending_upload_since = None
             if t.conds is not None and "upstream_missing" in t.conds:
                 self._clear(t, "upstream_missing", rx, out)
+        if self.activity.enabled:
+            self.activity.observe_feed(acquirer, matched, rx, self.activity.zone("", acquirer))
         return UpstreamResult(False, matched, foreign, unknown, elsewhere)
 
     def tick(self, now: float) -> list[Transition]:
@@ -729,6 +782,8 @@ class Fleet:
                      if tid not in terminals or (terminals[tid].last_rx or 0.0) >= at]
             for tid in heard:
                 del self.adopted[tid]
+        if self.activity.enabled:
+            self._activity_tick(now, out)
         self.mass_tick(now)
         return out
 
@@ -778,3 +833,83 @@ class Fleet:
     def acquirers(self) -> set[str]:
         """Acquirers known from the registry or from their feed (the registry's set is kept at load: no fleet walk)."""
         return set(self._registry_acquirers) | set(self.feeds)
+
+    # ---- activity baselines (collector.fleet.activity) ---------------------------------------------------
+    def _restore_activity(self, snap: ActivitySnapshot | None, restored: list[Terminal]) -> None:
+        self.activity.restore(snap, [t.tid for t in restored], self.started_at)
+
+    def activity_zone(self, t: Terminal) -> tuple[ZoneInfo, Quiet]:
+        """The terminal's zone (registry tz, else its acquirer's, else the default) and the intervals that count for
+        nothing for it (configured holidays, days its region was quiet together)."""
+        reg = self.registry.get(t.tid)
+        tz = self.activity.zone(reg.tz if reg is not None else "", t.acquirer)
+        return tz, self.activity.quiet(reg.region if reg is not None else "", tz)
+
+    def _activity_tz(self, t: Terminal) -> ZoneInfo:
+        reg = self.registry.get(t.tid)
+        return self.activity.zone(reg.tz if reg is not None else "", t.acquirer)
+
+    def _learn(self, t: Terminal, first: bool, rx: float, count: int, out: list[Transition]) -> None:
+        """Learn from an accepted heartbeat before the terminal's last_rx and txn_count are overwritten."""
+        slot = self.activity.slot_for(t.tid)
+        self.activity.observe(slot, self._activity_tz(t), None if first else t.last_rx, t.txn_count, rx, count)
+        if count > t.txn_count and t.conds is not None and ACTIVITY in t.conds:
+            self._clear(t, ACTIVITY, rx, out)  # it sells again
+
+    def _activity_tick(self, now: float, out: list[Transition]) -> None:
+        """Check the terminals whose silence may have become improbable (activity_drop), and the feeds' volume.
+
+        Only online terminals with no other active condition are judged: offline, a backlog, rejected messages or
+        a fault explain silence better, and the condition clears when one of them appears.
+        """
+        activity = self.activity
+        for slot, tid in activity.due_slots(now):
+            t = self.terminals.get(tid)
+            if t is None:
+                continue
+            tz, quiet = self.activity_zone(t)
+            active = t.conds is not None and ACTIVITY in t.conds
+            judged = (
+                self._online(t) and t.status != "offline" and (t.conds is None or t.conds.keys() <= {ACTIVITY})
+            )
+            found = activity.judge(slot, tz, now, quiet) if judged else None
+            if isinstance(found, Drop):
+                if not active:
+                    self._raise(t, ACTIVITY, SEVERITY[ACTIVITY], drop_detail(found, tz), now, out)
+            elif active:
+                self._clear(t, ACTIVITY, now, out)
+            activity.reschedule(slot, tz, now, quiet)
+        activity.scan(now, self._activity_owner)
+        stale_s = self.th.feed_stale_s
+        alive = {a: not f.stale(now, stale_s) for a, f in self.feeds.items()}
+        activity.volume_tick(now, alive)
+
+    def _activity_owner(self, tid: str) -> tuple[str, ZoneInfo] | None:
+        """An online terminal's region key (registry region, else its zone's name) and zone, for the holiday guard."""
+        t = self.terminals.get(tid)
+        if t is None or not self._online(t) or t.status == "offline":
+            return None
+        reg = self.registry.get(tid)
+        tz = self.activity.zone(reg.tz if reg is not None else "", t.acquirer)
+        return (reg.region if reg is not None and reg.region else str(tz)), tz
+
+    def activity_view(self, t: Terminal, now: float) -> dict[str, object]:
+        """The terminal's `activity` in the API: state, learned hours, expected rate now, last transaction."""
+        tz, quiet = self.activity_zone(t)
+        return self.activity.view(self.activity.slot_of(t.tid), tz, now, quiet).as_dict()
+
+    def activity_facts(self, t: Terminal, now: float) -> tuple[str, float | None, float | None, str]:
+        """(state, transactions expected since the last one, its time, zone) for the diagnosis."""
+        tz, quiet = self.activity_zone(t)
+        slot = self.activity.slot_of(t.tid)
+        view = self.activity.view(slot, tz, now, quiet)
+        found = self.activity.expected_since(slot, tz, now)
+        return view.state, found[0] if found else None, view.last_txn_at, str(tz)
+
+    def volume_drop(self, acquirer: str) -> tuple[float, float, int, int] | None:
+        """The acquirer's active acquirer_volume_drop as (since, expected, recorded, window_s), or None."""
+        found = self.activity.volume_drops.get(acquirer)
+        if found is None:
+            return None
+        since, drop = found
+        return since, drop.expected, drop.observed, drop.window_s

@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -143,6 +143,8 @@ class FleetView:
     terminals: Mapping[str, Terminal]
     cap: int
     problems_dropped: int
+    baselines: dict[str, int] = field(default_factory=dict)  # activity baselines by state
+    volumes: list[tuple[str, float, bool]] = field(default_factory=list)  # (acquirer, usual per hour, drop)
 
 
 def take_view(fleet: Fleet, cap: int, now: float) -> FleetView:
@@ -174,6 +176,8 @@ def take_view(fleet: Fleet, cap: int, now: float) -> FleetView:
         problem_ids=list(fleet.problem),
         terminals=fleet.terminals,
         cap=cap,
+        baselines={**fleet.activity.counts(), "restore_problems": fleet.activity.restore_problems},
+        volumes=fleet.activity.volume_view(now),
         problems_dropped=max(0, total - cap),
     )
 
@@ -306,6 +310,7 @@ class FleetCollector(Collector):
         yield feed_last
         yield feed_stale
         yield recorded
+        yield from _activity_families(view)
 
         yield GaugeMetricFamily(
             "posfleet_registry_terminals", "Terminals in the registry", value=view.registry_terminals
@@ -439,3 +444,34 @@ async def render_exposition_async(registry: CollectorRegistry, view: FleetView) 
     for _ in _sparse_chunks(view, out):
         await asyncio.sleep(0)
     return head + "".join(out).encode()
+
+
+def _activity_families(view: FleetView) -> Iterator[Metric]:
+    """Activity baselines (collector.fleet.activity): terminals by baseline state, and per acquirer its usual
+    volume now and acquirer_volume_drop. Both states and every feed are always present (no new series later)."""
+    baselines = GaugeMetricFamily(
+        "posfleet_activity_baselines", "Terminals by activity baseline state (learning: not evaluated yet)",
+        labels=["state"],
+    )
+    for state in ("evaluated", "learning"):
+        baselines.add_metric([state], view.baselines.get(state, 0))
+    yield baselines
+    yield GaugeMetricFamily(
+        "posfleet_activity_baseline_restore_problems",
+        "Snapshot baselines that could not be used at start (a corrupt or mismatched buffer: learned again)",
+        value=view.baselines.get("restore_problems", 0),
+    )
+    usual = GaugeMetricFamily(
+        "posfleet_acquirer_volume_usual_per_hour", "Transactions the acquirer's feed usually records per hour now",
+        labels=["acquirer"],
+    )
+    drop = GaugeMetricFamily(
+        "posfleet_acquirer_volume_drop",
+        "1 when the acquirer's feed, still arriving, records far fewer transactions than usual (acquirer_volume_drop)",
+        labels=["acquirer"],
+    )
+    for acq, per_hour, dropped in view.volumes:
+        usual.add_metric([acq], per_hour)
+        drop.add_metric([acq], 1.0 if dropped else 0.0)
+    yield usual
+    yield drop

@@ -231,8 +231,11 @@ def visible_terminal(request: web.Request) -> Terminal:
 
 
 async def get_terminal(request: web.Request) -> web.Response:
-    """One terminal's state and conditions."""
-    return json_response(terminal_view(visible_terminal(request), time.time()))
+    """One terminal's state and conditions, and its activity baseline (which lists leave out: it is computed)."""
+    t, now = visible_terminal(request), time.time()
+    view = terminal_view(t, now)
+    view["activity"] = request.app[COLLECTOR].fleet.activity_view(t, now)
+    return json_response(view)
 
 
 async def post_upstream(request: web.Request) -> web.Response:

@@ -143,6 +143,7 @@ class MqttIngest:
         self.loop = loop
         self.capacity = cfg.queue_size
         self._queue: collections.deque[Inbound] = collections.deque()
+        self._read_at = 0.0  # wall-clock time of the current socket read: the receive time of its messages
         self._ready = asyncio.Event()
         self._closing = False
         self.subscribed = False
@@ -185,6 +186,9 @@ class MqttIngest:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe  # type: ignore[assignment]
         client.on_message = self._on_message
+        # A broker that sends beyond its in-flight window (Mosquitto 2.0 with max_queued_messages 0 releases ~19
+        # messages per PUBACK) must not grow the queue past its bound within one read of the socket.
+        client.keep_reading = self._has_room
         client.enable_logger(PahoLog(self._failures))
         self.client = client
         self.topics = [
@@ -235,7 +239,7 @@ class MqttIngest:
                                   self.host, self.port, reason)
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        rx = time.time()
+        rx = self._read_at
         self.last_message = rx
         self._queue.append(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos, rx))
         self._ready.set()
@@ -281,6 +285,10 @@ class MqttIngest:
 
     def _readable(self) -> None:
         self._last_in = time.monotonic()
+        # One receive time per socket read, shared by the messages it carries (a read takes well under a
+        # millisecond): one float object for all of them, so each terminal's last_rx is not a float of its own
+        # (32 B per terminal, ~3 MB per 100,000).
+        self._read_at = time.time()
         self.client.loop_read()
         self._after_io()
 
@@ -288,11 +296,20 @@ class MqttIngest:
         self.client.loop_write()
         self._after_io()
 
+    def _has_room(self) -> bool:
+        return len(self._queue) < self.capacity
+
     def _resume(self) -> None:
         if self._paused and self._fd >= 0 and len(self._queue) < self.capacity:
             self._paused = False
             self._last_in = time.monotonic()  # we stopped reading, not the broker: its silence starts now
             self.loop.add_reader(self._fd, self._readable)
+            if self.client.has_buffered():  # read before the pause, not yet parsed: epoll will not say so
+                self.loop.call_soon(self._read_buffered)
+
+    def _read_buffered(self) -> None:
+        if self._fd >= 0 and not self._paused:
+            self._readable()
 
     async def _run(self) -> None:
         """Connect, keep the connection alive, reconnect with backoff: the loop paho's own thread used to run."""

@@ -10,7 +10,8 @@
   lock that paho's own writes take too, so bytes of two packets never interleave whichever thread writes
   (collector/ingest/mqtt.py drives paho from the loop; the lock keeps this client safe under `loop_start()` as well).
 - Bytes already read off the socket (our buffer, or a TLS record decrypted and pending) are invisible to
-  select()/epoll: `loop_read` keeps reading while there are any.
+  select()/epoll: `loop_read` keeps reading while there are any, unless `keep_reading()` says stop (the
+  consumer's queue is full); the caller then reads them when it resumes (`has_buffered()`).
 
 Only private parts of paho are used (`_sock_recv`, `_sock_send`, `_packet_write`, `_packet_queue`,
 `_out_packet`, `_sock`, and `loop_read` to keep reading while bytes are buffered); the dependency is pinned below
@@ -23,6 +24,7 @@ import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -32,6 +34,10 @@ __all__ = ["BufferedClient"]
 
 _CHUNK = 65536
 _PUBACK = struct.Struct("!BBH")
+
+
+def _always() -> bool:
+    return True
 
 
 class BufferedClient(paho.Client):
@@ -45,6 +51,9 @@ class BufferedClient(paho.Client):
         # Taken by every write to the socket (paho's thread and ack_many): reentrant, because paho's
         # _packet_queue writes in the caller's thread when no network thread runs.
         self._wlock = threading.RLock()
+        # Asked before each further buffered packet: False stops reading (the consumer's queue is full). The bytes
+        # left in the buffer wait for the next loop_read; `has_buffered()` tells the caller they are there.
+        self.keep_reading: Callable[[], bool] = _always
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rsock is not self._sock:  # a new connection: bytes of the old one are meaningless
@@ -80,9 +89,14 @@ class BufferedClient(paho.Client):
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         """Read packets while whole or partial packets sit in the buffer (select() cannot see them)."""
         rc = super().loop_read(max_packets)
-        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._buffered():
+        keep_reading = self.keep_reading
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._buffered() and keep_reading():
             rc = super().loop_read(1)
         return rc
+
+    def has_buffered(self) -> bool:
+        """Whether packets (or parts) were read off the socket and wait here, where select()/epoll cannot see them."""
+        return self._sock is not None and self._buffered()
 
     def _packet_write(self) -> MQTTErrorCode:
         with self._wlock:

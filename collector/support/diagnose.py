@@ -95,6 +95,13 @@ class Facts:
     clock_skew_s: float = 300.0
     flapping_events: int = 3
     flapping_window_s: float = 3600.0
+    # Activity baseline (collector.fleet.activity): state, transactions expected since the last one, and when.
+    activity_state: str | None = None
+    activity_expected: float | None = None
+    activity_since: float | None = None
+    activity_tz: str | None = None
+    # The acquirer's recorded volume far below its usual: (since, expected, recorded, window_s).
+    volume_drop: tuple[float, float, int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +190,10 @@ def facts_from(
     policy: Mapping[str, str],
     now: float,
     ledger: LedgerFacts | None = None,
+    activity: tuple[str, float | None, float | None, str] | None = None,
+    volume_drop: tuple[float, float, int, int] | None = None,
 ) -> Facts:
-    """Copy the facts out of the collector's state objects."""
+    """Copy the facts out of the collector's state objects (`activity`: state, expected, since, zone)."""
     model = t.model or (reg.model if reg else None)
     return Facts(
         terminal_id=t.tid, merchant_id=t.merchant, acquirer=t.acquirer, site=t.site, model=model,
@@ -206,6 +215,9 @@ def facts_from(
         backlog_oldest_age_s=th.backlog_oldest_age_s, upstream_grace_s=th.upstream_grace_s,
         feed_stale_s=th.feed_stale_s, weak_signal_rssi_dbm=th.weak_signal_rssi_dbm, clock_skew_s=th.clock_skew_s,
         flapping_events=th.flapping_events, flapping_window_s=th.flapping_window_s,
+        activity_state=activity[0] if activity else None, activity_expected=activity[1] if activity else None,
+        activity_since=activity[2] if activity else None, activity_tz=activity[3] if activity else None,
+        volume_drop=volume_drop,
     )
 
 
@@ -273,6 +285,15 @@ def _evidence(code: str, f: Facts, now: float) -> dict[str, Any]:
                 "last_heartbeat_age_s": _age(now, f.last_heartbeat_at), "interval_s": f.interval_s}
     if code == "acquirer_feed_unknown":
         return {"acquirer": f.acquirer, "feed_last_message_at": None}
+    if code == "activity_drop":
+        return {"expected_transactions": None if f.activity_expected is None else round(f.activity_expected, 1),
+                "seen_transactions": 0, "silent_since": iso(f.activity_since), "local_tz": f.activity_tz,
+                "baseline": f.activity_state, "txn_count": f.txn_count}
+    if code == "acquirer_volume_drop":
+        since, expected, seen, window = f.volume_drop or (None, None, None, None)
+        return {"acquirer": f.acquirer, "since": iso(since), "window_s": window,
+                "expected_transactions": None if expected is None else round(expected),
+                "recorded_transactions": seen}
     if code == "shutdown":
         return {"status": "shutdown", "shutdown_at": iso(f.status_at), "last_heartbeat_at": iso(f.last_heartbeat_at)}
     return {}
@@ -290,6 +311,8 @@ def _findings(f: Facts, now: float) -> list[Finding]:
     for cond, (since, severity, detail) in f.conditions.items():
         if cond == "upstream_missing" and f.feed_stale:
             continue  # cannot be judged while the acquirer publishes nothing
+        if cond == "activity_drop" and f.activity_since is not None:
+            since = f.activity_since  # the silence began at the last sale, not when it became improbable
         add(cond, severity, since, detail, probable_cause(cond, detail))
     if f.status == "shutdown" and "offline" not in f.conditions:
         add("shutdown", "info", f.status_at, "", _EXTRA_CAUSES["shutdown"])
@@ -300,6 +323,8 @@ def _findings(f: Facts, now: float) -> list[Finding]:
     elif f.ledger is not None and f.ledger.unrecorded and "upstream_missing" not in f.conditions:
         add("unrecorded_transactions", "critical", f.ledger.oldest_unrecorded_at, "",
             _EXTRA_CAUSES["unrecorded_transactions"])
+    if f.volume_drop is not None and not f.feed_stale:
+        add("acquirer_volume_drop", "warning", f.volume_drop[0], "", _EXTRA_CAUSES["acquirer_volume_drop"])
     return out
 
 
@@ -387,6 +412,17 @@ def _next_steps(code: str, f: Facts, day: str) -> list[str]:
         return [first, fix]
     if code == "acquirer_feed_unknown":
         return [f"Check that acquirer {f.acquirer}'s feed is configured and publishing."]
+    if code == "activity_drop":
+        expected = "" if f.activity_expected is None else f"about {f.activity_expected:.0f} expected, "
+        return [f"The terminal looks healthy but has recorded no transaction since {human(f.activity_since)} "
+                f"({expected}none seen). Call the merchant: are they open, and does a test payment go through?",
+                "If the test payment fails without an error on the terminal, restart it and check its card reader "
+                "and payment application; if the merchant now uses another device, note it in the registry.",
+                reconcile]
+    if code == "acquirer_volume_drop":
+        return [f"Acquirer {f.acquirer}'s feed records far fewer transactions than usual for this hour: ask its "
+                "operations desk whether its host declines or loses transactions.",
+                "Tell merchants not to repeat declined payments; afterwards " + reconcile[0].lower() + reconcile[1:]]
     return []
 
 
@@ -433,12 +469,17 @@ def _steps(f: Facts, findings: list[Finding], now: float) -> tuple[dict[str, Any
         "registration": {"registered": f.registry_merchant_id is not None,
                          "registered_merchant_id": f.registry_merchant_id, "heartbeat_merchant_id": f.heartbeat_mid},
         "local_records": {"txn_count": f.txn_count, "uploaded_count": f.uploaded_count,
-                          "queue_depth": f.queue_depth, "oldest_queued_at": iso(f.oldest_queued_ts)},
+                          "queue_depth": f.queue_depth, "oldest_queued_at": iso(f.oldest_queued_ts),
+                          "activity_baseline": f.activity_state,
+                          "expected_since_last_transaction": None if f.activity_expected is None
+                          else round(f.activity_expected, 1),
+                          "last_transaction_at": iso(f.activity_since)},
         "acquirer_records": {
             "last_recorded_at": iso(f.last_recorded_at), "recorded_txns": f.recorded_txns,
             "receipts": f.ledger.receipts if f.ledger else None,
             "unrecorded_past_grace": f.ledger.unrecorded if f.ledger else None,
             "pending_within_grace": f.ledger.pending if f.ledger else None, "grace_s": f.upstream_grace_s,
+            "acquirer_volume_drop": _evidence("acquirer_volume_drop", f, now) if f.volume_drop else None,
         },
         "acquirer_host": {"acquirer": f.acquirer, "feed_last_message_at": iso(f.feed_last_at),
                           "feed_stale": f.feed_stale},

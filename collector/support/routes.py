@@ -200,6 +200,7 @@ async def get_diagnosis(request: web.Request) -> web.Response:
     facts = facts_from(
         t, fleet.registry.get(t.tid), fleet.registry_loaded, fleet.feeds.get(t.acquirer), th,
         collector.cfg.software_policy, now, ledger_facts(t, request.app[LEDGER], th.upstream_grace_s, now),
+        activity=fleet.activity_facts(t, now), volume_drop=fleet.volume_drop(t.acquirer),
     )
     return json_response(diagnose(facts, now).to_dict())
 

@@ -307,6 +307,7 @@ TERMINAL_ALERTS: Final = tuple(
 
 _OTHER_ALERTS: Final = (
     "PosUpstreamFeedStale",
+    "PosAcquirerVolumeDrop",
     "PosFleetMassOffline",
     "PosCollectorDown",
     "PosCollectorMqttDisconnected",
@@ -446,7 +447,20 @@ def _fleet_rules(ctx: _Ctx) -> list[dict[str, Any]]:
             "be checked meanwhile (upstream-missing alerts are suspended for it).",
             "Announced host maintenance or an outage at the acquirer, or the feed connection between the "
             "acquirer and the broker is broken (credentials, certificate, network).",
-        )
+        ),
+        # The collector decides it against the acquirer's learned baseline (collector.fleet.activity); the rule
+        # adds `for` and the hold across failed scrapes.
+        _rule(
+            ctx, "PosAcquirerVolumeDrop",
+            f"max by (acquirer) ({ctx.held('posfleet_acquirer_volume_drop')}) == 1",
+            "warning",
+            "Acquirer records far fewer transactions than usual.",
+            "The transaction feed of acquirer {{ $labels.acquirer }} still arrives but has recorded far fewer of "
+            "its terminals' transactions over the last 10-30 minutes than its learned baseline expects for this "
+            "hour (posfleet_acquirer_volume_usual_per_hour). Its host may be declining or losing transactions.",
+            "The acquirer's host is failing (declines, lost or delayed transactions) before its feed stops, a "
+            "regional outage or an unannounced public holiday.",
+        ),
     ]
     # The collector decides a mass outage itself (share, minimum and hysteresis in its thresholds.mass_offline_*)
     # and exports it as a sparse series; the rule only adds `for` and the hold across failed scrapes.

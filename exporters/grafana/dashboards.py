@@ -621,6 +621,45 @@ def upstream() -> Board:
         (24, 8),
     )
 
+    b.row("Activity against the learned baseline")
+    b.add(
+        timeseries(
+            "Recorded vs usual volume",
+            "Is each acquirer recording as many transactions per hour as usual for this time (drop = 1: far below "
+            "usual while the feed still arrives, acquirer_volume_drop)?",
+            [
+                prom(
+                    "3600 * sum by (acquirer) "
+                    f"(rate(posfleet_acquirer_txns_recorded_total{{{acq}}}[$__rate_interval]))",
+                    "{{acquirer}} recorded",
+                ),
+                prom(
+                    f"max by (acquirer) (posfleet_acquirer_volume_usual_per_hour{{{acq}}})",
+                    "{{acquirer}} usual", ref="B",
+                ),
+                prom(f"max by (acquirer) (posfleet_acquirer_volume_drop{{{acq}}})", "{{acquirer}} drop", ref="C"),
+            ],
+            "short",
+        ),
+        (12, 8),
+    )
+    b.add(
+        timeseries(
+            "Terminals that stopped selling",
+            "How many healthy-looking terminals of each acquirer have recorded no transaction for longer than "
+            "their learned activity makes likely (activity_drop), and how many baselines are evaluated or still "
+            "learning?",
+            [
+                prom(
+                    f'sum by (acquirer) (posfleet_fleet_condition_terminals{{{acq},condition="activity_drop"}})',
+                    "{{acquirer}} stopped selling",
+                ),
+                prom("sum by (state) (posfleet_activity_baselines)", "baselines {{state}}", ref="B"),
+            ],
+        ),
+        (12, 8),
+    )
+
     b.row("Missing upstream")
     b.add(
         timeseries(

@@ -127,6 +127,8 @@ ROUTES: list[tuple[dict[str, str], str]] = [
     ({"alertname": "PosTerminalClockSkew", "severity": "warning", "acquirer": "acq-b"}, "acq-b-tickets"),
     ({"alertname": "PosTerminalFlapping", "severity": "warning", "acquirer": "acq-b"}, "acq-b-tickets"),
     ({"alertname": "PosTerminalMessagesRejected", "severity": "warning", "acquirer": "acq-a"}, "acq-a-tickets"),
+    ({"alertname": "PosTerminalActivityDrop", "severity": "warning", "acquirer": "acq-a"}, "acq-a-tickets"),
+    ({"alertname": "PosAcquirerVolumeDrop", "severity": "warning", "acquirer": "acq-b"}, "acq-b-tickets"),
     ({"alertname": "PosTerminalUnregistered", "severity": "warning", "acquirer": "unknown"}, "fleet-ops-tickets"),
     ({"alertname": "PosFleetMassOffline", "severity": "critical", "acquirer": "acq-a", "scope": "site"}, "acq-a-page"),
     ({"alertname": "PosUpstreamFeedStale", "severity": "critical", "acquirer": "acq-a"}, "acq-a-page"),

@@ -98,13 +98,11 @@ class PubackTap:
                 s.close()
 
 
-@pytest.fixture
-def small_window(tmp_path: Path) -> Iterator[Process]:
-    """Mosquitto with its default in-flight window (20 unacknowledged messages per client)."""
+def _mosquitto(tmp_path: Path, inflight: int) -> Iterator[Process]:
     binary = require_binary("mosquitto", "/usr/sbin/mosquitto")
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 20\n"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages {inflight}\n"
                     "max_queued_messages 0\nlog_dest stderr\n")
     log = tmp_path / "mosquitto.log"
     broker = Process(subprocess.Popen([binary, "-c", str(conf)], stdout=log.open("ab"), stderr=subprocess.STDOUT),
@@ -114,6 +112,18 @@ def small_window(tmp_path: Path) -> Iterator[Process]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def small_window(tmp_path: Path) -> Iterator[Process]:
+    """Mosquitto with its default in-flight window (20 unacknowledged messages per client)."""
+    yield from _mosquitto(tmp_path, 20)
+
+
+@pytest.fixture
+def no_window(tmp_path: Path) -> Iterator[Process]:
+    """Mosquitto with no in-flight window: it sends a resumed session's whole backlog at once."""
+    yield from _mosquitto(tmp_path, 0)
 
 
 def publish_backlog(port: int) -> None:
@@ -190,4 +200,28 @@ async def test_a_full_queue_stops_reading_and_loses_nothing(tmp_path: Path, smal
             batch = await asyncio.wait_for(ingest.batches(max_batch=5), 10)
             got += [i.topic for i in batch]
             ingest.ack(batch)
+    assert sorted(got) == sorted(f"pos/v1/T{i:05d}/heartbeat" for i in range(BACKLOG))
+
+
+async def test_a_broker_that_ignores_the_window_cannot_overfill_the_queue(tmp_path: Path, no_window: Process) -> None:
+    """The bound holds even when the broker sends far more than the queue takes in one read of the socket (no
+    window, or Mosquitto 2.0 releasing ~19 messages per PUBACK): packets already read stay in the client's
+    buffer, are parsed when the consumer makes room, and every message arrives exactly once."""
+    capacity = 10
+    cfg = msgspec.convert({"url": f"mqtt://127.0.0.1:{no_window.port}", "client_id": "posfleet-flood",
+                           "queue_size": capacity}, MqttConfig)
+    loop = asyncio.get_running_loop()
+    async with MqttIngest(cfg, SelfMetrics(CollectorRegistry()), loop) as ingest:  # the persistent session
+        await asyncio.to_thread(wait_until, lambda: ingest.subscribed, 10, "subscribed")
+    await asyncio.to_thread(publish_backlog, no_window.port)
+    got: list[str] = []
+    most = 0
+    async with MqttIngest(cfg, SelfMetrics(CollectorRegistry()), loop) as ingest:
+        await asyncio.to_thread(wait_until, lambda: ingest._paused, 10, "the reader paused on a full queue")
+        while len(got) < BACKLOG:
+            most = max(most, len(ingest._queue))
+            batch = await asyncio.wait_for(ingest.batches(max_batch=3), 10)
+            got += [i.topic for i in batch]
+            ingest.ack(batch)
+    assert most <= capacity
     assert sorted(got) == sorted(f"pos/v1/T{i:05d}/heartbeat" for i in range(BACKLOG))

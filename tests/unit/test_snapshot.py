@@ -157,7 +157,7 @@ def test_a_missing_current_file_falls_back_to_previous(two_generations: Path) ->
 
 
 def test_no_file_at_all_is_a_quiet_empty_start(tmp_path: Path) -> None:
-    assert load_snapshot(tmp_path / "none", T0) == ([], [], Source.EMPTY, ())
+    assert load_snapshot(tmp_path / "none", T0) == ([], [], Source.EMPTY, (), None)
 
 
 def test_format_2_files_without_a_header_still_load(tmp_path: Path) -> None:
@@ -294,3 +294,16 @@ def test_constructing_a_collector_reads_nothing(two_generations: Path, monkeypat
     assert sorted(p.name for p in default_path.parent.iterdir()) == before
     loaded = Collector.load(Config(), clock=lambda: T0)  # the explicit factory does read it
     assert loaded.restored.source is not Source.EMPTY or loaded.restored.set_aside
+
+
+def test_streaks_written_as_a_map_by_earlier_versions_come_back_as_pairs(tmp_path: Path) -> None:
+    """Before streaks became flat (condition, count) pairs, snapshots held them as a map: still read, converted."""
+    rows = [msgspec.to_builtins(t) for t in fleet_with(2).terminals.values()]
+    at = Terminal.__struct_fields__.index("streaks")
+    for row in rows:
+        row[at] = {"weak_signal": 2, "upload_backlog": 1}
+    path = tmp_path / "maps.snapshot"
+    path.write_bytes(msgspec.msgpack.encode({"format": LEGACY_FORMAT, "terminals": rows, "feeds": []}))
+    restored = load_snapshot(path, T0)
+    assert restored.source is Source.CURRENT
+    assert {t.streaks for t in restored.terminals} == {("weak_signal", 2, "upload_backlog", 1)}

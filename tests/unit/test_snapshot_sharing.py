@@ -30,7 +30,7 @@ def terminal(i: int) -> Terminal:
         rssi_dbm=float(-60 - i % 3), power_source="batt" + "ery", battery_pct=(i % 3) / 10,
         printer="o" + "k", display="o" + "k", card_reader="o" + "k", status="onl" + "ine",
         conds={"hardware_fault": Active(T0, "warn" + "ing", "printer: paper_" + "out")} if i % 2 else None,
-        streaks={"weak_sig" + "nal": 2} if i % 3 == 0 else None,
+        streaks=("weak_sig" + "nal", 2) if i % 3 == 0 else None,
         rejected={"card_" + "data": 1} if i % 4 == 0 else None, rejected_last="card_" + "data" if i % 4 == 0 else "",
     )
 
@@ -64,7 +64,7 @@ def test_repeated_values_are_one_object_each(tmp_path: Path) -> None:
     assert distinct("rssi_dbm") == 3 and distinct("battery_pct") == 3
     assert distinct("status_rx") == 1 and distinct("upstream_rx") == 1  # zeros: never set
     assert distinct("rejected_last") == 2  # "" and "card_data"
-    assert len({id(k) for t in ts if t.streaks for k in t.streaks}) == 1
+    assert len({id(t.streaks[0]) for t in ts if t.streaks}) == 1
     assert len({id(k) for t in ts if t.rejected for k in t.rejected}) == 1
     details = {id(a.detail) for t in ts if t.conds for a in t.conds.values()}
     assert len(details) == 1
@@ -84,6 +84,21 @@ def test_a_fleet_restarted_from_its_snapshot_is_the_same_fleet(tmp_path: Path) -
     save_snapshot(fleet, tmp_path / "again")
     again = load_snapshot(tmp_path / "again", T0)
     assert again.terminals == restored.terminals
+
+
+def test_restored_ids_are_the_registrys_own_strings(tmp_path: Path) -> None:
+    """One string per terminal id, shared by the registry and the restored state, without the intern table."""
+    from collector.fleet.registry import Registry, RegistryEntry
+
+    ids = ["".join(("T", f"{i:07d}")) for i in range(40)]  # built at run time: not interned by the compiler
+    reg = Registry({tid: RegistryEntry(tid, "M1", "acq-a", "A920", "S1", "r") for tid in ids[:30]})
+    write(tmp_path / "s", [terminal(i) for i in range(40)])
+    ts = load_snapshot(tmp_path / "s", T0, reg).terminals
+    assert [t.tid for t in ts] == ids
+    assert all(t.tid is reg.entries[t.tid].terminal_id for t in ts[:30])
+    assert all(t.tid not in reg.entries for t in ts[30:])  # unregistered ids keep their own string
+    fleet = Fleet(CFG, started_at=T0, registry=reg, restored=(ts, []))
+    assert all(next(k for k in fleet.terminals if k == tid) is reg.entries[tid].terminal_id for tid in ids[:3])
 
 
 @pytest.mark.parametrize("garbage", [b"\xc1", msgspec.msgpack.encode(["T1", 5])])

@@ -540,3 +540,14 @@ def test_an_unknown_id_that_only_sent_rejected_messages_is_never_offline(clock: 
     assert conds(clock.fleet, "X1") == set() and conds(clock.fleet, "X2") == set()
     assert conds(clock.fleet, "T2") == {"offline"}, "a registered terminal never heard from still is"
     assert clock.fleet.terminals["T2"].conds["offline"].detail == "never_seen"  # type: ignore[index]
+
+
+def test_streak_pairs_set_get_and_remove() -> None:
+    from collector.fleet.state import streak_of, streak_pairs, with_streak
+
+    s = with_streak(None, "weak_signal", 1)
+    assert s == ("weak_signal", 1) and streak_of(s, "weak_signal") == 1 and streak_of(s, "upload_backlog") == 0
+    s = with_streak(with_streak(s, "upload_backlog", 2), "weak_signal", 2)
+    assert s == ("upload_backlog", 2, "weak_signal", 2)
+    assert with_streak(with_streak(s, "weak_signal", 0), "upload_backlog", 0) is None
+    assert streak_pairs({"a": 1, "b": 2}) == ("a", 1, "b", 2) and streak_pairs({}) is None and streak_pairs(()) is None
