@@ -204,6 +204,33 @@ def measure(config: Path, n: int) -> dict[str, Any]:
     }
 
 
+def measure_live(config: Path, n: int, shape: str) -> dict[str, Any]:
+    """Fresh process, no snapshot: RSS per terminal after three heartbeats each through `Collector.process` (the
+    live path: decode, state, detection), all messages of a round sharing one receive time as a socket read does."""
+    from collector.app import Collector
+    from collector.config import load_config
+    from collector.ingest.mqtt import Inbound
+
+    cfg = load_config(config)
+    gc.collect()
+    before = rss_bytes()
+    c = Collector.load(cfg)
+    gc.collect()
+    gc.freeze()
+    loaded = rss_bytes()
+    now = time.time()
+    for rnd in range(3):
+        rx = now + 30 * rnd
+        for i in range(n):
+            body = json.loads(heartbeat(i, rx, shape))
+            body["seq"] += rnd
+            c.process(Inbound(f"pos/v1/T{i:07d}/heartbeat", json.dumps(body).encode(), False, 0, 1, rx))
+    gc.collect()
+    after = rss_bytes()
+    return {"terminals": n, "registry_loaded_per_terminal": (loaded - before) / n,
+            "rss_per_terminal": (after - before) / n, "breakdown": breakdown(c, n)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--terminals", type=int, default=1_000_000)
@@ -212,6 +239,8 @@ def main() -> None:
                     help="heartbeats like a real fleet's, or like bench_ingest.py's (small counters, fewer fields)")
     ap.add_argument("--baselines", choices=("learned", "off"), default="learned",
                     help="activity baselines: a learned record per terminal (default), or switched off")
+    ap.add_argument("--live", action="store_true",
+                    help="no restart: three heartbeats per terminal through the live path, RSS per terminal after")
     ap.add_argument("--phase", choices=("all", "build", "measure"), default="all", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -220,6 +249,17 @@ def main() -> None:
         return
     if args.phase == "measure":
         print(json.dumps(measure(args.workdir / "collector.yaml", args.terminals)))
+        return
+    if args.live:
+        with tempfile.TemporaryDirectory(prefix="posfleet-bench-memory-") as tmp:
+            live = measure_live(write_inputs(Path(tmp), args.terminals, args.per_site, args.baselines),
+                                args.terminals, args.shape)
+        print(f"terminals (registered, three live heartbeats each) {live['terminals']:,} ({args.shape} shape, "
+              f"activity baselines {args.baselines})")
+        print(f"RSS per terminal, registry loaded               {live['registry_loaded_per_terminal']:,.0f} B")
+        print(f"RSS per terminal after the heartbeats            {live['rss_per_terminal']:,.0f} B")
+        for kind, size in live["breakdown"].items():
+            print(f"  {kind:<40} {size:7.1f} B")
         return
     with tempfile.TemporaryDirectory(prefix="posfleet-bench-memory-") as tmp:
         workdir = Path(tmp)

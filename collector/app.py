@@ -11,14 +11,19 @@ import gc
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from collector.cluster.fleetwide import FleetWide
+from collector.cluster.forward import Forwarder, kv_members
+from collector.cluster.keeper import ClusterMetrics, Keeper
+from collector.cluster.partition import parse_shard, partition_of, shard_partitions
 from collector.config import Config
 from collector.fleet.clockjump import ClockWatch, rebase_after_jump
 from collector.fleet.hooks import MessageSink, TransitionSink
@@ -30,7 +35,9 @@ from collector.http.auth import Tokens, load_tokens
 from collector.http.host import RouteHook
 from collector.http.metrics import FleetCollector, SelfMetrics
 from collector.http.routes import build_app, build_metrics_app
-from collector.ingest.mqtt import Inbound, MqttIngest, ack_step
+from collector.ingest.mqtt import MqttIngest, ack_step
+from collector.ingest.nats import NatsIngest
+from collector.ingest.source import Message
 from collector.ingest.source import Source as IngestSource
 from collector.supervise import DEFAULT_POLICY, RestartPolicy, Supervisor
 from collector.support.routes import install as install_support
@@ -125,9 +132,19 @@ class Collector:
             restored = Restored([], [], Source.EMPTY)
         self.metrics.snapshot_restore.labels(restored.source.value).set(1)
         self.metrics.snapshot_corrupt_files.set(corrupt_snapshots)
-        self.fleet = Fleet(
-            cfg, started_at=clock(), registry=self.registry_file, restored=restored.state, baselines=restored.activity
-        )
+        # Partitioned collectors (ingest.source: nats) materialise only their partitions' terminals.
+        self.partitions: set[int] = set()
+        owns = None
+        if cfg.ingest.source == "nats":
+            n, owned = cfg.nats.partitions, self.partitions
+            if cfg.nats.ownership == "static" and cfg.nats.shard:
+                owned.update(shard_partitions(parse_shard(cfg.nats.shard), n))
+
+            def owns(tid: str) -> bool:
+                return partition_of(tid, n) in owned
+
+        self.fleet = Fleet(cfg, started_at=clock(), registry=self.registry_file, restored=restored.state,
+                           materialise=owns, baselines=restored.activity)
         # What happened at restore, without a second reference to every restored terminal (8 B each).
         self.restored = restored._replace(terminals=[], feeds=[], activity=None)
         # A wall-clock step beyond two evaluation rounds (10 s at least: NTP slews smaller offsets) is a jump.
@@ -142,7 +159,11 @@ class Collector:
         self.route_hooks: list[RouteHook] = []
         self.transition_hooks: list[TransitionSink] = []
         self.message_hooks: list[MessageSink] = []
-        self.ingest: IngestSource[Inbound] | None = None
+        self.ingest: IngestSource[Any] | None = None
+        self.nats: NatsIngest | None = None
+        self.keeper: Keeper | None = None  # partition leases (ingest.source: nats, nats.ownership: lease)
+        self.forwarder: Forwarder | None = None  # the API across collectors (collector/cluster/forward.py)
+        self.fleetwide: FleetWide | None = None  # mass_offline across collectors (collector/cluster/fleetwide.py)
         self.writer: InfluxWriter | None = None
         self.http_port: int | None = None
         self._stack = AsyncExitStack()
@@ -165,7 +186,9 @@ class Collector:
     ) -> Collector:
         """Read the terminal registry, the newest good state snapshot and the API tokens; build the collector."""
         registry = _load_registry(cfg)
-        restored = _restore(cfg, clock(), registry)
+        leased = cfg.ingest.source == "nats" and cfg.nats.ownership == "lease"
+        # Leased partitions come with their state from NATS; a local file may hold partitions owned elsewhere now.
+        restored = Restored([], [], Source.EMPTY) if leased else _restore(cfg, clock(), registry)
         corrupt = len(corrupt_files(cfg.state.snapshot_path)) if cfg.state.snapshot_path else 0
         return cls(cfg, clock, monotonic, restart_policy, registry=registry, restored=restored,
                    corrupt_snapshots=corrupt, tokens=load_tokens(cfg.http.tokens_file))
@@ -199,7 +222,29 @@ class Collector:
                 recorder = HistoryRecorder(self.writer.write, self.fleet.terminals.get)
                 self.message_hooks.append(recorder.on_message)
                 self.transition_hooks.append(recorder.on_transitions)
-            self.ingest = await self._stack.enter_async_context(MqttIngest(self.cfg.mqtt, self.metrics, loop))
+            if self.cfg.ingest.source == "nats":
+                self.nats = await self._stack.enter_async_context(NatsIngest(
+                    self.cfg.nats, self.cfg.mqtt.topic_prefix, self.metrics, self.instance, self.cfg.mqtt.queue_size))
+                self.ingest = self.nats
+                if self.cfg.nats.ownership == "lease":
+                    assert self.nats.nc is not None
+                    self.keeper = Keeper(self.nats.nc, self.cfg.nats, self.instance, self.fleet, self.nats,
+                                         self.partitions, ClusterMetrics(self.prom_registry), self.monotonic,
+                                         self.clock)
+                    await self.keeper.setup()
+                    self._stack.push_async_callback(self.keeper.close)  # after the tasks stop, before NATS closes
+                else:
+                    for p in sorted(self.partitions):
+                        await self.nats.start_partition(p, None, keep_position=True)
+                    log.info("reading partitions %s of %d (static shard %s)", sorted(self.partitions),
+                             self.cfg.nats.partitions, self.cfg.nats.shard)
+                assert self.nats.nc is not None  # any terminal from any collector: forwarded to its owner
+                self.forwarder = await self._stack.enter_async_context(
+                    Forwarder(self, self.nats.nc, kv_members(self.keeper) if self.keeper else None))
+                self.fleetwide = await self._stack.enter_async_context(FleetWide(self, self.nats.nc, self.clock))
+                self.fleet_collector.fleet_level = self.fleetwide.exported
+            else:
+                self.ingest = await self._stack.enter_async_context(MqttIngest(self.cfg.mqtt, self.metrics, loop))
             self._stack.push_async_callback(self._final_snapshot)
 
             async def serve(app: web.Application, host: str, port: int) -> int:
@@ -224,6 +269,12 @@ class Collector:
                 ("registry", self._registry_watcher),
             ):
                 self.supervisor.start(name, factory)
+            if self.keeper is not None:
+                self.supervisor.start("partitions", self.keeper.run)
+            if self.forwarder is not None:
+                self.supervisor.start("forward", self.forwarder.run)
+            if self.fleetwide is not None:
+                self.supervisor.start("fleetwide", self.fleetwide.run)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -274,6 +325,7 @@ class Collector:
         records.labels("matched").inc(result.matched)
         records.labels("foreign").inc(result.foreign)
         records.labels("unknown").inc(result.unknown)
+        records.labels("elsewhere").inc(result.elsewhere)
         for hook in self.message_hooks:
             hook(batch, rx, None)
         self._emit(out)
@@ -290,7 +342,12 @@ class Collector:
         for hook in self.transition_hooks:
             hook(out)
 
-    def process(self, item: Inbound) -> None:
+    @property
+    def instance(self) -> str:
+        """This collector's name among partitioned collectors (nats.instance, else the host name)."""
+        return self.cfg.nats.instance or "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+
+    def process(self, item: Message) -> None:
         """Decode and apply one message; never raises for bad input."""
         m = self.metrics
         cfg = self.cfg.mqtt
@@ -386,6 +443,11 @@ class Collector:
                 log.warning("hearing the broker again after %.1f s: silence is measured from %.1f s from now, every "
                             "terminal gets a full offline period after that", deaf_for, grace)
             self.fleet.started_at = max(self.fleet.started_at, now + grace)
+            if self.nats is not None:
+                # The feed's records of uploads made meanwhile may still be on their way (its consumer recovers on
+                # its own): upstream_missing gets its full grace from now, as silence does.
+                for feed in self.fleet.feeds.values():
+                    feed.alive_since = max(feed.alive_since, now + grace)
         self._emit(self.fleet.tick(now))
 
     def hearing(self) -> bool:
@@ -395,7 +457,7 @@ class Collector:
     def snapshot_now(self) -> bool:
         """Write a snapshot now; failures are counted and logged, never fatal."""
         path = self.cfg.state.snapshot_path
-        if not path:
+        if not path or self.keeper is not None:  # leased partitions keep their state in NATS (Keeper.save)
             return False
         # Recounted on every round: a person moving the corrupt files away resolves PosCollectorSnapshotCorrupt.
         self.metrics.snapshot_corrupt_files.set(len(corrupt_files(path)))
@@ -411,7 +473,10 @@ class Collector:
     async def _snapshotter(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.state.snapshot_interval_s)
-            self.snapshot_now()
+            if self.keeper is not None:  # per partition, in NATS (the next owner reads it)
+                await self.keeper.save_all()
+            else:
+                self.snapshot_now()
             self.supervisor.progress("snapshot")
 
     def reload_registry(self) -> bool:
@@ -445,7 +510,19 @@ class Collector:
     def readiness_problems(self) -> list[str]:
         """Why the collector is not ready (empty when ready)."""
         problems = []
-        if self.ingest is None or not self.ingest.subscribed:
+        if self.nats is not None:
+            if not self.nats.connected():
+                problems.append("cannot reach NATS")
+            elif not self.nats.thread_alive():
+                problems.append("NATS ingest tasks ended")
+            elif not self.nats.owned():
+                problems.append("owns no partition")
+            if self.nats.deaf:
+                problems.append(f"NATS does not answer for partitions {sorted(self.nats.deaf)} (-1: the acquirer "
+                                f"feed, -2: the stream itself)")
+            if self.keeper is not None and not self.keeper.connected:
+                problems.append("cannot renew partition leases in NATS KV")
+        elif self.ingest is None or not self.ingest.subscribed:
             problems.append("not connected/subscribed to the MQTT broker")
         elif not self.ingest.thread_alive():
             problems.append("MQTT connection task ended")

@@ -15,7 +15,7 @@ import typing
 import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 from urllib.parse import urlparse
 
 import msgspec
@@ -23,8 +23,9 @@ import yaml
 from msgspec import Meta, Struct
 
 __all__ = [
-    "TOKEN_ENV", "ActivityConfig", "Config", "ConfigError", "Hysteresis", "InfluxConfig", "MqttTls", "Thresholds",
-    "config_warnings", "load_config", "load_metrics_token", "parse_version", "resolve_token",
+    "TOKEN_ENV", "ActivityConfig", "Config", "ConfigError", "Hysteresis", "InfluxConfig", "IngestConfig", "MqttTls",
+    "NatsConfig", "NatsTls", "Thresholds", "config_warnings", "load_config", "load_metrics_token", "parse_shard",
+    "parse_version", "resolve_token",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,17 @@ def load_metrics_token(path: str | None) -> str | None:
 
 
 TOKEN_ENV = "POSFLEET_INFLUX_TOKEN"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/K' -> (i, K) with 0 <= i < K; ValueError with the reason otherwise."""
+    left, sep, right = text.partition("/")
+    if not sep or not left.strip().isdigit() or not right.strip().isdigit():
+        raise ValueError(f"must look like i/K (e.g. 0/2), got {text!r}")
+    i, k = int(left), int(right)
+    if k < 1 or i >= k:
+        raise ValueError(f"{text!r}: need 0 <= i < K")
+    return i, k
 
 
 class InfluxConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -230,6 +242,68 @@ class MqttConfig(Struct, frozen=True, forbid_unknown_fields=True):
     tls: MqttTls | None = None  # only with mqtts:// (which without it verifies against the system's CAs)
 
 
+class IngestConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """Where messages come from."""
+
+    # mqtt: one broker (Mosquitto, the demo's embedded one), the simple deployment. nats: partitions of a NATS
+    # JetStream stream fed by the servers' MQTT gateway, for several collectors (docs/scale.md).
+    source: Literal["mqtt", "nats"] = "mqtt"
+
+
+class NatsTls(Struct, frozen=True, forbid_unknown_fields=True):
+    """TLS towards the NATS servers (PEM files); with `tls://` server URLs."""
+
+    ca_file: str | None = None  # unset: the system's trust store
+    cert_file: str | None = None  # both or neither: servers that verify client certificates
+    key_file: str | None = None
+
+
+class NatsConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    """The `nats:` section, read only with `ingest.source: nats` (collector/cluster, collector/ingest/nats.py)."""
+
+    # Any of the cluster's servers: the client learns the others from the first it reaches.
+    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    user: str | None = None
+    password_file: str | None = None  # never on the command line; POSFLEET_NATS_PASSWORD also works
+    token_file: str | None = None
+    creds_file: str | None = None  # a decentralised-auth .creds file (JWT + nkey seed)
+    tls: NatsTls | None = None
+    # The stream holding the terminals' messages, partitioned by the servers' subject mapping
+    # `pos.v1.*.*` -> `<subject_prefix>.{{partition(N,1)}}.{{wildcard(1)}}.{{wildcard(2)}}` (deploy/nats/).
+    stream: str = "POSP"
+    subject_prefix: str = "posp"
+    # The acquirer feeds (`acquirer.v1.>`, unpartitioned): every collector reads all of it.
+    feed_stream: str = "FEED"
+    # Fixed for the life of the stream, and larger than any number of collectors you expect: 64 gives 2..32
+    # collectors shares within one partition of each other. Must equal N in the servers' mapping.
+    partitions: Annotated[int, Meta(ge=1, le=4096)] = 64
+    # This collector's name among the others (leases, consumer of the acquirer feed); default: the host name.
+    instance: str = ""
+    # lease: partitions are shared out among the running collectors and taken over when one dies. static:
+    # exactly the partitions of `shard` (every K-th from i), nobody takes them over.
+    ownership: Literal["lease", "static"] = "lease"
+    # "i/K": this collector's preferred (lease) or only (static) share of the partitions.
+    shard: str | None = None
+    # A dead collector's partitions are taken over this long after its last renewal (renewed every third of
+    # it): 6 s keeps a takeover within 15 s with room for a busy loop and the server's expiry timer.
+    lease_ttl_s: Annotated[float, Meta(ge=2)] = 6.0
+    lease_bucket: str = "posfleet_leases"
+    # Per partition the state of its terminals and the last applied stream sequence (object store).
+    state_bucket: str = "posfleet_state"
+    # Replicas of the stream and buckets the collector creates when they are missing: 3 in a 3-node cluster
+    # (a node can die without losing data); 1 is for a single test server.
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+    # Limits retention: what a collector can replay after an outage. 24 h covers a night without collectors.
+    stream_max_age_s: Positive = 86400.0
+    stream_max_bytes: int = -1  # -1: no byte limit besides the servers' own
+    # Messages fetched per partition and request; the consumer lets 20x that be unacknowledged, so a fetch
+    # never waits for an acknowledgement of the one before (FIELD-NOTES: 504 msg/s vs 30k msg/s).
+    fetch_batch: Annotated[int, Meta(ge=1, le=10_000)] = 500
+    max_ack_pending: Annotated[int, Meta(ge=1)] = 20_000
+    # JetStream API requests wait this long: the client's 5 s default is too short on two busy cores.
+    api_timeout_s: Positive = 20.0
+
+
 class HttpConfig(Struct, frozen=True, forbid_unknown_fields=True):
     """HTTP API and /metrics."""
 
@@ -338,6 +412,8 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True):
     """The whole configuration."""
 
     mqtt: MqttConfig = MqttConfig()
+    ingest: IngestConfig = IngestConfig()
+    nats: NatsConfig = NatsConfig()  # only with ingest.source: nats
     http: HttpConfig = HttpConfig()
     registry: RegistryConfig = RegistryConfig()
     state: StateConfig = StateConfig()
@@ -375,8 +451,53 @@ def _tls_problems(cfg: MqttConfig) -> list[str]:
     return problems
 
 
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _nats_problems(cfg: NatsConfig) -> list[str]:
+    """What is wrong in the `nats:` section (checked only when it is used)."""
+    problems = []
+    if not cfg.servers:
+        problems.append("nats.servers: name at least one server")
+    for url in cfg.servers:
+        if not url.startswith(("nats://", "tls://")):
+            problems.append(f"nats.servers: {url!r} must start with nats:// or tls://")
+    for key in ("stream", "feed_stream", "subject_prefix", "lease_bucket", "state_bucket"):
+        if not _NAME_RE.match(getattr(cfg, key)):
+            problems.append(f"nats.{key}: must match [A-Za-z0-9_-]{{1,64}}")
+    if cfg.instance and not _NAME_RE.match(cfg.instance):
+        problems.append("nats.instance: must match [A-Za-z0-9_-]{1,64}")
+    if cfg.shard is not None:
+        try:
+            _i, k = parse_shard(cfg.shard)
+            if k > cfg.partitions:
+                problems.append(f"nats.shard: {k} shards need at least as many partitions ({cfg.partitions})")
+        except ValueError as err:
+            problems.append(f"nats.shard: {err}")
+    elif cfg.ownership == "static":
+        problems.append("nats.shard: static ownership needs a shard (i/K)")
+    if cfg.max_ack_pending < 2 * cfg.fetch_batch:
+        problems.append("nats.max_ack_pending: must be at least twice nats.fetch_batch")
+    if cfg.user is None and cfg.password_file:
+        problems.append("nats.password_file: needs nats.user")
+    if sum(x is not None for x in (cfg.user, cfg.token_file, cfg.creds_file)) > 1:
+        problems.append("nats: user/password, token_file and creds_file exclude each other")
+    files = [("password_file", cfg.password_file), ("token_file", cfg.token_file), ("creds_file", cfg.creds_file)]
+    if cfg.tls is not None:
+        if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):
+            problems.append("nats.tls: cert_file and key_file go together")
+        files += [(f"tls.{k}", getattr(cfg.tls, k)) for k in ("ca_file", "cert_file", "key_file")]
+    for key, path in files:
+        why = _unreadable(path) if path else None
+        if why:
+            problems.append(f"nats.{key}: {why}")
+    return problems
+
+
 def _semantic_problems(cfg: Config) -> list[str]:
     problems = []
+    if cfg.ingest.source == "nats":
+        problems += _nats_problems(cfg.nats)
     if not cfg.mqtt.url.startswith(("mqtt://", "mqtts://")):
         problems.append(f"mqtt.url: must start with mqtt:// or mqtts://, got {cfg.mqtt.url!r}")
     problems += _tls_problems(cfg.mqtt)

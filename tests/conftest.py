@@ -9,6 +9,7 @@ import pytest
 
 from tests.harness.alerting import WebhookSink, start_alertmanager, write_alertmanager_config
 from tests.harness.core import Process, start_mosquitto
+from tests.harness.nats import NatsCluster
 from tests.harness.tsdb import InfluxD, VictoriaMetrics
 
 
@@ -20,6 +21,16 @@ def mosquitto(tmp_path: Path) -> Iterator[Process]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A three-node NATS JetStream cluster (MQTT gateway, 16 partitions, streams POSP and FEED with 3 replicas)."""
+    with NatsCluster(tmp_path / "nats", partitions=16) as cluster:
+        try:
+            yield cluster
+        finally:
+            cluster.report()  # log paths and tails: pytest shows them when the test failed
 
 
 @pytest.fixture(name="webhook_sink")

@@ -35,7 +35,9 @@ def rebase_after_jump(fleet: Fleet, now: float, jump: float) -> None:
     such floor, move with the clock on a forward step (their silence is what the monotonic clock measured) and
     are clamped to now on a backward one.
     """
-    fleet.started_at = now
+    # What is left of a grace that was pending (started_at ahead, after the collector heard its broker again)
+    # moves with the clock; otherwise silence is measured from now.
+    fleet.started_at = max(now, fleet.started_at + jump)
     for t in fleet.terminals.values():
         if t.last_rx is not None and t.last_rx > now:
             t.last_rx = now

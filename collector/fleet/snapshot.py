@@ -37,6 +37,8 @@ __all__ = [
     "SnapshotError",
     "Source",
     "corrupt_files",
+    "decode_terminals",
+    "encode_terminals",
     "load_snapshot",
     "save_snapshot",
 ]
@@ -121,15 +123,26 @@ def _fsync_dir(directory: Path) -> None:
 
 def _encode(fleet: Fleet) -> bytes:
     """The fleet's state as the bytes of a snapshot file (header + body)."""
-    body = msgspec.msgpack.encode(
-        _Snapshot(
-            FORMAT,
-            list(fleet.terminals.values()),
-            [(f.acquirer, f.last_rx, f.alive_since, f.txns) for f in fleet.feeds.values()],
-            fleet.activity.snapshot(fleet.terminals) if fleet.activity.enabled else None,
-        )
+    return encode_terminals(
+        list(fleet.terminals.values()),
+        [(f.acquirer, f.last_rx, f.alive_since, f.txns) for f in fleet.feeds.values()],
+        fleet.activity.snapshot(fleet.terminals) if fleet.activity.enabled else None,
     )
+
+
+def encode_terminals(terminals: list[Terminal], feeds: list[tuple[str, float, float, int]] | None = None,
+                     activity: ActivitySnapshot | None = None) -> bytes:
+    """Terminals (the fleet's, or one partition's for collector/cluster) in the snapshot file's format."""
+    body = msgspec.msgpack.encode(_Snapshot(FORMAT, terminals, feeds or [], activity))
     return _HEADER.pack(MAGIC, FORMAT, len(body), zlib.crc32(body)) + body
+
+
+def decode_terminals(data: bytes, registry: Registry = EMPTY) -> list[Terminal]:
+    """The terminals of `encode_terminals` bytes, verified (header, length, checksum); SnapshotError if bad."""
+    try:
+        return _verify(data, registry)[0]
+    except _Corrupt as err:
+        raise SnapshotError(f"corrupt partition state: {err}") from None
 
 
 def _keep_previous(target: Path) -> None:

@@ -16,6 +16,7 @@ import enum
 import logging
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 from zoneinfo import ZoneInfo
@@ -245,6 +246,7 @@ class UpstreamResult:
     matched: int = 0  # records of this acquirer's own terminals: applied
     foreign: int = 0  # records naming another acquirer's (or an unregistered) terminal: ignored
     unknown: int = 0  # records naming a terminal id the fleet does not know: ignored
+    elsewhere: int = 0  # records of terminals another collector materialises (partitioned collectors): not ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,8 +284,14 @@ class Fleet:
         registry: Registry = EMPTY,
         restored: tuple[list[Terminal], list[FeedState]] = ([], []),
         baselines: ActivitySnapshot | None = None,
+        materialise: Callable[[str], bool] | None = None,
     ) -> None:
         self.cfg = cfg
+        # Partitioned collectors (collector/cluster): which registered terminals this one materialises; None: all.
+        self.materialise = materialise
+        # Terminals adopted from another collector's partition -> when: silence is measured from then at the
+        # earliest, like from `started_at` after a restart (pruned once the terminal is heard after it).
+        self.adopted: dict[str, float] = {}
         self.th = cfg.thresholds
         self.policy: dict[str, tuple[int, ...]] = {
             m: v for m, v in ((m, parse_version(s)) for m, s in cfg.software_policy.items()) if v is not None
@@ -328,12 +336,46 @@ class Fleet:
         self.registry = registry
         self.registry_loaded = registry is not EMPTY
         self._registry_acquirers = frozenset(registry.acquirers())
+        wanted = self.materialise
         for tid in registry.entries:
-            if tid not in self.terminals:
+            if tid not in self.terminals and (wanted is None or wanted(tid)):
                 self.terminals[tid] = Terminal(tid)
         for t in self.terminals.values():
             self._label(t, registry.get(t.tid))
         self._rebuild_counts()
+
+    def adopt(self, restored: Iterable[Terminal], belongs: Callable[[str], bool], now: float) -> int:
+        """Take over a partition: its terminals from the snapshot, plus the registered ones the snapshot lacks,
+        each given a full offline period from `now` (no false offline storm while the stream is replayed).
+        `belongs` tells the partition's ids; returns the number of terminals adopted."""
+        n = 0
+        for t in restored:
+            if belongs(t.tid) and t.tid not in self.terminals:
+                self.terminals[t.tid] = t
+                self.adopted[t.tid] = now
+                n += 1
+        for tid in self.registry.entries:
+            if belongs(tid) and tid not in self.terminals:
+                self.terminals[tid] = Terminal(tid)
+                self.adopted[tid] = now
+                n += 1
+        for tid, t in self.terminals.items():
+            if tid in self.adopted:
+                self._label(t, self.registry.get(tid))
+        self._rebuild_counts()
+        return n
+
+    def release(self, belongs: Callable[[str], bool]) -> list[Terminal]:
+        """Give up a partition: its terminals leave the fleet (and every count); returned for a last snapshot."""
+        gone = [t for tid, t in self.terminals.items() if belongs(tid)]
+        for t in gone:
+            del self.terminals[t.tid]
+            self.adopted.pop(t.tid, None)
+            if self.activity.enabled:
+                self.activity.release(t.tid)  # not carried in the partition state: the next owner learns it anew
+        if gone:
+            self._rebuild_counts()
+        return gone
 
     def _label(self, t: Terminal, reg: RegistryEntry | None) -> None:
         if reg is not None:
@@ -494,7 +536,12 @@ class Fleet:
     def _time_step(self, t: Terminal, now: float, out: list[Transition]) -> None:
         offline_active = t.conds is not None and "offline" in t.conds
         feed = self.feeds.get(t.acquirer)
-        raw = time_conditions(t, feed, self.th, now, self.started_at, offline_active)
+        started = self.started_at
+        if self.adopted:
+            adopted = self.adopted.get(t.tid)
+            if adopted is not None and adopted > started:
+                started = adopted
+        raw = time_conditions(t, feed, self.th, now, started, offline_active)
         if not raw and t.conds is None:
             return  # the common case on every heartbeat: nothing to raise, nothing to clear
         for cond in TIME_CONDITIONS:
@@ -688,11 +735,15 @@ class Fleet:
             feed.alive_since = rx
         feed.last_rx = rx
         feed.txns += len(batch.txns)
-        matched = foreign = unknown = 0
+        matched = foreign = unknown = elsewhere = 0
+        wanted = self.materialise
         for txn in batch.txns:
             t = self.terminals.get(txn.tid)
             if t is None:
-                unknown += 1
+                if wanted is not None and not wanted(txn.tid):
+                    elsewhere += 1  # its owner applies (or counts) it
+                else:
+                    unknown += 1
                 continue
             if t.acquirer != acquirer:
                 foreign += 1  # another acquirer's terminal: this feed cannot vouch for its uploads
@@ -705,7 +756,7 @@ class Fleet:
                 self._clear(t, "upstream_missing", rx, out)
         if self.activity.enabled:
             self.activity.observe_feed(acquirer, matched, rx, self.activity.zone("", acquirer))
-        return UpstreamResult(False, matched, foreign, unknown)
+        return UpstreamResult(False, matched, foreign, unknown, elsewhere)
 
     def tick(self, now: float) -> list[Transition]:
         """Evaluate time-driven conditions for every terminal, then mass-offline for the sites that changed."""
@@ -725,6 +776,12 @@ class Fleet:
             ):
                 continue
             step(t, now, out)
+        if self.adopted:  # heard since adoption: its own silence counts again
+            terminals = self.terminals
+            heard = [tid for tid, at in self.adopted.items()
+                     if tid not in terminals or (terminals[tid].last_rx or 0.0) >= at]
+            for tid in heard:
+                del self.adopted[tid]
         if self.activity.enabled:
             self._activity_tick(now, out)
         self.mass_tick(now)

@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -32,7 +32,7 @@ KINDS = ("heartbeat", "status", "upstream", "txn", "other")
 RESULTS = ("accepted", "rejected", "duplicate", "stale")
 # Reasons the collector adds beyond the decoder's: a full unknown-terminal bound, a bug, a feed nobody configured.
 EXTRA_REASONS = ("unknown_terminal_overflow", "internal_error", "unknown_acquirer")
-FEED_RECORD_RESULTS = ("matched", "foreign", "unknown")
+FEED_RECORD_RESULTS = ("matched", "foreign", "unknown", "elsewhere")
 SNAPSHOT_SOURCES = ("current", "previous", "empty")
 TASKS = ("consume", "tick", "snapshot", "registry")  # the supervised background tasks (collector/app.py)
 PROBLEM_LABELS = ["terminal_id", "merchant_id", "acquirer", "site", "model", "condition", "severity", "detail"]
@@ -76,7 +76,8 @@ class SelfMetrics:
         self.feed_records = Counter(
             "posfleet_feed_records",
             "Acquirer feed records by result: matched (the acquirer's own terminal), foreign (another acquirer's or an "
-            "unregistered terminal: ignored), unknown (a terminal id nobody knows: ignored)",
+            "unregistered terminal: ignored), unknown (a terminal id nobody knows: ignored), elsewhere (a terminal of "
+            "a partition another collector owns: applied there)",
             ["result"], registry=registry,
         )
         for result in FEED_RECORD_RESULTS:
@@ -200,6 +201,9 @@ class FleetCollector(Collector):
         self.self_metrics = self_metrics
         self.max_problem_series = max_problem_series
         self.clock = clock
+        # Partitioned collectors (collector/cluster/fleetwide.py): the fleet leader's mass-offline conditions, and
+        # whether this collector exports the acquirer feed series (the leader only), instead of its own shard's.
+        self.fleet_level: Callable[[], tuple[list[tuple[str, str, str, float]], bool]] | None = None
 
     def describe(self) -> Iterator[Metric]:
         """No static description: the registry must not call collect() at registration."""
@@ -207,7 +211,11 @@ class FleetCollector(Collector):
 
     def view(self) -> FleetView:
         """A copy of what the next scrape shows (call on the event loop)."""
-        return take_view(self.fleet, self.max_problem_series, self.clock())
+        view = take_view(self.fleet, self.max_problem_series, self.clock())
+        if self.fleet_level is not None:
+            mass, feeds = self.fleet_level()
+            view = replace(view, mass=mass, feeds=view.feeds if feeds else [])
+        return view
 
     def collect(self) -> Iterator[Metric]:
         """Render the fleet view (the copy of the scrape in progress, else one taken now)."""

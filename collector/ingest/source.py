@@ -32,7 +32,10 @@ class Message(Protocol):
 class Source(Protocol[M]):
     """A source of messages that can be acknowledged; `async with` connects it, exit disconnects cleanly."""
 
-    subscribed: bool
+    @property
+    def subscribed(self) -> bool:
+        """Whether messages can arrive now (connected and subscribed)."""
+        ...
 
     async def batches(self, max_batch: int = 2000) -> list[M]:
         """Wait for messages and take up to `max_batch` of them."""

@@ -391,6 +391,24 @@ def _held_sparse(ctx: _Ctx, metric: str, matchers: str, by: str) -> str:
     )
 
 
+def _held_current(ctx: _Ctx, metric: str, by: str) -> str:
+    """The last value (within hold) of a dense family, from the targets that still exported it at their last
+    successful scrape: a failed scrape keeps it, a collector that stopped exporting it (partitioned collectors:
+    the fleet leader changed, collector/cluster/fleetwide.py) no longer counts while it is up, so the new
+    exporter's value is the answer at once."""
+    window = f"[{ctx.d(ctx.cfg.hold)}:{format_duration(ctx.prof.scrape_interval)}]"
+    return (
+        f"max by ({by}) (\n"
+        f"  {ctx.held(metric)}\n"
+        f"  and on ({ctx.on}, {by}) (\n"
+        f"    last_over_time(timestamp({metric}{{{ctx.sel}}}){window})\n"
+        f"    == on ({ctx.on}) group_left ()\n"
+        f"    last_over_time(timestamp(posfleet_up{{{ctx.sel}}}){window})\n"
+        f"  )\n"
+        f")"
+    )
+
+
 def _terminal_rule(ctx: _Ctx, a: TerminalAlert) -> dict[str, Any]:
     matchers = f'condition="{a.condition}"' + (f", {a.severity_matcher}" if a.severity_matcher else "")
     # The detail is not part of the alert's identity (it may change while the condition stays active); it is
@@ -421,7 +439,7 @@ def _fleet_rules(ctx: _Ctx) -> list[dict[str, Any]]:
     rules = [
         _rule(
             ctx, "PosUpstreamFeedStale",
-            f"max by (acquirer) ({ctx.held('posfleet_acquirer_feed_stale')}) == 1",
+            f"{_held_current(ctx, 'posfleet_acquirer_feed_stale', 'acquirer')} == 1",
             "critical",
             "Acquirer transaction feed is silent.",
             "The collector has received nothing from the transaction feed of acquirer {{ $labels.acquirer }} for "

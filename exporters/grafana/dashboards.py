@@ -416,7 +416,9 @@ def fleet_overview() -> Board:
         stat(
             "Stale acquirer feeds",
             "How many acquirer feeds are silent (upstream checks paused for them)?",
-            prom('sum(posfleet_acquirer_feed_stale{acquirer=~"$acquirer"})', "stale feeds", instant=True),
+            # Per acquirer first: during a fleet-leader change two partitioned collectors may both export it.
+            prom('sum(max by (acquirer) (posfleet_acquirer_feed_stale{acquirer=~"$acquirer"}))', "stale feeds",
+                 instant=True),
             thresholds=OK_BAD,
         ),
         (4, 4),
@@ -513,7 +515,9 @@ def fleet_overview() -> Board:
         table(
             "Mass outages",
             "Which sites or acquirers have most of their terminals offline together (one shared cause), since when?",
-            prom(f"time() - posfleet_fleet_mass_offline_since_seconds{{{ACQ_SEL}}}", table=True),
+            # One row per site or acquirer whichever collector judged it (the fleet leader, when partitioned).
+            prom(f"time() - min by (scope, acquirer, site) (posfleet_fleet_mass_offline_since_seconds{{{ACQ_SEL}}})",
+                 table=True),
             ["scope", "acquirer", "site", "Value"],
             overrides=[rename("Value", "offline for", "s")],
             options={"showHeader": True, "sortBy": [{"displayName": "offline for", "desc": True}]},
@@ -577,7 +581,8 @@ def upstream() -> Board:
         stat(
             "Feed age",
             "How long ago did each acquirer's feed last send anything? (never = no message yet)",
-            prom(f"time() - posfleet_acquirer_feed_last_message_seconds{{{acq}}}", "{{acquirer}}", instant=True),
+            prom(f"time() - max by (acquirer) (posfleet_acquirer_feed_last_message_seconds{{{acq}}})", "{{acquirer}}",
+                 instant=True),
             "s",
             thresholds=[(300, "red")],
             mappings=[

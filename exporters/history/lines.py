@@ -195,6 +195,16 @@ class HistoryRecorder:
             return tag_set(tid)
         return tag_set(tid, t.merchant or t.mid or "", t.acquirer or "", t.model or "")
 
+    def feed_tags(self, tid: str, acquirer: str) -> str:
+        """Tag set of a transaction in `acquirer`'s feed: always that acquirer, the one that recorded it; the
+        terminal's merchant and model only when the terminal is that acquirer's. A record in another acquirer's
+        feed (a terminal registered with the wrong acquirer, a reused id) is never counted as its registered
+        acquirer's volume."""
+        t = self._lookup(tid)
+        if t is None or t.acquirer != acquirer:
+            return tag_set(tid, acquirer=acquirer)
+        return tag_set(tid, t.merchant or t.mid or "", acquirer, t.model or "")
+
     def on_message(self, msg: Message, rx: float, terminal: Any) -> None:
         """`Collector.message_hooks` entry: one accepted message."""
         if isinstance(msg, Heartbeat):
@@ -204,7 +214,8 @@ class HistoryRecorder:
         elif isinstance(msg, TxnReceipt):
             self._write(receipt_line(msg, rx, self.tags(msg.tid, terminal)))
         elif isinstance(msg, UpstreamBatch):
-            for line in upstream_lines(msg, rx, self.tags):
+            acquirer = msg.acquirer
+            for line in upstream_lines(msg, rx, lambda tid: self.feed_tags(tid, acquirer)):
                 self._write(line)
 
     def on_transitions(self, transitions: list[Any]) -> None:

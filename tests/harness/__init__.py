@@ -5,4 +5,5 @@ wait (`core.wait_until(check, timeout, what)`). Fixtures are registered in tests
 - alerting: Prometheus + Alertmanager from the deploy/ configs, a webhook sink
 - dash: Prometheus scraping given targets, InfluxDB 1.x with a database, a fake Grafana, a v2-write bridge
 - tsdb: VictoriaMetrics and influxd processes
+- nats: a three-node NATS JetStream cluster with its MQTT gateway, the partition mapping and the streams
 """

@@ -90,11 +90,12 @@ def http_json(url: str, token: str | None = None) -> Any:
 
 
 def terminal_views(port: int) -> dict[str, dict[str, Any]]:
-    """Every terminal's API view (paged)."""
+    """Every terminal this collector holds, its API view (paged; `local=1`: partitioned collectors would otherwise
+    merge every collector's list)."""
     out: dict[str, dict[str, Any]] = {}
     offset = 0
     while True:
-        page = http_json(f"http://127.0.0.1:{port}/api/v1/terminals?all=1&limit=1000&offset={offset}")
+        page = http_json(f"http://127.0.0.1:{port}/api/v1/terminals?all=1&local=1&limit=1000&offset={offset}")
         for t in page["terminals"]:
             out[t["terminal_id"]] = t
         offset += page["limit"]

@@ -69,6 +69,13 @@ def test_compose_file_validates_against_the_compose_spec() -> None:
         "alertmanager",
         "grafana",
         "simulator",
+        # profile "nats" (deploy/nats/, docs/scale.md)
+        "nats-1",
+        "nats-2",
+        "nats-3",
+        "nats-streams",
+        "collector-nats-1",
+        "collector-nats-2",
     }
 
 
@@ -107,6 +114,8 @@ def test_compose_references_resolve() -> None:
     for secret in doc["secrets"].values():
         assert secret["file"].startswith("./secrets/"), "secret files live in deploy/secrets (not committed)"
     assert services["simulator"]["profiles"] == ["simulator"]
+    # The simple deployment stays as it was: the scale-out services start only with `--profile nats`.
+    assert all(services[n]["profiles"] == ["nats"] for n in services if "nats" in n)
     assert "../alert_rules:/etc/prometheus/rules:ro" in services["prometheus"]["volumes"]
     # Prometheus' config (deploy/prometheus/) loads the rules from where compose mounts them.
     prom = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())

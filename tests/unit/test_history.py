@@ -179,6 +179,26 @@ def test_recorder_uses_registry_tags_and_never_raises_on_unknown_terminals() -> 
                              "condition=offline active=false")
 
 
+def test_feed_records_are_tagged_with_the_acquirer_that_recorded_them() -> None:
+    """A transaction in acquirer B's feed of a terminal registered with acquirer A is B's record: tagged acq-b and
+    without A's merchant, so A's recorded volume (dashboards, reconciliation) never counts it."""
+    out: list[str] = []
+    terms = {"T1": Term("M00010", "M00010", "acq-a", "A920")}
+    rec = HistoryRecorder(out.append, terms.get)
+    for acquirer in ("acq-a", "acq-b"):
+        rec.on_message(UpstreamBatch(ts=1796054490.0, acquirer=acquirer, txns=[
+            UpstreamTxn(tid="T1", txn_id="TX-1", ts=1796054400.0),
+            UpstreamTxn(tid="T7", txn_id="TX-2", ts=1796054401.0),
+        ]), RX, None)
+    heads = [line.split(" ", 1)[0] for line in out if line.startswith("upstream_txn")]
+    assert heads == [
+        "upstream_txn,acquirer=acq-a,merchant_id=M00010,model=A920,terminal_id=T1",
+        "upstream_txn,acquirer=acq-a,terminal_id=T7",
+        "upstream_txn,acquirer=acq-b,terminal_id=T1",
+        "upstream_txn,acquirer=acq-b,terminal_id=T7",
+    ]
+
+
 @pytest.mark.parametrize(("mid", "written"), [("M1\n", '"M1 "'), ('M"1', '"M\\"1"'), ("M1\\", '"M1\\\\"')])
 def test_merchant_id_field_is_escaped_even_though_ids_are_plain(mid: str, written: str) -> None:
     line = heartbeat_line(msgspec.structs.replace(hb(), mid=mid), RX, tag_set("T00042"))

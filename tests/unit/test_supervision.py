@@ -338,3 +338,19 @@ def test_a_short_outage_gives_a_short_grace() -> None:
     assert host.offline() == set()
     host.advance(INTERVAL, beating=("T1",))  # 120 s
     assert host.offline() == {"T2", "T3"}
+
+
+def test_a_clock_jump_during_the_reconnect_grace_keeps_what_is_left_of_it() -> None:
+    """After a ten-minute outage the terminals have 120 s of grace; a host clock step 20 s later must neither
+    shorten nor lengthen what is left of it (it used to restart the silence count from the step)."""
+    host = Host()
+    host.advance(4 * INTERVAL)
+    host.hears = False
+    host.advance(20 * INTERVAL, beating=())
+    host.hears = True
+    host.advance(20, beating=())  # reconnected; 100 s of grace left, then a full offline period (90 s)
+    left = host.c.fleet.started_at - host.wall
+    host.wall += 3600
+    host.advance(2, beating=())
+    assert host.jumps("forward") == 1
+    assert host.c.fleet.started_at - host.wall == pytest.approx(left - 2)
