@@ -6,7 +6,7 @@ Through the collector (the default, `run_collector`): the fleet below drives the
 with a registry giving each terminal its zone, region and acquirer; flags are read from the transitions the fleet
 returns and from its acquirer volume drops. Two acquirer feeds per zone (one with 10% of its terminals) carry
 every sale; on `--stop-day` (a weekday in week 4) each records only every second sale for two hours from 10:00
-local. 2,000 terminals for 28 days take about 8 minutes on one core of the shared 2-core machine.
+local. 2,000 terminals for 28 days take 6-11 minutes on one core of the shared 2-core machine.
 
 The model alone (`--through model`, `run_fleet` and `run_acquirer`): collector/fleet/baseline.py driven directly,
 hour by hour, with one synthetic acquirer profile; five times the terminals in a similar time.
