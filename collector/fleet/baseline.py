@@ -509,7 +509,8 @@ class VolumeBaseline:
         while t < end:
             hour = int(t // 3600)
             nxt = min(end, (hour + 1) * 3600.0)
-            total += self.rates[bucket(tz, hour)] * (nxt - t) / 3600.0
+            b, nb = _cell(tz, hour)  # a weekend block's opening or closing hour: the lower of it and its neighbour
+            total += min(self.rates[b], self.rates[nb]) * (nxt - t) / 3600.0
             t = nxt
         return total
 
