@@ -394,6 +394,7 @@ class ActivityConfig(Struct, frozen=True, forbid_unknown_fields=True):
     volume_p: Annotated[float, Meta(gt=0, lt=1)] = 1e-6  # <= 3e-3 false flags per acquirer-day
     volume_min_expected: Positive = 200.0  # a halving is then >= 100 short (~7 sd)
     volume_slack_s: Annotated[float, Meta(ge=0)] = 120.0  # batches a minute or two late are not a drop
+    volume_ramp_s: Annotated[float, Meta(ge=0, le=3600)] = 1200.0  # shops open up to ~20 min late
 
     def __post_init__(self) -> None:
         problems = [f"default_tz: {why}" for why in [_zone_problem(self.default_tz)] if why]

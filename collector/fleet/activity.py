@@ -84,6 +84,7 @@ def params_of(cfg: ActivityConfig) -> Params:
         volume_p=cfg.volume_p,
         volume_min_expected=cfg.volume_min_expected,
         volume_slack_s=cfg.volume_slack_s,
+        volume_ramp_s=cfg.volume_ramp_s,
     )
 
 

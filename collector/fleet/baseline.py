@@ -107,6 +107,9 @@ class Params:
     # Feed batches arrive late or early by a batch or two: the expected volume is the least of the window and
     # the window shifted by this much either way, so a steep evening fall is not mistaken for a drop.
     volume_slack_s: float = 120.0
+    # Shops open up to ~20 minutes late, so in the first minutes of a rising hour the acquirer's volume is still
+    # the previous hour's: there the expectation is the lower of the hour and the one before.
+    volume_ramp_s: float = 1200.0
     # A stretch that began before today's local midnight has no transaction today: the first sale of a day is
     # not a Poisson event (shops open late), so it must also outlast this many hours of the busiest rate.
     opening_slack_h: float = 0.5
@@ -506,11 +509,21 @@ class VolumeBaseline:
     def expected_between(self, tz: ZoneInfo, start: float, end: float) -> float:
         """Transactions the baseline expects between `start` and `end`."""
         total, t = 0.0, start
+        ramp = self.params.volume_ramp_s
         while t < end:
             hour = int(t // 3600)
-            nxt = min(end, (hour + 1) * 3600.0)
             b, nb = _cell(tz, hour)  # a weekend block's opening or closing hour: the lower of it and its neighbour
-            total += min(self.rates[b], self.rates[nb]) * (nxt - t) / 3600.0
+            rate = min(self.rates[b], self.rates[nb])
+            ramp_end = hour * 3600.0 + ramp
+            if t < ramp_end:  # early in the hour: no more than the hour before either
+                nxt = min(end, ramp_end)
+                pb, pnb = _cell(tz, hour - 1)
+                total += min(rate, self.rates[pb], self.rates[pnb]) * (nxt - t) / 3600.0
+                t = nxt
+                if t >= end:
+                    break
+            nxt = min(end, (hour + 1) * 3600.0)
+            total += rate * (nxt - t) / 3600.0
             t = nxt
         return total
 
