@@ -107,8 +107,8 @@ class Params:
     # Feed batches arrive late or early by a batch or two: the expected volume is the least of the window and
     # the window shifted by this much either way, so a steep evening fall is not mistaken for a drop.
     volume_slack_s: float = 120.0
-    # Shops open up to ~20 minutes late, so in the first minutes of a rising hour the acquirer's volume is still
-    # the previous hour's: there the expectation is the lower of the hour and the one before.
+    # Shops open up to ~20 minutes late, so in the first minutes of an opening hour (one that usually has more
+    # than twice the volume of the hour before) the acquirer's volume is still the previous hour's: expect that.
     volume_ramp_s: float = 1200.0
     # A stretch that began before today's local midnight has no transaction today: the first sale of a day is
     # not a Poisson event (shops open late), so it must also outlast this many hours of the busiest rate.
@@ -515,10 +515,10 @@ class VolumeBaseline:
             b, nb = _cell(tz, hour)  # a weekend block's opening or closing hour: the lower of it and its neighbour
             rate = min(self.rates[b], self.rates[nb])
             ramp_end = hour * 3600.0 + ramp
-            if t < ramp_end:  # early in the hour: no more than the hour before either
+            before = min(self.rates[c] for c in _cell(tz, hour - 1))
+            if t < ramp_end and before < 0.5 * rate:  # early in an opening hour: still the hour before's volume
                 nxt = min(end, ramp_end)
-                pb, pnb = _cell(tz, hour - 1)
-                total += min(rate, self.rates[pb], self.rates[pnb]) * (nxt - t) / 3600.0
+                total += before * (nxt - t) / 3600.0
                 t = nxt
                 if t >= end:
                     break
