@@ -177,9 +177,16 @@ def take_view(fleet: Fleet, cap: int, now: float) -> FleetView:
         terminals=fleet.terminals,
         cap=cap,
         baselines={**fleet.activity.counts(), "restore_problems": fleet.activity.restore_problems},
-        volumes=fleet.activity.volume_view(now),
+        volumes=_every_acquirer(fleet.activity.volume_view(now), with_feed),
         problems_dropped=max(0, total - cap),
     )
+
+
+def _every_acquirer(volumes: list[tuple[str, float, bool]], acquirers: set[str]) -> list[tuple[str, float, bool]]:
+    """The acquirers' volume rows, with a zero row for each acquirer whose feed has not been heard yet: its series
+    exist from the first scrape, not from its first feed batch."""
+    heard = {acq for acq, _, _ in volumes}
+    return sorted([*volumes, *((acq, 0.0, False) for acq in acquirers - heard)])
 
 
 # Set while a scrape's view is formatted: the collector then reads this copy instead of taking another one, so

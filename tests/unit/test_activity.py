@@ -371,3 +371,14 @@ def test_the_diagnosis_says_expected_seen_and_since_for_a_terminal_and_its_acqui
         "acquirer": "acq", "since": "2026-03-10T11:50:00Z", "window_s": 600, "expected_transactions": 400,
         "recorded_transactions": 150,
     }
+
+
+def test_acquirer_volume_series_exist_before_the_first_feed_batch() -> None:
+    """Every registry acquirer has its volume series from the first scrape (0, no drop), so a feed's first batch
+    adds no series (a flood test counting series saw 4 appear mid-run)."""
+    from collector.http.metrics import take_view
+
+    fleet = Fleet(config(), started_at=MON, registry=REG)
+    assert take_view(fleet, 100, MON).volumes == [("acq", 0.0, False)]
+    fleet.on_feed(UpstreamBatch(ts=MON, acquirer="acq", txns=[UpstreamTxn(tid="BUSY", txn_id="1", ts=MON)]), MON, [])
+    assert [acq for acq, _, _ in take_view(fleet, 100, MON + 60).volumes] == ["acq"]
