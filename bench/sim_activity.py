@@ -170,6 +170,40 @@ def rate(s: Shop, weekday: int, h: int, day: int) -> float:
     return r * s.day_factor[day]
 
 
+def sales_in_hour(
+    s: Shop, hour: int, clock: Clock, spans: dict[tuple[int, int], tuple[float, float] | None],
+    rng: random.Random, stop_day: int,
+) -> tuple[list[float], int, bool]:
+    """One shop's sales in one UTC hour (Poisson at its rate while open, cut at its stop), drawing from `rng` in a
+    fixed order; also its local day number and whether that day is its holiday."""
+    weekday, h, day, date, midnight = clock.local(s.tz, hour)
+    holiday = date == HOLIDAY[0] and s.tz.key in HOLIDAY[1] and s.slot % 10 != 0
+    if day not in s.day_factor:
+        s.day_factor[day] = math.exp(rng.gauss(0.0, 0.15))
+    key = (s.slot, day)
+    if key not in spans:
+        spans[key] = hours_open(s, weekday, day, holiday, rng)
+        if s.stop_at == -1.0 and day == stop_day and weekday < 5 and spans[key] is not None:
+            o, c = spans[key]  # type: ignore[misc]
+            s.stop_at = midnight + rng.uniform(o + 1.0, c - 3.0) * 3600.0
+    span = spans[key]
+    events: list[float] = []
+    if span is not None and span[0] < h + 1 and h < span[1]:
+        t0 = hour * 3600.0
+        lo = t0 + max(0.0, span[0] - h) * 3600.0
+        hi = t0 + min(1.0, span[1] - h) * 3600.0
+        if s.stop_at is not None and s.stop_at > 0:
+            hi = min(hi, s.stop_at)
+        r = rate(s, weekday, h, day) / 3600.0
+        t = lo
+        while r > 0:
+            t += rng.expovariate(r)
+            if t >= hi:
+                break
+            events.append(t)
+    return events, day, holiday
+
+
 def run_fleet(n: int, days: int, seed: int) -> dict[str, object]:
     """The terminal experiment."""
     rng = random.Random(seed)
@@ -251,30 +285,7 @@ def run_fleet(n: int, days: int, seed: int) -> dict[str, object]:
     for hour in range(first_hour, first_hour + days * 24):
         t0 = hour * 3600.0
         for s in shops:
-            weekday, h, day, date, midnight = clock.local(s.tz, hour)
-            holiday = date == HOLIDAY[0] and s.tz.key in HOLIDAY[1] and s.slot % 10 != 0
-            if day not in s.day_factor:
-                s.day_factor[day] = math.exp(rng.gauss(0.0, 0.15))
-            key = (s.slot, day)
-            if key not in spans:
-                spans[key] = hours_open(s, weekday, day, holiday, rng)
-                if s.stop_at == -1.0 and day == 22 and weekday < 5 and spans[key] is not None:
-                    o, c = spans[key]  # type: ignore[misc]
-                    s.stop_at = midnight + rng.uniform(o + 1.0, c - 3.0) * 3600.0
-            span = spans[key]
-            events: list[float] = []
-            if span is not None and span[0] < h + 1 and h < span[1]:
-                a = t0 + max(0.0, span[0] - h) * 3600.0
-                b = t0 + min(1.0, span[1] - h) * 3600.0
-                if s.stop_at is not None and s.stop_at > 0:
-                    b = min(b, s.stop_at)
-                r = rate(s, weekday, h, day) / 3600.0
-                t = a
-                while r > 0:
-                    t += rng.expovariate(r)
-                    if t >= b:
-                        break
-                    events.append(t)
+            events, day, holiday = sales_in_hour(s, hour, clock, spans, rng, 22)
             for e in events:
                 if e - s.since > 600:  # a stretch shorter than 10 min never reaches 6.9 at <= 40/h
                     check(s, e, hour, day, holiday)
@@ -426,34 +437,10 @@ def run_collector(n: int, days: int, seed: int, stop_day: int = 22, halve_day: i
             flags_by_day[day] = flags_by_day.get(day, 0) + 1
 
     for hour in range(first_hour, first_hour + days * 24):
-        t0 = hour * 3600.0
         beats: list[list[tuple[int, int]]] = [[] for _ in range(61)]  # minute of the hour (1..60) -> (slot, count)
         sales: list[list[tuple[int, float]]] = [[] for _ in range(61)]  # minute -> (slot, time of the sale)
         for s in shops:
-            weekday, h, day, date, midnight = clock.local(s.tz, hour)
-            holiday = date == HOLIDAY[0] and s.tz.key in HOLIDAY[1] and s.slot % 10 != 0
-            if day not in s.day_factor:
-                s.day_factor[day] = math.exp(rng.gauss(0.0, 0.15))
-            key = (s.slot, day)
-            if key not in spans:
-                spans[key] = hours_open(s, weekday, day, holiday, rng)
-                if s.stop_at == -1.0 and day == stop_day and weekday < 5 and spans[key] is not None:
-                    o, c = spans[key]  # type: ignore[misc]
-                    s.stop_at = midnight + rng.uniform(o + 1.0, c - 3.0) * 3600.0
-            span = spans[key]
-            events: list[float] = []
-            if span is not None and span[0] < h + 1 and h < span[1]:
-                lo = t0 + max(0.0, span[0] - h) * 3600.0
-                hi = t0 + min(1.0, span[1] - h) * 3600.0
-                if s.stop_at is not None and s.stop_at > 0:
-                    hi = min(hi, s.stop_at)
-                r = rate(s, weekday, h, day) / 3600.0
-                t = lo
-                while r > 0:
-                    t += rng.expovariate(r)
-                    if t >= hi:
-                        break
-                    events.append(t)
+            events, day, _ = sales_in_hour(s, hour, clock, spans, rng, stop_day)
             minutes = {int(e // 60) - hour * 60 + 1 for e in events} | grid
             if hour == first_hour:
                 minutes.add(1)  # every terminal is heard in the first minute
