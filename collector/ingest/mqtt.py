@@ -38,7 +38,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from collector.config import MqttConfig
 from collector.ingest.pahofast import BufferedClient
-from collector.ingest.source import IngestMetrics
+from collector.ingest.source import IngestMetrics, take_batch
 
 __all__ = ["FailureLog", "Inbound", "MqttIngest", "PahoLog", "ack_step"]
 
@@ -375,11 +375,7 @@ class MqttIngest:
     async def batches(self, max_batch: int = 2000) -> list[Inbound]:
         """Wait for messages and take up to `max_batch` of them."""
         queue = self._queue
-        while not queue:
-            self._ready.clear()
-            await self._ready.wait()
-        n = min(len(queue), max_batch)
-        batch = [queue.popleft() for _ in range(n)]
+        batch = await take_batch(queue, self._ready, max_batch)
         self._resume()
         self.metrics.queue_depth.set(len(queue))
         return batch

@@ -42,7 +42,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from collector.cluster.partition import topic_of
 from collector.cluster.streams import FEED_SUBJECT, MQTT_MESSAGES_STREAM, stream_configs
 from collector.config import NatsConfig
-from collector.ingest.source import IngestMetrics
+from collector.ingest.source import IngestMetrics, take_batch
 
 __all__ = ["FEED", "NatsInbound", "NatsIngest", "connect_options", "inbound", "next_cseq"]
 
@@ -600,11 +600,7 @@ class NatsIngest:
     async def batches(self, max_batch: int = 2000) -> list[NatsInbound]:
         """Wait for messages and take up to `max_batch` of them."""
         queue = self._queue
-        while not queue:
-            self._ready.clear()
-            await self._ready.wait()
-        n = min(len(queue), max_batch)
-        batch = [queue.popleft() for _ in range(n)]
+        batch = await take_batch(queue, self._ready, max_batch)
         if len(queue) < self.capacity:
             self._space.set()
         self.metrics.queue_depth.set(len(queue))

@@ -7,13 +7,16 @@ nothing of the protocol: decoding happens in collector.fleet.protocol, so a new 
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from typing import Protocol, TypeVar
 
 from prometheus_client import Counter, Gauge
 
-__all__ = ["IngestMetrics", "Message", "Source"]
+__all__ = ["IngestMetrics", "Message", "Source", "take_batch"]
 
 M = TypeVar("M", bound="Message")
+T = TypeVar("T")
 
 
 class Message(Protocol):
@@ -58,3 +61,12 @@ class IngestMetrics(Protocol):
     mqtt_connects: Counter
     queue_depth: Gauge
     queue_capacity: Gauge
+
+
+async def take_batch(queue: deque[T], ready: asyncio.Event, max_batch: int) -> list[T]:
+    """Wait until `queue` holds something (`ready` is set by whoever appends), then take up to `max_batch` from
+    its front: the consumer side every source shares."""
+    while not queue:
+        ready.clear()
+        await ready.wait()
+    return [queue.popleft() for _ in range(min(len(queue), max_batch))]
