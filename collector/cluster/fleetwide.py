@@ -6,7 +6,7 @@ spread over several collectors, judged once, by one collector; upstream_feed_sta
         or watched by the leader)
     the fleet leader (the owner of partition 0): sums the latest report of every collector, takes the number of
         terminals of each site and acquirer from the full registry, runs the same hysteresis as a single
-        collector (`collector.fleet.detect.mass_offline_step`), publishes the sites it watches
+        collector (`collector.fleet.detect.advance_mass`), publishes the sites it watches
         (posfleet.fleet.watch: every site in or on its way into or out of mass_offline, so that every collector
         reports its shut-down terminals there too) and is the only one exporting the mass-offline and the acquirer
         feed series.
@@ -37,7 +37,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from collector.config import Config, Thresholds
-from collector.fleet.detect import MassOffline, mass_offline_step
+from collector.fleet.detect import MassKey, MassOffline, advance_mass
 from collector.fleet.registry import Registry
 from collector.fleet.state import UNKNOWN, Fleet
 
@@ -49,10 +49,8 @@ SUBJECT: Final = "posfleet.fleet"
 LEADER_PARTITION: Final = 0
 REPORT_MAX_AGE: Final = 3  # evaluation rounds
 MAX_REPORT_SITES: Final = 50_000
-_NOT_MASS: Final = MassOffline(False, 0)
 
 Key = tuple[str, str]  # (acquirer, site)
-MassKey = tuple[str, str, str]  # (scope, acquirer, site); site "" for an acquirer
 
 
 class Report(NamedTuple):
@@ -150,15 +148,9 @@ class FleetJudge:
                 offline, expected = site_off[(acq, site)], site_known.get((acq, site), 0) - site_shut[(acq, site)]
             else:
                 offline, expected = acq_off[acq], acq_known.get(acq, 0) - acq_shut[acq]
-            old, since = self.mass.get(key, (_NOT_MASS, 0.0))
-            new = mass_offline_step(old, offline, expected, self.th)
-            if new.active != old.active:
-                since = now
-                changed.append((scope, acq, site, new.active))
-            if new == _NOT_MASS:
-                self.mass.pop(key, None)
-            else:
-                self.mass[key] = (new, since)
+            raised = advance_mass(self.mass, key, offline, expected, self.th, now)
+            if raised is not None:
+                changed.append((scope, acq, site, raised))
         return changed
 
     def active(self) -> list[tuple[str, str, str, float]]:

@@ -182,6 +182,26 @@ def mass_offline_step(state: MassOffline, offline: int, expected: int, th: Thres
     return MassOffline(True, 0) if streak >= th.mass_offline.raise_after else MassOffline(False, streak)
 
 
+MassKey = tuple[str, str, str]  # (scope, acquirer, site); site "" for an acquirer
+NOT_MASS: Final = MassOffline(False, 0)
+
+
+def advance_mass(
+    mass: dict[MassKey, tuple[MassOffline, float]], key: MassKey, offline: int, expected: int, th: Thresholds,
+    now: float,
+) -> bool | None:
+    """One tick of `key`'s hysteresis in `mass`, which holds only the keys mass-offline or on their way in or out
+    (with since when active): the new active state when it changed, else None."""
+    old, since = mass.get(key, (NOT_MASS, 0.0))
+    new = mass_offline_step(old, offline, expected, th)
+    changed = new.active != old.active
+    if new == NOT_MASS:
+        mass.pop(key, None)
+    else:
+        mass[key] = (new, now if changed else since)
+    return new.active if changed else None
+
+
 # (condition, detail) -> probable cause, from the catalogue; detail "" is the condition's default.
 _CAUSES: Final = {(c.name, detail): cause for c in CATALOGUE.values() for detail, cause in c.causes.items()}
 

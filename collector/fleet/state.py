@@ -31,10 +31,11 @@ from collector.fleet.detect import (
     HEARTBEAT_CONDITIONS,
     SEVERITY,
     TIME_CONDITIONS,
+    MassKey,
     MassOffline,
     Raw,
+    advance_mass,
     heartbeat_conditions,
-    mass_offline_step,
     parse_version,
     time_conditions,
 )
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 UNKNOWN: Final = "unknown"
 # Counts whose change can move a site's mass-offline share (what marks the site dirty for the next tick).
 _MASS_INPUTS: Final = frozenset({"_known", "_shutdown", "offline"})
-_NOT_MASS: Final = MassOffline(False, 0)
 MAX_EVENTS: Final = 8  # reboot/reconnect times kept for flapping detection
 # Without a registry (demo) any acquirer id can start a feed; a real deployment has a handful of acquirers, 256
 # is far above that and keeps a topic-spraying sender from adding thousands of feeds and their series.
@@ -315,7 +315,7 @@ class Fleet:
         self.mass_dirty: set[tuple[str, str]] = set()
         # (scope, acquirer, site) -> (state, active since) for sites and acquirers ("site" is "" for an acquirer)
         # that are mass-offline or on their way in or out; everything else is implicitly not mass-offline.
-        self.mass: dict[tuple[str, str, str], tuple[MassOffline, float]] = {}
+        self.mass: dict[MassKey, tuple[MassOffline, float]] = {}
         self.problem: set[str] = set()  # terminals with at least one active condition
         self.versions: Counter[tuple[str, str, str]] = Counter()  # (acquirer, model, app_version), no zero keys
         # Terminals whose version is not in `versions` because MAX_VERSIONS keys were taken when it changed.
@@ -805,19 +805,13 @@ class Fleet:
             else:
                 offline = acq_counts[(acq, "offline")]
                 expected = acq_counts[(acq, "_known")] - acq_counts[(acq, "_shutdown")]
-            old, since = self.mass.get(key, (_NOT_MASS, 0.0))
-            new = mass_offline_step(old, offline, expected, th)
-            if new.active != old.active:
-                since = now
-                changed.append((scope, acq, site, new.active))
+            raised = advance_mass(self.mass, key, offline, expected, th, now)
+            if raised is not None:
+                changed.append((scope, acq, site, raised))
                 log.info(
                     "%s mass_offline on %s %s%s (%d of %d terminals that should be online are offline)",
-                    "raised" if new.active else "cleared", scope, acq, f"/{site}" if site else "", offline, expected,
+                    "raised" if raised else "cleared", scope, acq, f"/{site}" if site else "", offline, expected,
                 )
-            if new == _NOT_MASS:
-                self.mass.pop(key, None)
-            else:
-                self.mass[key] = (new, since)
         return changed
 
     def mass_offline(self) -> list[tuple[str, str, str, float]]:
