@@ -515,13 +515,11 @@ class VolumeBaseline:
             b, nb = _cell(tz, hour)  # a weekend block's opening or closing hour: the lower of it and its neighbour
             rate = min(self.rates[b], self.rates[nb])
             ramp_end = hour * 3600.0 + ramp
-            before = min(self.rates[c] for c in _cell(tz, hour - 1))
-            if t < ramp_end and before < 0.5 * rate:  # early in an opening hour: still the hour before's volume
+            before = min(self.rates[c] for c in _cell(tz, hour - 1)) if t < ramp_end else rate
+            if before < 0.5 * rate:  # early in an opening hour: still the hour before's volume
                 nxt = min(end, ramp_end)
                 total += before * (nxt - t) / 3600.0
                 t = nxt
-                if t >= end:
-                    break
             nxt = min(end, (hour + 1) * 3600.0)
             total += rate * (nxt - t) / 3600.0
             t = nxt

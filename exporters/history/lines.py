@@ -203,7 +203,7 @@ class HistoryRecorder:
         t = self._lookup(tid)
         if t is None or t.acquirer != acquirer:
             return tag_set(tid, acquirer=acquirer)
-        return tag_set(tid, t.merchant or t.mid or "", acquirer, t.model or "")
+        return self.tags(tid, t)
 
     def on_message(self, msg: Message, rx: float, terminal: Any) -> None:
         """`Collector.message_hooks` entry: one accepted message."""
