@@ -355,11 +355,14 @@ class Activity:
 
     # ---- learning ---------------------------------------------------------------------------------------
     def observe(
-        self, slot: int, tz: ZoneInfo, prev_rx: float | None, prev_count: int, rx: float, count: int
+        self, slot: int, tz: ZoneInfo | Callable[[], ZoneInfo], prev_rx: float | None, prev_count: int, rx: float,
+        count: int,
     ) -> None:
-        """Learn from one accepted heartbeat; a slot that just became evaluated joins the check wheel."""
-        self.store.observe(slot, tz, prev_rx, prev_count, rx, count)
-        if not self.due[slot] and self.store.evaluated(slot):
+        """Learn from one accepted heartbeat; a slot that just became evaluated joins the check wheel. `tz` may be
+        a function, called only when an hour is folded (BaselineStore.observe)."""
+        if self.store.observe(slot, tz, prev_rx, prev_count, rx, count) and not self.due[slot] and self.store.evaluated(
+            slot
+        ):
             self.evaluated += 1
             self._schedule(slot, int(rx // 60) + 1)
 

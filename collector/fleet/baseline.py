@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -243,11 +243,40 @@ class BaselineStore:
         off = slot * RECORD
         self.buf[off : off + RECORD] = data
 
-    def observe(self, slot: int, tz: ZoneInfo, prev_rx: float | None, prev_count: int, rx: float, count: int) -> None:
-        """Learn from one heartbeat: `count` at receive time `rx`, after `prev_count` at `prev_rx` (None: first)."""
+    def observe(
+        self, slot: int, tz: ZoneInfo | Callable[[], ZoneInfo], prev_rx: float | None, prev_count: int, rx: float,
+        count: int,
+    ) -> bool:
+        """Learn from one heartbeat: `count` at receive time `rx`, after `prev_count` at `prev_rx` (None: first).
+
+        `tz` may be given as a function: it is called only when an hour is folded into its bucket (once an hour per
+        terminal), not on every heartbeat. True when an hour was folded (only then can `evaluated` change).
+        """
+        off = slot * RECORD + 48
+        cur, c8, cover, l0, l1, l2, last = _STATE.unpack_from(self.buf, off)
+        if prev_rx is not None and count >= prev_count:
+            # The common case, the loop below in one step: the previous heartbeat was heard in the hour being
+            # accumulated and this one is in it too (same arithmetic, so the same bytes).
+            gap = rx - prev_rx
+            hour = int(prev_rx // 3600)
+            if 0.0 < gap <= self.params.max_gap_s and cur == hour % _WRAP + 1 and rx < (hour + 1) * 3600.0:
+                if count > prev_count:
+                    last = int(rx)
+                c8 = min(_U16, c8 + round(8.0 * (count - prev_count) / gap * (rx - prev_rx)))
+                cover = min(3600, cover + round(rx - prev_rx))
+                _STATE.pack_into(self.buf, off, cur, c8, cover, l0, l1, l2, last)
+                return False
+        return self._observe_hours(slot, tz, prev_rx, prev_count, rx, count)
+
+    def _observe_hours(
+        self, slot: int, tz: ZoneInfo | Callable[[], ZoneInfo], prev_rx: float | None, prev_count: int, rx: float,
+        count: int,
+    ) -> bool:
+        """`observe` hour by hour: any gap, a first heartbeat, a counter reset, hours to fold."""
         off = slot * RECORD + 48
         cur, c8, cover, l0, l1, l2, last = _STATE.unpack_from(self.buf, off)
         learned = [l0, l1, l2]
+        folded = False
         if prev_rx is None:
             last = last or int(rx)  # silence is measured from when the collector first heard the terminal
         elif count > prev_count:
@@ -263,7 +292,9 @@ class BaselineStore:
             tag = hour % _WRAP + 1
             if cur != tag:
                 if cur:
-                    self._fold(slot, tz, hour - (hour - (cur - 1)) % _WRAP, c8, cover, learned)
+                    zone = tz if isinstance(tz, ZoneInfo) else tz()
+                    self._fold(slot, zone, hour - (hour - (cur - 1)) % _WRAP, c8, cover, learned)
+                    folded = True
                 cur, c8, cover = tag, 0, 0
             if t >= rx:
                 break
@@ -272,6 +303,7 @@ class BaselineStore:
             cover = min(3600, cover + round(end - t))
             t = end
         _STATE.pack_into(self.buf, off, cur, c8, cover, *learned, last)
+        return folded
 
     def _fold(self, slot: int, tz: ZoneInfo, hour: int, c8: int, cover: int, learned: list[int]) -> None:
         """Fold a finished hour into its bucket and count it in `learned` (when it was covered enough)."""

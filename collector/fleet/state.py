@@ -510,6 +510,8 @@ class Fleet:
 
     def _observe(self, t: Terminal, raw: Raw, now: float, out: list[Transition]) -> None:
         """Count-based hysteresis for heartbeat-driven conditions."""
+        if not raw and t.conds is None and not t.streaks:
+            return  # the common case: nothing holds, nothing is active, no streak to reset
         for cond in HEARTBEAT_CONDITIONS:
             hyst = self.th.weak_signal if cond == "weak_signal" else self.th.default
             hit = raw.get(cond)
@@ -846,7 +848,8 @@ class Fleet:
     def _learn(self, t: Terminal, first: bool, rx: float, count: int, out: list[Transition]) -> None:
         """Learn from an accepted heartbeat before the terminal's last_rx and txn_count are overwritten."""
         slot = self.activity.slot_for(t.tid)
-        self.activity.observe(slot, self._activity_tz(t), None if first else t.last_rx, t.txn_count, rx, count)
+        # The zone is looked up only when an hour is folded, not on every heartbeat.
+        self.activity.observe(slot, lambda: self._activity_tz(t), None if first else t.last_rx, t.txn_count, rx, count)
         if count > t.txn_count and t.conds is not None and ACTIVITY in t.conds:
             self._clear(t, ACTIVITY, rx, out)  # it sells again
 

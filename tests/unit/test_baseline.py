@@ -315,6 +315,34 @@ def test_store_never_grows_and_is_deterministic(steps: list[tuple[int, float, in
     assert a.buf == b.buf and va == vb
 
 
+@settings(max_examples=150, deadline=None)
+@given(heartbeats, st.sampled_from([BERLIN, NEW_YORK, KOLKATA]), st.integers(0, 4 * 3600))
+def test_the_same_hour_shortcut_learns_what_the_hour_loop_learns(
+    steps: list[tuple[int, float, int]], tz: ZoneInfo, start: int
+) -> None:
+    """`observe` takes a shortcut when a heartbeat stays in the hour being accumulated; byte for byte it must be
+    the general hour-by-hour path, and it must say "folded" exactly when that path folds."""
+    fast, slow = BaselineStore(4), BaselineStore(4)
+    now = at(tz, 2026, 3, 28, 20) + start
+    state: dict[int, tuple[float, int]] = {}
+    zone_asked: list[int] = []
+
+    def zone() -> ZoneInfo:
+        zone_asked.append(1)
+        return tz
+
+    for slot, advance, add in steps:
+        now += advance / 8  # mostly within the hour
+        prev = state.get(slot)
+        args = (prev[0] if prev else None, prev[1] if prev else 0, now, (prev[1] if prev else 0) + add)
+        asked = len(zone_asked)
+        folded = fast.observe(slot, zone, *args)
+        assert folded == slow._observe_hours(slot, tz, *args)
+        assert (len(zone_asked) > asked) == folded  # the zone is looked up only to fold an hour
+        state[slot] = (now, args[3])
+        assert fast.buf == slow.buf
+
+
 BUSY = learned(shop(8, 20, 30.0, sunday=True), 21)  # learned once; the properties below only read it
 
 
