@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
 import pytest
 
 from collector.fleet.carddata import may_hold_card  # the hot path's prefilter
@@ -16,6 +17,7 @@ from collector.fleet.protocol import (
     Status,
     TxnReceipt,
     UpstreamBatch,
+    _heartbeat_holds_no_card,  # the heartbeat's typed guard
     decode,
     find_card_number,
     has_card_number,
@@ -406,6 +408,26 @@ def test_status_with_a_reset_clock_decodes() -> None:
 def test_the_raw_prefilter_keeps_ordinary_heartbeats_on_the_fast_path(over: dict[str, Any], fast: bool) -> None:
     payload = hb(**over)
     assert (not may_hold_card(payload)) is fast
+    assert isinstance(decode("pos/v1/T1/heartbeat", payload), Heartbeat)
+
+
+@pytest.mark.parametrize(
+    ("over", "typed"),
+    [
+        ({}, True),  # oldest_queued_ts null, the usual heartbeat
+        ({"oldest_queued_ts": 1764509990.5, "queue_depth": 1, "net": {"type": "wifi", "rssi_dbm": None}}, True),
+        ({"os_version": None, "uptime_s": None}, True),
+        ({"extra": None}, False),  # a key the message does not have: the guard reads the payload
+        ({"model": "PAX 12:30"}, False),  # a colon in a string
+        ({"txn_count": 1764510000123, "uploaded_count": 1764510000123}, False),  # 13 digits
+    ],
+)
+def test_the_typed_guard_answers_for_ordinary_heartbeats(over: dict[str, Any], typed: bool) -> None:
+    """The heartbeat's card-data check is read off the typed message when the payload holds nothing else (the
+    property test in test_protocol_properties.py holds it to the full search)."""
+    payload = hb(**over).replace(b": ", b":").replace(b", ", b",")
+    msg = msgspec.json.decode(payload, type=Heartbeat)
+    assert _heartbeat_holds_no_card(msg, "T1", payload) is typed
     assert isinstance(decode("pos/v1/T1/heartbeat", payload), Heartbeat)
 
 
