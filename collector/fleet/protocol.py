@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Container
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -137,8 +138,9 @@ class Hardware(Struct, frozen=True, gc=False):
     card_reader: Literal["ok", "fault"] | None = None
 
 
+# The heartbeat's structs hold scalars and each other only (no cycles): gc=False keeps them out of the GC.
 class Heartbeat(Struct, frozen=True, gc=False):
-    """`pos/v1/{tid}/heartbeat`. Scalars and the structs above only (no cycles): not tracked by the GC."""
+    """`pos/v1/{tid}/heartbeat`."""
 
     tid: Id
     ts: Ts
@@ -426,8 +428,15 @@ def _checked_heartbeat(msg: Heartbeat, tid: str) -> Heartbeat:
     return msg
 
 
-def decode(topic: str, payload: bytes, prefix: str = "pos/v1", upstream_prefix: str = "acquirer/v1") -> Message:
-    """Decode one MQTT message into a typed message or raise DecodeError."""
+def decode(
+    topic: str, payload: bytes, prefix: str = "pos/v1", upstream_prefix: str = "acquirer/v1",
+    checked_ids: Container[str] = (),
+) -> Message:
+    """Decode one MQTT message into a typed message or raise DecodeError.
+
+    `checked_ids` are terminal ids known to pass `check_id` (the fleet's terminals: registry ids are checked when
+    the registry is loaded, others when first heard): a topic naming one skips the check (~1 µs per message).
+    """
     if topic.startswith(upstream_prefix + "/"):
         rest = topic[len(upstream_prefix) + 1 :].split("/")
         if len(rest) != 2 or rest[1] != "transactions":
@@ -439,7 +448,8 @@ def decode(topic: str, payload: bytes, prefix: str = "pos/v1", upstream_prefix: 
     if len(parts) != 2 or parts[1] not in _DECODERS:
         raise DecodeError("bad_topic")
     tid, kind = parts
-    check_id(tid, "topic")
+    if tid not in checked_ids:
+        check_id(tid, "topic")
     try:
         return _decode_terminal(tid, kind, payload)
     except DecodeError as err:

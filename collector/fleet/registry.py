@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from collector.fleet.protocol import valid_id
+from collector.fleet.protocol import has_card_number, valid_id
 
 __all__ = ["Registry", "RegistryEntry", "RegistryError", "load_registry"]
 
@@ -94,6 +94,9 @@ def load_registry(path: str | os.PathLike[str] | None) -> Registry:
             for col in ("terminal_id", "merchant_id", "acquirer"):
                 if not valid_id(values[col]):
                     problems.append(f"line {lineno}: {col} must match [A-Za-z0-9_-]{{1,64}}")
+                elif has_card_number(values[col]):  # as on the wire (check_id): ids go into labels and logs
+                    problems.append(f"line {lineno}: {col} looks like a card number (Luhn and a card brand's "
+                                    "prefix and length); it would be rejected on MQTT too")
             if values["tz"] and _zone_problem(values["tz"]):
                 problems.append(f"line {lineno}: tz {values['tz']!r} is not a known IANA time zone")
             if values["terminal_id"] in entries:
