@@ -599,11 +599,13 @@ class Fleet:
         A BACKWARDS heartbeat is recorded as a rejected message of the terminal (reason counter_backwards):
         callers must not report it to `on_rejected` again.
         """
-        t = self._terminal_for(hb.tid)
+        t = self.terminals.get(hb.tid)
         if t is None:
-            return HeartbeatResult.REFUSED
+            t = self._terminal_for(hb.tid)
+            if t is None:
+                return HeartbeatResult.REFUSED
         result = classify(t, hb, rx)
-        if result in (HeartbeatResult.DUPLICATE, HeartbeatResult.STALE):
+        if result is HeartbeatResult.DUPLICATE or result is HeartbeatResult.STALE:
             return result
         first = t.last_rx is None
         if not first and (hb.txn_count < t.txn_count or hb.uploaded_count < t.uploaded_count):

@@ -29,10 +29,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+import msgspec
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
@@ -118,9 +118,9 @@ class _Client(BufferedClient):
             raise
 
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """One message as paho handed it over, stamped with its receive time."""
+class Inbound(msgspec.Struct, frozen=True, gc=False):
+    """One message as paho handed it over, stamped with its receive time (a Struct: built in C, ~0.2 µs where a
+    frozen dataclass takes ~2 µs per message; scalars only, so untracked by the GC)."""
 
     topic: str
     payload: bytes

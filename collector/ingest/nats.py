@@ -27,9 +27,9 @@ import logging
 import os
 import ssl
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -66,8 +66,7 @@ FETCH_WAIT_S = 1.5
 FETCH_HEARTBEAT_S = 0.25
 
 
-@dataclass(frozen=True, slots=True)
-class NatsInbound:
+class NatsInbound(msgspec.Struct, frozen=True):
     """One stored message as the collector applies it (the fields of collector.ingest.source.Message, and where it
     came from so it can be acknowledged and its partition's progress recorded)."""
 
@@ -76,7 +75,7 @@ class NatsInbound:
     rx: float
     partition: int
     seq: int  # stream sequence
-    msg: Msg = field(repr=False)
+    msg: Msg
     retain: bool = False  # JetStream has no retained flag; the last status per subject plays that part
 
 
