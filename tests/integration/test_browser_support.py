@@ -24,7 +24,6 @@ SHOTS = ROOT / "docs" / "screenshots" if os.environ.get("POSFLEET_UPDATE_SCREENS
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 OFFLINE, BACKLOG, DROPS, HISTORY, RECON, HEALTHY = "T00000", "T00002", "T00004", "T00006", "T00010", "T00012"
-DROPPED = {"T00010-3", "T00010-4"}
 OUTDATED = [f"T{n:05d}" for n in range(14, 70)]  # enough problem terminals for a second page
 
 
@@ -66,14 +65,23 @@ async def shot(page: Page, name: str, where: Path) -> None:
 async def test_support_page(tmp_path: Path, mosquitto: Process, browser: BrowserContext) -> None:
     specs = make_fleet(72, ("acq-a", "acq-b"))
     sim = Simulator(f"mqtt://127.0.0.1:{mosquitto.port}", specs, 0.5, receipts=True)
-    sim.drop_txn_ids = set(DROPPED)
-    collector = start_stack(tmp_path, mosquitto.port, sim)
-    port = collector.port
-    url = f"http://127.0.0.1:{port}/support"
     a_tids = {s.tid for s in specs if s.acquirer == "acq-a"}
-    try:
-        async with sim:
+    # The terminals run before the collector starts and the test never blocks the simulator's loop: a terminal
+    # heard late (72 clients connecting on a loaded machine) would really be "never seen" for a moment, and
+    # HEALTHY's timeline below must stay empty. Silence counts after 6 intervals (3 s); the offline terminal is
+    # still called within 2.5 s of its last will.
+    async with sim:
+        collector = await asyncio.to_thread(
+            start_stack, tmp_path, mosquitto.port, sim, thresholds={"offline_factor": 6})
+        port = collector.port
+        url = f"http://127.0.0.1:{port}/support"
+        try:
             await asyncio.to_thread(wait_until, lambda: all_heard(port, specs), 30, "every terminal heard")
+            # The host drops two of RECON's transactions yet to come (one per interval), so the collector
+            # sees both receipts.
+            done = len(sim.completed[RECON])
+            dropped = {f"{RECON}-{done + 2}", f"{RECON}-{done + 3}"}
+            sim.drop_txn_ids = dropped
             sim.set_fault(HISTORY, "paper_out")  # raised, then cleared below: a closed interval in the timeline
             for tid, fault in ((OFFLINE, "network_loss"), (BACKLOG, "stuck_uploads"), (DROPS, "host_drops"),
                                (HISTORY, "outdated_app"), *((t, "outdated_app") for t in OUTDATED)):
@@ -89,7 +97,7 @@ async def test_support_page(tmp_path: Path, mosquitto: Process, browser: Browser
                 lambda: get_json(port, "/api/v1/terminals?limit=1")["total"] == 4 + len(OUTDATED)
                 and conditions(HISTORY) == {"outdated_software"} and "upstream_missing" in conditions(DROPS)
                 and {x["txn_id"] for x in get_json(port, f"/api/v1/reconcile?terminal_id={RECON}")[
-                    "missing_at_acquirer"]} == DROPPED,
+                    "missing_at_acquirer"]} == dropped,
                 40, "faults raised", 0.25)
 
             shots = SHOTS or tmp_path / "screenshots"
@@ -133,8 +141,8 @@ async def test_support_page(tmp_path: Path, mosquitto: Process, browser: Browser
             await page.select_option("#f-acquirer", "acq-a")
             site = sorted({s.site for s in specs if s.acquirer == "acq-a"})[1]
             await page.select_option("#f-site", site)
-            expected = {t["terminal_id"] for t in get_json(port, f"/api/v1/terminals?acquirer=acq-a&site={site}")[
-                "terminals"]}
+            listed = await asyncio.to_thread(get_json, port, f"/api/v1/terminals?acquirer=acq-a&site={site}")
+            expected = {t["terminal_id"] for t in listed["terminals"]}
             await expect(page.locator("#fleet-table tbody tr")).to_have_count(len(expected))
             shown = await page.locator("#fleet-table tbody tr").evaluate_all(
                 "rows => rows.map(r => r.dataset.terminal)")
@@ -155,7 +163,8 @@ async def test_support_page(tmp_path: Path, mosquitto: Process, browser: Browser
             bars = page.locator('#timeline .tl-row[data-condition="hardware_fault"] .tl-bar')
             await expect(bars).to_have_count(1)
             assert "now" not in (await bars.get_attribute("title") or "")  # the paper-out interval is closed
-            await expect(page.locator('#timeline .tl-row[data-condition="outdated_software"] .tl-bar')).to_have_count(1)
+            outdated = page.locator('#timeline .tl-row[data-condition="outdated_software"] .tl-bar')
+            await expect(outdated).to_have_count(1)
             await page.select_option("#tl-hours", "1")  # zoom in: the bars are minutes old
             await expect(page.locator("#timeline h3")).to_have_text(re.compile("Conditions, last 1 hour"))
             assert page.url.endswith(f"#/terminal/{HISTORY}?hours=1")
@@ -166,8 +175,8 @@ async def test_support_page(tmp_path: Path, mosquitto: Process, browser: Browser
             await search(page, RECON)
             await expect(page.locator("#diag-summary")).to_contain_text("Primary cause: unrecorded transactions")
             missing = page.locator("#unreconciled table.missing tbody tr td.mono")
-            await expect(missing).to_have_count(len(DROPPED))
-            assert set(await missing.all_inner_texts()) == DROPPED
+            await expect(missing).to_have_count(len(dropped))
+            assert set(await missing.all_inner_texts()) == dropped
             await shot(page, "support-terminal-unreconciled.png", shots)
 
             await search(page, HEALTHY)
@@ -182,7 +191,7 @@ async def test_support_page(tmp_path: Path, mosquitto: Process, browser: Browser
             await expect(page.locator("#merchant-title")).to_have_text(f"Merchant {merchant}")
             mine = {s.tid for s in specs if s.mid == merchant}
             await expect(page.locator("#merchant-terminals tbody tr")).to_have_count(len(mine))
-            await expect(page.locator("#unreconciled table.missing tbody tr")).to_have_count(len(DROPPED))
+            await expect(page.locator("#unreconciled table.missing tbody tr")).to_have_count(len(dropped))
             await shot(page, "support-merchant.png", shots)
 
             # The same merchant with acquirer B's token: only B's terminals, none of A's transactions.
@@ -194,6 +203,6 @@ async def test_support_page(tmp_path: Path, mosquitto: Process, browser: Browser
             assert await page.evaluate("sessionStorage.getItem('posfleet.token')") == TOKENS["b"]
             assert await page.evaluate("localStorage.length") == 0
             assert errors == []
-    finally:
-        collector.stop()
+        finally:
+            collector.stop()
     assert "Traceback" not in collector.log_text()
