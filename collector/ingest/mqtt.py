@@ -186,6 +186,7 @@ class MqttIngest:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe  # type: ignore[assignment]
         client.on_message = self._on_message
+        client.on_buffered_publish = self._on_publish
         # A broker that sends beyond its in-flight window (Mosquitto 2.0 with max_queued_messages 0 releases ~19
         # messages per PUBACK) must not grow the queue past its bound within one read of the socket.
         client.keep_reading = self._has_room
@@ -239,9 +240,13 @@ class MqttIngest:
                                   self.host, self.port, reason)
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        self._on_publish(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos)
+
+    def _on_publish(self, topic: str, payload: bytes, retain: bool, mid: int, qos: int) -> None:
+        """A message, from paho's `on_message` or parsed straight off the read buffer (pahofast)."""
         rx = self._read_at
         self.last_message = rx
-        self._queue.append(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos, rx))
+        self._queue.append(Inbound(topic, payload, retain, mid, qos, rx))
         self._ready.set()
 
     # ---- the socket on the loop --------------------------------------------------------------------------
