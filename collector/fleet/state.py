@@ -174,6 +174,10 @@ class Terminal(msgspec.Struct, array_like=True, gc=False):
     rejected: dict[str, int] | None = None  # messages the collector rejected, by reason (bounded)
     rejected_rx: float | None = None  # receive time of the last rejected message
     rejected_last: str = ""  # reason of the last rejected message
+    # Terminal clock of the heartbeat before the newest when that one's seq was the newest's - 1 (else None): a
+    # QoS 1 redelivery of it stored after the newest (a broker that lost the PUBACK, then the resend) is then a
+    # duplicate, not a reboot. The float object is the newest's old `last_ts`, kept alive instead of freed.
+    prev_ts: float | None = None
 
 
 Streaks = tuple[str | int, ...]
@@ -209,7 +213,9 @@ def classify(t: Terminal, hb: Heartbeat, rx: float) -> HeartbeatResult:
     """Where a heartbeat received at `rx` stands against the terminal's newest one: by seq and arrival, never `ts`.
 
     - The first heartbeat, or a higher seq: ACCEPTED (newer).
-    - The same seq, ts and uptime: DUPLICATE (a QoS 1 redelivery is byte-identical).
+    - The same seq, ts and uptime: DUPLICATE (a QoS 1 redelivery is byte-identical); so is the seq just before
+      the newest with that heartbeat's ts (`prev_ts`): a redelivery stored after the newer one, as a broker losing
+      a node does (the PUBACK lost, the message stored and resent). A reboot cannot repeat both.
     - A lower seq, or the same seq with other content: REBOOT, whatever the terminal clock says (a clock reset to
       1970 or corrected from decades ahead is no evidence of age) ...
     - ... unless it arrives within one interval of the newest heartbeat and is evidently an older message:
@@ -223,6 +229,8 @@ def classify(t: Terminal, hb: Heartbeat, rx: float) -> HeartbeatResult:
     if t.last_rx is None or hb.seq > t.seq:
         return HeartbeatResult.ACCEPTED
     if hb.seq == t.seq and hb.ts == t.last_ts and hb.uptime_s == t.uptime_s:
+        return HeartbeatResult.DUPLICATE
+    if hb.seq == t.seq - 1 and hb.ts == t.prev_ts:
         return HeartbeatResult.DUPLICATE
     since = rx - t.last_rx
     # A negative `since` is the collector host's clock stepping back: no evidence either way, so a reboot.
@@ -625,6 +633,7 @@ class Fleet:
             and t.upstream_rx < rx - 2 * hb.interval_s - 5
         ):
             t.pending_upload_since = rx
+        t.prev_ts = t.last_ts if not first and hb.seq == t.seq + 1 else None
         t.seq, t.last_ts = hb.seq, hb.ts
         if hb.interval_s != t.interval_s:
             t.interval_s = self._shared(hb.interval_s)

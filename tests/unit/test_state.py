@@ -396,6 +396,26 @@ def test_a_redelivered_older_heartbeat_of_the_same_boot_is_stale_not_a_reboot(cl
     assert clock.hb(seq=0, uptime_s=10, txn_count=4, uploaded_count=4) is HeartbeatResult.REBOOT
 
 
+def test_a_redelivery_stored_after_the_next_heartbeat_is_a_duplicate_not_a_reboot(clock: Clock) -> None:
+    """Before: with no uptime_s and unchanged counters (an idle terminal), a QoS 1 redelivery of seq k stored after
+    seq k+1 (a NATS node stopped under load: the PUBACK lost, the message stored and resent) was a REBOOT: counted
+    as accepted a second time and as a flapping event, and the terminal shown at seq k until the next heartbeat
+    (tests/integration/test_nats_cluster.py::test_node_stopped_under_load_no_false_alert_on_the_collectors)."""
+    sent = [raw_beat(seq=s, ts=T0 + 30 * s, txn_count=7, uploaded_count=7) for s in range(3)]
+    for hb in sent:
+        clock.now += 30
+        assert clock.fleet.on_heartbeat(hb, clock.now, clock.out) is HeartbeatResult.ACCEPTED
+    t = clock.fleet.terminals["T1"]
+    assert clock.fleet.on_heartbeat(sent[1], clock.now + 1, clock.out) is HeartbeatResult.DUPLICATE
+    assert (t.seq, t.last_ts, t.events) == (2, sent[2].ts, None)
+    # Only an exact repeat of the previous heartbeat: the same seq with another clock is still a reboot, ...
+    other = raw_beat(seq=1, ts=T0 + 1000, txn_count=7, uploaded_count=7)
+    assert clock.fleet.on_heartbeat(other, clock.now + 2, clock.out) is HeartbeatResult.REBOOT
+    # ... and after it (prev_ts forgotten: the seq went back) a repeat of the heartbeat before is one too.
+    assert clock.fleet.on_heartbeat(sent[0], clock.now + 3, clock.out) is HeartbeatResult.REBOOT
+    assert t.seq == 0 and t.events is not None and len(t.events) == 2
+
+
 def test_host_clock_stepping_back_does_not_leave_last_rx_in_the_future(clock: Clock) -> None:
     clock.hb(seq=0)
     clock.now -= 3600  # the collector host's clock was corrected backwards
