@@ -208,6 +208,9 @@ def _share_values(t: Terminal, registry: Registry) -> None:
             setattr(t, name, share_float(number))
     if t.uploaded_count == t.txn_count:  # everything uploaded, the usual case: one int object for both
         t.uploaded_count = t.txn_count
+    # Not kept across a restart: a float per terminal (~32 B, 5 % of a restored terminal) for one narrow case, a
+    # redelivery of the heartbeat before the newest arriving after the restart; that one then counts as a reboot.
+    t.prev_ts = None
     if t.conds:
         t.conds = {
             sys.intern(c): Active(a.since, sys.intern(a.severity), sys.intern(a.detail)) for c, a in t.conds.items()

@@ -50,6 +50,20 @@ def test_every_field_comes_back_exactly(tmp_path: Path) -> None:
     assert [(f.acquirer, f.last_rx, f.alive_since, f.txns) for f in restored.feeds] == [("acq-a", T0, T0, 3)]
 
 
+def test_the_previous_heartbeat_clock_is_not_restored(tmp_path: Path) -> None:
+    """prev_ts (a redelivery of the heartbeat before the newest is a duplicate) would be a float of its own per
+    terminal after a restart; it is dropped there, and everything else comes back."""
+    originals = [terminal(i) for i in range(4)]
+    for t in originals:
+        t.prev_ts = t.last_ts - 30
+    write(tmp_path / "s", originals)
+    restored = load_snapshot(tmp_path / "s", T0).terminals
+    assert [t.prev_ts for t in restored] == [None] * 4
+    for t in originals:
+        t.prev_ts = None
+    assert restored == originals
+
+
 def test_repeated_values_are_one_object_each(tmp_path: Path) -> None:
     write(tmp_path / "s", [terminal(i) for i in range(40)])
     ts = load_snapshot(tmp_path / "s", T0).terminals
