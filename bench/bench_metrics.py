@@ -60,7 +60,7 @@ def build(terminals: int, sites: int, problems: int) -> Collector:
         site = i % sites
         acq = ACQUIRERS[site % len(ACQUIRERS)]
         tid = f"T{i:07d}"
-        entries[tid] = RegistryEntry(tid, f"M{site:06d}", acq, "A920", f"{acq}-s{site:06d}", "eu")
+        entries[tid] = RegistryEntry.of(tid, f"M{site:06d}", acq, "A920", f"{acq}-s{site:06d}", "eu")
     fleet = c.fleet
     fleet.set_registry(Registry(entries))
     now = time.time()

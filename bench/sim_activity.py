@@ -398,7 +398,7 @@ def run_collector(n: int, days: int, seed: int, stop_day: int = 22, halve_day: i
         a = f"acq-{city}" + ("-small" if s.slot % 10 == 3 else "")
         acq.append(a)
         acquirer_tz[a] = s.tz.key
-        entries[tid] = RegistryEntry(tid, f"M{s.slot:06d}", a, "A920", f"site-{s.slot}", city, s.tz.key)
+        entries[tid] = RegistryEntry.of(tid, f"M{s.slot:06d}", a, "A920", f"site-{s.slot}", city, s.tz.key)
     fleet = Fleet(msgspec.convert({"activity": {"acquirer_tz": acquirer_tz}}, Config), START, Registry(entries))
     acquirers = sorted(acquirer_tz)
     halving = {a: halve_start(ZoneInfo(acquirer_tz[a]), halve_day) for a in acquirers}

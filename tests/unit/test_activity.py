@@ -27,9 +27,9 @@ MON = 1_772_409_600.0  # Monday 2026-03-02 00:00 UTC
 DAY, HOUR = 86_400.0, 3_600.0
 TUE2 = MON + 8 * DAY  # Tuesday of the second week: the baselines have learned 8 days
 REG = Registry({
-    "BUSY": RegistryEntry("BUSY", "M-BUSY", "acq", "A920", "s1", "north"),
-    "QUIET": RegistryEntry("QUIET", "M-QUIET", "acq", "A920", "s1", "north"),
-    "NEW": RegistryEntry("NEW", "M-NEW", "acq", "A920", "s2", "north"),
+    "BUSY": RegistryEntry.of("BUSY", "M-BUSY", "acq", "A920", "s1", "north"),
+    "QUIET": RegistryEntry.of("QUIET", "M-QUIET", "acq", "A920", "s1", "north"),
+    "NEW": RegistryEntry.of("NEW", "M-NEW", "acq", "A920", "s2", "north"),
 })
 
 
@@ -285,7 +285,7 @@ def test_an_acquirer_whose_recorded_volume_halves_is_flagged_within_30_minutes()
 
 def regional_fleet(**activity: Any) -> tuple[Feeder, Registry]:
     """Eight shops of one region (30/h, 8:00-20:00) learned for 8 days."""
-    reg = Registry({f"S{i}": RegistryEntry(f"S{i}", f"M-S{i}", "acq", "A920", "s1", "west") for i in range(8)})
+    reg = Registry({f"S{i}": RegistryEntry.of(f"S{i}", f"M-S{i}", "acq", "A920", "s1", "west") for i in range(8)})
     activity = {"holiday_min_peers": 5, "holiday_scan_s": 600, **activity}
     f = Feeder(Fleet(config(**activity), started_at=MON, registry=reg))
     for tid in reg.entries:

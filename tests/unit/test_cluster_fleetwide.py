@@ -117,7 +117,7 @@ def test_malformed_report_is_refused(body: bytes) -> None:
 
 
 def test_registry_totals() -> None:
-    entries = {f"T{i}": RegistryEntry(f"T{i}", "M", "a" if i < 5 else "b", "X", f"s{i % 2}", "r") for i in range(8)}
+    entries = {f"T{i}": RegistryEntry.of(f"T{i}", "M", "a" if i < 5 else "b", "X", f"s{i % 2}", "r") for i in range(8)}
     sites, acqs = registry_totals(Registry(entries))
     assert sites == Counter({("a", "s0"): 3, ("a", "s1"): 2, ("b", "s0"): 1, ("b", "s1"): 2})
     assert acqs == Counter({"a": 5, "b": 3})

@@ -20,7 +20,7 @@ from tests.unit.test_state import T0, beat
 N = 4
 CFG = msgspec.convert({"thresholds": {"offline_factor": 3}}, Config)
 IDS = [f"T{i}" for i in range(40)]
-REG = Registry({t: RegistryEntry(t, "M1", "acq", "A920", f"s{i % 3}", "r") for i, t in enumerate(IDS)})
+REG = Registry({t: RegistryEntry.of(t, "M1", "acq", "A920", f"s{i % 3}", "r") for i, t in enumerate(IDS)})
 
 
 def in_part(p: int) -> Callable[[str], bool]:

@@ -223,7 +223,7 @@ def test_rank_lists_every_code() -> None:
 def test_facts_from_real_state() -> None:
     """The pure builder over a Fleet that saw an outdated, weak-signal terminal."""
     cfg = Config(software_policy={"*": "3.0.0"})
-    reg = Registry({"T1": RegistryEntry("T1", "M1", "acq-a", "A920", "s1", "r1")})
+    reg = Registry({"T1": RegistryEntry.of("T1", "M1", "acq-a", "A920", "s1", "r1")})
     fleet = Fleet(cfg, started_at=NOW - 100, registry=reg)
     out: list[Transition] = []
     for i in range(4):
@@ -283,7 +283,7 @@ def test_any_finite_terminal_clock_gives_a_diagnosis(clock: float) -> None:
 
 def test_facts_from_copy_rejects_and_a_clock_reset_to_the_epoch() -> None:
     cfg = Config(software_policy={"*": "3.0.0"})
-    reg = Registry({"T1": RegistryEntry("T1", "M1", "acq-a", "A920", "s1", "r1")})
+    reg = Registry({"T1": RegistryEntry.of("T1", "M1", "acq-a", "A920", "s1", "r1")})
     fleet = Fleet(cfg, started_at=NOW - 100, registry=reg)
     hb = Heartbeat(tid="T1", ts=0.0, seq=0, interval_s=10, txn_count=0, uploaded_count=0, queue_depth=0,
                    oldest_queued_ts=None, mid="M1", app_version="3.1.0")

@@ -31,7 +31,7 @@ def hostile_fleet() -> Fleet:
     """A fleet whose ids and registry values are all hostile, each terminal with an active condition."""
     entries, restored = {}, []
     for n, tid in enumerate(HOSTILE):
-        entries[tid] = RegistryEntry(tid, f'M{n}"\\\n', f"acq,{n} =", "A920\n", f"site\\{n}\"", "r")
+        entries[tid] = RegistryEntry.of(tid, f'M{n}"\\\n', f"acq,{n} =", "A920\n", f"site\\{n}\"", "r")
         restored.append(Terminal(tid, conds={"merchant_mismatch": Active(T0 + n, "warning", f'reports "M\\{n}"\n!')}))
     return Fleet(Config(), started_at=T0, registry=Registry(entries), restored=(restored, []))
 

@@ -28,9 +28,9 @@ CFG = msgspec.convert(
     Config,
 )
 REG = Registry({
-    "A1": RegistryEntry("A1", "M1", "acq-a", "A920", "s1", "r"),
-    "A2": RegistryEntry("A2", "M2", "acq-a", "A920", "s2", "r"),
-    "B1": RegistryEntry("B1", "M3", "acq-b", "P400", "s1", "r"),
+    "A1": RegistryEntry.of("A1", "M1", "acq-a", "A920", "s1", "r"),
+    "A2": RegistryEntry.of("A2", "M2", "acq-a", "A920", "s2", "r"),
+    "B1": RegistryEntry.of("B1", "M3", "acq-b", "P400", "s1", "r"),
 })
 TIDS = ("A1", "A2", "B1", "X1", "X2", "X3", "X4", "X5")  # X*: unknown to the registry
 ACQUIRERS = ("acq-a", "acq-b", "acq-evil", "unknown", "f1", "f2", "f3", "f4")

@@ -128,8 +128,8 @@ def test_a_feed_marks_and_evicts_only_its_own_acquirers_receipts() -> None:
     from collector.fleet.registry import Registry, RegistryEntry
     from collector.fleet.state import Fleet
 
-    fleet = Fleet(Config(), T0, Registry({"A1": RegistryEntry("A1", "M1", "acq-a", "A920", "s", "r"),
-                                          "B1": RegistryEntry("B1", "M2", "acq-b", "A920", "s", "r")}))
+    fleet = Fleet(Config(), T0, Registry({"A1": RegistryEntry.of("A1", "M1", "acq-a", "A920", "s", "r"),
+                                          "B1": RegistryEntry.of("B1", "M2", "acq-b", "A920", "s", "r")}))
     owns = fleet.owns
 
     ledger = Ledger(LedgerLimits(max_txns_per_terminal=3))

@@ -32,7 +32,7 @@ def test_metrics_exist_from_the_start_and_count_evictions() -> None:
 
 def test_install_feeds_the_ledger_from_the_collector_hooks() -> None:
     collector = Collector(Config())
-    collector.fleet.set_registry(Registry({"T1": RegistryEntry("T1", "M1", "acq-a", "A920", "s", "r")}))
+    collector.fleet.set_registry(Registry({"T1": RegistryEntry.of("T1", "M1", "acq-a", "A920", "s", "r")}))
     ledger = build_app(collector)[LEDGER]
     t1 = collector.fleet.terminals["T1"]
     receipt = TxnReceipt(txn_id="T1-1", ts=NOW, amount_minor=5, currency="EUR", status="approved", tid="T1")

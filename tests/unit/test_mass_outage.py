@@ -69,7 +69,7 @@ def test_a_clear_share_above_the_raise_share_cannot_flap() -> None:
 def registry(sites: dict[str, int], acquirer: str = "acq") -> Registry:
     """`sites` maps a site to its number of terminals, ids <site>-<n>."""
     return Registry({
-        f"{site}-{n}": RegistryEntry(f"{site}-{n}", "M1", acquirer, "A920", site, "r")
+        f"{site}-{n}": RegistryEntry.of(f"{site}-{n}", "M1", acquirer, "A920", site, "r")
         for site, count in sites.items() for n in range(count)
     })
 
@@ -204,7 +204,7 @@ def test_registry_reload_moving_terminals_is_judged_again() -> None:
     # The three silent terminals move to a new site in a registry reload: s1 keeps one healthy terminal.
     entries = dict(registry({"s1": 4}).entries)
     for tid in tids("s1", 3):
-        entries[tid] = RegistryEntry(tid, "M1", "acq", "A920", "s9", "r")
+        entries[tid] = RegistryEntry.of(tid, "M1", "acq", "A920", "s9", "r")
     fc.fleet.set_registry(Registry(entries))
     fc.tick()
     fc.tick()

@@ -35,7 +35,7 @@ from collector.fleet.state import Fleet, Terminal, Transition
 
 T0 = 1_764_510_000.0
 CFG = msgspec.convert({"software_policy": {"*": "3.0.0"}}, Config)
-REG = Registry({f"T{i}": RegistryEntry(f"T{i}", f"M{i}", "acq", "A920", "s1", "r") for i in range(1, 4)})
+REG = Registry({f"T{i}": RegistryEntry.of(f"T{i}", f"M{i}", "acq", "A920", "s1", "r") for i in range(1, 4)})
 
 
 def beat(tid: str, seq: int) -> Heartbeat:

@@ -90,8 +90,10 @@ def test_repeated_values_are_one_object_each(tmp_path: Path) -> None:
 def test_a_fleet_restarted_from_its_snapshot_is_the_same_fleet(tmp_path: Path) -> None:
     from collector.fleet.registry import Registry, RegistryEntry
 
-    reg = Registry({f"T{i:07d}": RegistryEntry(f"T{i:07d}", f"M{i // 20:06d}", "acq-a", "A920", f"S{i // 50:06d}", "r")
-                    for i in range(40)})
+    reg = Registry({
+        f"T{i:07d}": RegistryEntry.of(f"T{i:07d}", f"M{i // 20:06d}", "acq-a", "A920", f"S{i // 50:06d}", "r")
+        for i in range(40)
+    })
     write(tmp_path / "s", [terminal(i) for i in range(40)])
     restored = load_snapshot(tmp_path / "s", T0)
     fleet = Fleet(CFG, started_at=T0, registry=reg, restored=restored.state)
@@ -105,7 +107,7 @@ def test_restored_ids_are_the_registrys_own_strings(tmp_path: Path) -> None:
     from collector.fleet.registry import Registry, RegistryEntry
 
     ids = ["".join(("T", f"{i:07d}")) for i in range(40)]  # built at run time: not interned by the compiler
-    reg = Registry({tid: RegistryEntry(tid, "M1", "acq-a", "A920", "S1", "r") for tid in ids[:30]})
+    reg = Registry({tid: RegistryEntry.of(tid, "M1", "acq-a", "A920", "S1", "r") for tid in ids[:30]})
     write(tmp_path / "s", [terminal(i) for i in range(40)])
     ts = load_snapshot(tmp_path / "s", T0, reg).terminals
     assert [t.tid for t in ts] == ids

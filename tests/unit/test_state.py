@@ -24,8 +24,8 @@ CFG = msgspec.convert(
 )
 REG = Registry(
     {
-        "T1": RegistryEntry("T1", "M1", "acq", "A920", "s1", "r"),
-        "T2": RegistryEntry("T2", "M2", "acq", "A920", "s1", "r"),
+        "T1": RegistryEntry.of("T1", "M1", "acq", "A920", "s1", "r"),
+        "T2": RegistryEntry.of("T2", "M2", "acq", "A920", "s1", "r"),
     }
 )
 
@@ -313,7 +313,7 @@ def test_counts_stay_consistent_through_registry_reload(clock: Clock) -> None:
     clock.hb(seq=0, mid="M9")
     clock.hb(seq=1, mid="M9")
     assert clock.fleet.counts[("acq", "s1", "merchant_mismatch")] == 1
-    moved = Registry({"T1": RegistryEntry("T1", "M9", "acq2", "A920", "s9", "r"), "T2": REG.entries["T2"]})
+    moved = Registry({"T1": RegistryEntry.of("T1", "M9", "acq2", "A920", "s9", "r"), "T2": REG.entries["T2"]})
     clock.fleet.set_registry(moved)
     assert clock.fleet.counts[("acq", "s1", "merchant_mismatch")] == 0
     assert clock.fleet.counts[("acq2", "s9", "merchant_mismatch")] == 1
@@ -482,7 +482,7 @@ def test_counters_going_backwards_are_a_visible_reject(clock: Clock) -> None:
     assert clock.fleet.terminals["T1"].rejected == {"counter_backwards": 6}
 
 
-REG3 = Registry({**REG.entries, "B1": RegistryEntry("B1", "M3", "acq-b", "A920", "s2", "r")})
+REG3 = Registry({**REG.entries, "B1": RegistryEntry.of("B1", "M3", "acq-b", "A920", "s2", "r")})
 
 
 def test_a_feed_applies_only_to_its_own_acquirers_terminals() -> None:

@@ -196,7 +196,7 @@ async def test_a_normal_stop_exits_zero(tmp_path: Path, mosquitto: Process) -> N
 # ---- host clock jumps ---------------------------------------------------------------------------------------
 
 
-REG = Registry({f"T{i}": RegistryEntry(f"T{i}", f"M{i}", "acq", "A920", "s1", "r") for i in range(1, 4)})
+REG = Registry({f"T{i}": RegistryEntry.of(f"T{i}", f"M{i}", "acq", "A920", "s1", "r") for i in range(1, 4)})
 INTERVAL = 30
 
 
