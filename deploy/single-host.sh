@@ -400,10 +400,22 @@ running() {  # running SERVICE: its process (or unit) is alive
   fi
 }
 
+started() {  # started SERVICE: the process just started is alive. Not `running`: until the child has exec'd
+  # its binary, /proc shows the command line of this script (no "$PREFIX/" in it), and on a loaded machine the
+  # first readiness poll can come that early: a service still starting was reported as exited.
+  if ((SYSTEMD)); then
+    running "$1"
+    return
+  fi
+  local pid
+  pid="$(cat "$RUN/$1.pid" 2>/dev/null)" || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+}
+
 wait_ready() {
   local svc="$1" deadline=$((SECONDS + TIMEOUT))
   until ready "$svc"; do
-    if ! running "$svc"; then
+    if ! started "$svc"; then
       echo "$svc exited; last log lines:" >&2
       tail -n 20 "$LOG/$svc.log" >&2 || true
       return 1
