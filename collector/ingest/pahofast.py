@@ -16,13 +16,13 @@
   MQTTMessage, a debug log call, the topic matcher): ~15 µs of Python per heartbeat, as much as all of our own
   processing. With `on_buffered_publish` set, the whole MQTT 3.1.1 PUBLISH packets of QoS 0 and 1 lying in the
   buffer are parsed here by slicing and handed to it; anything else (other packets, QoS 2, a topic that is not
-  UTF-8, a malformed or partial packet) goes through paho exactly as before. tests/unit/test_pahofast.py holds the two
-  paths to the same messages on random packet streams cut at random places.
+  UTF-8, a malformed or partial packet) goes through paho exactly as before. tests/unit/test_pahofast.py holds
+  the two paths to the same messages on random packet streams cut near packet boundaries.
 
-Only private parts of paho are used (`_sock_recv`, `_sock_send`, `_packet_write`, `_packet_queue`,
-`_out_packet`, `_sock`, `_in_packet`, `_protocol`, `_last_bytes_received` under `_msgtime_mutex`, and `loop_read`
-to keep reading while bytes are buffered); the dependency is pinned below
-the next minor version and tests/unit/test_pahofast.py fails loudly when they change.
+Only private parts of paho are used (`_sock_recv`, `_sock_send`, `_packet_write`, `_packet_queue`, `_out_packet`,
+`_sock`, `_in_packet`, `_protocol`, `_last_bytes_received` under `_msgtime_mutex`, and `loop_read` to keep reading
+while bytes are buffered); the dependency is pinned below the next minor version and tests/unit/test_pahofast.py
+fails loudly when they change.
 """
 
 from __future__ import annotations
