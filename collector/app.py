@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,7 @@ from collector.http.auth import Tokens, load_tokens
 from collector.http.host import RouteHook
 from collector.http.metrics import FleetCollector, SelfMetrics
 from collector.http.routes import build_app, build_metrics_app
-from collector.ingest.mqtt import MqttIngest, ack_step
+from collector.ingest.mqtt import MqttIngest
 from collector.ingest.nats import NatsIngest
 from collector.ingest.source import Message
 from collector.ingest.source import Source as IngestSource
@@ -391,7 +391,7 @@ class Collector:
         ingest, process = self.ingest, self.process
         while True:
             batch = await ingest.batches()
-            step = ack_step(len(batch))
+            step = ingest.ack_every(len(batch))
             acked = 0
             for n, item in enumerate(batch, 1):
                 try:
@@ -421,11 +421,19 @@ class Collector:
         interval = self.cfg.state.eval_interval_s
         while True:
             await asyncio.sleep(interval)
-            self.evaluate()
+            for _ in self._evaluation():
+                await asyncio.sleep(0)  # ingest runs between slices: the round is too long to hold the loop
             self.supervisor.progress("tick")
 
     def evaluate(self) -> None:
-        """One evaluation round: notice a step of the host clock first, then the time-driven conditions."""
+        """One whole evaluation round at once (the ticker lets ingest run between its slices)."""
+        for _ in self._evaluation():
+            pass
+
+    def _evaluation(self) -> Iterator[None]:
+        """One evaluation round, pausing after each slice of the fleet: notice a step of the host clock first,
+        then the time-driven conditions. A round that stops hearing the broker midway leaves the rest (the next
+        round starts deaf)."""
         now = self.clock()
         jump = self.clock_watch.check(now, self.monotonic())
         if jump:
@@ -456,7 +464,11 @@ class Collector:
                 # its own): upstream_missing gets its full grace from now, as silence does.
                 for feed in self.fleet.feeds.values():
                     feed.alive_since = max(feed.alive_since, now + grace)
-        self._emit(self.fleet.tick(now))
+        for out in self.fleet.tick_slices(now):
+            self._emit(out)
+            yield
+            if not self.hearing():
+                return
 
     def hearing(self) -> bool:
         """True while subscribed to the broker: only then is a terminal's silence evidence about the terminal."""

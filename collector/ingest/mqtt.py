@@ -6,7 +6,8 @@
   between receive and processing makes the broker redeliver instead of losing it.
 - Acknowledgements slide: they go out in small groups as messages are applied (`ack_step`), not once per batch.
   A broker lets only a window of unacknowledged messages be in flight (Mosquitto 20 by default, EMQX 32):
-  acking a whole batch at its end left that window empty while the batch was applied.
+  acking a whole batch at its end left that window empty while the batch was applied. The group size follows
+  the widest window the broker has used on the connection (the most messages queued here at once).
 - No network thread: the socket is read by a loop reader callback, keepalive runs on a loop timer, and only
   the blocking connect (TCP, TLS handshake) goes to a worker thread. With paho's own thread, every round trip
   of a small window cost two thread wake-ups and a wait for the GIL (up to the 5 ms switch interval) while the
@@ -38,23 +39,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from collector.config import MqttConfig
 from collector.ingest.pahofast import BufferedClient
-from collector.ingest.source import IngestMetrics, take_batch
+from collector.ingest.source import IngestMetrics, ack_step, take_batch
 
-__all__ = ["FailureLog", "Inbound", "MqttIngest", "PahoLog", "ack_step"]
+__all__ = ["FailureLog", "Inbound", "MqttIngest", "PahoLog"]
 
 log = logging.getLogger(__name__)
-
-
-def ack_step(batch_size: int) -> int:
-    """How many applied messages to acknowledge at a time within a batch of `batch_size`.
-
-    A batch is at most what the broker's window let through. Behind a small window (Mosquitto's 20, EMQX's 32)
-    every message is acknowledged as soon as it is applied, which keeps the window as full as "ack after apply"
-    allows (one send() each, ~2 µs; the CPU per message measured the same as in groups of 5); in the large
-    batches of a wide window or a backlog, one send() per 1/16 of the batch (at most 64 messages, which also
-    bounds what a crash makes the broker redeliver) keeps the cost under ~0.1 µs per message.
-    """
-    return max(1, min(64, batch_size // 16))
 
 
 class FailureLog:
@@ -151,6 +140,9 @@ class MqttIngest:
         self._accepted = False  # ... at some point since the last reconnect attempt (resets the backoff)
         self._fd = -1  # the socket's file descriptor while the loop watches it
         self._paused = False  # reading stopped: the queue is full
+        # The most messages queued here at once on this connection: a lower bound of the broker's in-flight window
+        # (everything queued is unacknowledged), which sets how many applied messages are acknowledged together.
+        self.window = 0
         self._last_in = 0.0  # monotonic time the socket last had something to read (messages, PINGRESP)
         # How often keepalive and the silence check run: fine enough that a dead link is dropped within
         # 1.5 x keepalive (the check sees silence at most one tick late).
@@ -257,6 +249,7 @@ class MqttIngest:
             return
         self._fd = sock.fileno()
         self._paused = False
+        self.window = 0  # a new connection, perhaps to another broker: its window is learnt again
         self._last_in = time.monotonic()
         self.loop.add_reader(self._fd, self._readable)
         self._after_io()
@@ -381,9 +374,15 @@ class MqttIngest:
         """Wait for messages and take up to `max_batch` of them."""
         queue = self._queue
         batch = await take_batch(queue, self._ready, max_batch)
+        if len(batch) + len(queue) > self.window:
+            self.window = len(batch) + len(queue)
         self._resume()
         self.metrics.queue_depth.set(len(queue))
         return batch
+
+    def ack_every(self, _batch_size: int) -> int:
+        """How many applied messages to acknowledge at a time (`ack_step` of the widest window seen)."""
+        return ack_step(self.window)
 
     def ack(self, items: list[Inbound]) -> None:
         """Acknowledge processed QoS 1 messages to the broker, in one write (none while disconnected: the broker

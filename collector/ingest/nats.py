@@ -42,7 +42,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from collector.cluster.partition import topic_of
 from collector.cluster.streams import FEED_SUBJECT, MQTT_MESSAGES_STREAM, stream_configs
 from collector.config import NatsConfig
-from collector.ingest.source import IngestMetrics, take_batch
+from collector.ingest.source import IngestMetrics, ack_step, take_batch
 
 __all__ = ["FEED", "NatsInbound", "NatsIngest", "connect_options", "inbound", "next_cseq"]
 
@@ -604,6 +604,12 @@ class NatsIngest:
             self._space.set()
         self.metrics.queue_depth.set(len(queue))
         return batch
+
+    @staticmethod
+    def ack_every(batch_size: int) -> int:
+        """How many applied messages to record as acknowledged at a time: a batch is at most what the consumer's
+        ack window let through."""
+        return ack_step(batch_size)
 
     def ack(self, items: list[NatsInbound]) -> None:
         """Record applied messages: the last of each partition is acknowledged (AckPolicy.ALL covers the rest)."""

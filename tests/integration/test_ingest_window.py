@@ -26,7 +26,8 @@ from prometheus_client import CollectorRegistry
 from collector.app import Collector
 from collector.config import Config, MqttConfig
 from collector.http.metrics import SelfMetrics
-from collector.ingest.mqtt import MqttIngest, ack_step
+from collector.ingest.mqtt import MqttIngest
+from collector.ingest.source import ack_step
 from tests.harness.core import Process, free_port, port_open, require_binary, wait_until
 
 pytestmark = pytest.mark.integration

@@ -19,6 +19,7 @@ from collector.fleet.detect import CONDITIONS, SEVERITY
 from collector.fleet.protocol import Hardware, Heartbeat, Net, Power, Status, UpstreamBatch, UpstreamTxn
 from collector.fleet.registry import Registry, RegistryEntry
 from collector.fleet.state import Fleet, HeartbeatResult, Terminal, Transition, classify
+from collector.http.metrics import SparseLines, render_sparse, take_view
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 T0 = 1_764_510_000.0
@@ -202,3 +203,27 @@ def test_classify_is_decided_by_seq_and_arrival_never_by_ts(first: Heartbeat, se
         since = (T0 + gap) - T0  # as the fleet sees it, after rounding
         if not 0 <= since <= max(first.interval_s, second.interval_s):
             assert verdict is HeartbeatResult.REBOOT, "evidence of age only counts within one interval"
+
+
+@SETTINGS
+@given(ops=ops, registered=st.booleans(), cap=st.integers(1, 12), relabel=st.lists(st.integers(0, 20), max_size=4))
+def test_text_kept_between_scrapes_is_the_text_formatted_afresh(
+    ops: list[tuple[float, Any]], registered: bool, cap: int, relabel: list[int]
+) -> None:
+    """/metrics keeps each problem site's and terminal's text between scrapes (collector.http.metrics.SparseLines);
+    scraped after every step, including registry reloads that move terminals to other sites and merchants, it is
+    the text a first scrape would format."""
+    registry = REG if registered else Registry({})
+    moved = Registry({tid: RegistryEntry.of(tid, "M7", e.acquirer, "P400", "s9", "r")
+                      for tid, e in REG.entries.items()})
+    fleet = Fleet(CFG, started_at=T0, registry=registry)
+    kept = SparseLines()
+    now, out = T0, []
+    for n, (gap, op) in enumerate(ops):
+        now += gap
+        if op[0] == "tick":
+            now += op[1]
+        apply(fleet, op, now, out)
+        if n in relabel and registered:
+            fleet.set_registry(moved if fleet.registry is REG else REG)
+        assert render_sparse(take_view(fleet, cap, now, kept)) == render_sparse(take_view(fleet, cap, now))

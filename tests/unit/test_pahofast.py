@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from collector.ingest.mqtt import ack_step
 from collector.ingest.pahofast import BufferedClient
+from collector.ingest.source import ack_step
 
 
 @pytest.fixture
@@ -170,10 +170,10 @@ def test_a_packet_split_across_reads_is_reassembled(linked: tuple[BufferedClient
 
 
 @pytest.mark.parametrize(
-    ("batch", "step"), [(1, 1), (20, 1), (32, 2), (100, 6), (1000, 62), (2000, 64)],
+    ("window", "step"), [(1, 1), (20, 1), (32, 2), (100, 6), (1000, 62), (2000, 64)],
 )
-def test_ack_step_keeps_a_small_window_full(batch: int, step: int) -> None:
-    assert ack_step(batch) == step
+def test_ack_step_keeps_a_small_window_full(window: int, step: int) -> None:
+    assert ack_step(window) == step
 
 
 # ---- the fast PUBLISH path (on_buffered_publish) against paho's own -----------------------------------------

@@ -7,6 +7,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collector.config import Config
 from collector.fleet.protocol import Heartbeat, Status, UpstreamBatch, UpstreamTxn
@@ -571,3 +573,51 @@ def test_streak_pairs_set_get_and_remove() -> None:
     assert s == ("upload_backlog", 2, "weak_signal", 2)
     assert with_streak(with_streak(s, "weak_signal", 0), "upload_backlog", 0) is None
     assert streak_pairs({"a": 1, "b": 2}) == ("a", 1, "b", 2) and streak_pairs({}) is None and streak_pairs(()) is None
+
+
+# ---- an evaluation round in slices (the collector lets ingest run between them) ---------------------------
+
+SLICED_REG = Registry({f"S{i}": RegistryEntry.of(f"S{i}", f"M{i}", "acq", "A920", f"s{i % 3}", "r") for i in range(12)})
+
+
+def sliced_fleet(ages: list[float], faults: list[bool], now: float) -> Fleet:
+    """Twelve registered terminals, the i-th last heard `ages[i]` seconds before `now` (those with a fault report a
+    broken printer); the rest of the registry never spoke."""
+    fleet = Fleet(CFG, started_at=T0, registry=SLICED_REG)
+    for i, (age, fault) in enumerate(zip(ages, faults, strict=False)):
+        hw = {"printer": "fault" if fault else "ok", "display": "ok", "card_reader": "ok"}
+        fleet.on_heartbeat(beat(f"S{i}", ts=now - age, mid=f"M{i}", hw=hw), now - age, [])
+    return fleet
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ages=st.lists(st.sampled_from([5.0, 60.0, 89.0, 91.0, 200.0, 4000.0]), max_size=12),
+    faults=st.lists(st.booleans(), min_size=12, max_size=12),
+    size=st.integers(1, 13),
+)
+def test_a_round_in_slices_is_the_round_at_once(ages: list[float], faults: list[bool], size: int) -> None:
+    now = T0 + 5000
+    whole, sliced = sliced_fleet(ages, faults, now), sliced_fleet(ages, faults, now)
+    sliced.tick_slice = size
+    parts = list(sliced.tick_slices(now))
+    assert len(parts) == -(-len(sliced.terminals) // size) + 1, "one part per slice, then the fleet-wide part"
+    assert [tr for part in parts for tr in part] == whole.tick(now)
+    assert sliced.counts == whole.counts and sliced.problem == whole.problem
+
+
+def test_terminals_that_leave_between_slices_are_skipped_and_new_ones_wait() -> None:
+    now = T0 + 5000
+    fleet = sliced_fleet([4000.0] * 4, [False] * 4, now)  # S0-S3 long silent, S4-S11 never heard: all offline now
+    fleet.tick_slice = 2
+    round_ = fleet.tick_slices(now)
+    first = next(round_)
+    assert sorted(tr.tid for tr in first) == ["S0", "S1"]
+    gone = fleet.release(lambda tid: tid in {"S2", "S11"})  # a partition handed over meanwhile
+    assert [t.tid for t in gone] == ["S2", "S11"]
+    out: list[Transition] = []
+    fleet.on_heartbeat(beat("X9", ts=now - 100, mid="M9"), now - 100, out)  # a terminal first heard meanwhile
+    rest = [tr.tid for part in round_ for tr in part if tr.condition == "offline"]
+    assert "S2" not in rest and "S11" not in rest and "X9" not in rest
+    assert sorted(rest) == sorted(f"S{i}" for i in (3, 4, 5, 6, 7, 8, 9, 10))
+    assert {k: v for k, v in fleet.recount().counts.items() if v} == {k: v for k, v in fleet.counts.items() if v}

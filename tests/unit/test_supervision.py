@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,16 +140,16 @@ async def test_a_dying_tick_makes_the_collector_not_ready_and_recovers(tmp_path:
         assert all(sample(c, "posfleet_task_restarts_total", task=t) == 0
                    for t in ("consume", "tick", "snapshot", "registry")), "pre-initialised"
         await asyncio.to_thread(wait_until, lambda: not c.readiness_problems(), 10, "ready")
-        real_tick, failing, good_rounds = c.fleet.tick, True, 0
+        real_tick, failing, good_rounds = c.fleet.tick_slices, True, 0
 
-        def tick(now: float) -> list[Transition]:
+        def tick(now: float) -> Iterator[list[Transition]]:
             nonlocal good_rounds
             if failing:
                 raise RuntimeError("detection bug")
             good_rounds += 1
             return real_tick(now)
 
-        c.fleet.tick = tick  # type: ignore[method-assign]
+        c.fleet.tick_slices = tick  # type: ignore[method-assign]
         url = f"http://127.0.0.1:{c.http_port}/readyz"
         _status, body = await asyncio.to_thread(
             wait_until, lambda: (r := http_get(url))[0] == 503 and r, 10, "/readyz reporting the dead tick"
@@ -170,10 +171,10 @@ async def test_a_task_that_cannot_stay_up_ends_run_collector_non_zero(
     tmp_path: Path, mosquitto: Process, caplog: pytest.LogCaptureFixture
 ) -> None:
     def sabotage(c: Collector) -> None:
-        def tick(now: float) -> list[Transition]:
+        def tick(now: float) -> Iterator[list[Transition]]:
             raise RuntimeError("detection bug")
 
-        c.fleet.tick = tick  # type: ignore[method-assign]
+        c.fleet.tick_slices = tick  # type: ignore[method-assign]
 
     policy = RestartPolicy(backoff_min_s=0.01, backoff_max_s=0.02, max_failures=4, window_s=300)
     code = await asyncio.wait_for(
@@ -338,6 +339,26 @@ def test_a_short_outage_gives_a_short_grace() -> None:
     assert host.offline() == set()
     host.advance(INTERVAL, beating=("T1",))  # 120 s
     assert host.offline() == {"T2", "T3"}
+
+
+def test_a_round_that_stops_hearing_midway_leaves_the_rest() -> None:
+    """The ticker runs a round in slices with ingest in between; losing the broker meanwhile ends the round there:
+    the rest of the fleet's silence is no longer evidence (the next round starts deaf)."""
+    host = Host()
+    host.advance(4 * INTERVAL)
+    host.c.fleet.tick_slice = 1
+    host.wall += 4 * INTERVAL  # 120 s of silence since the last round: every terminal is due offline in this one
+    host.mono += 4 * INTERVAL
+    round_ = host.c._evaluation()
+    next(round_)
+    assert len(host.offline()) == 1
+    host.hears = False
+    assert list(round_) == []
+    assert len(host.offline()) == 1
+    host.hears = True
+    host.advance(2)  # a whole round again, after a grace as long as the (short) outage
+    host.advance(4, beating=())
+    assert host.offline() == {"T1", "T2", "T3"}
 
 
 def test_a_clock_jump_during_the_reconnect_grace_keeps_what_is_left_of_it() -> None:
