@@ -322,6 +322,12 @@ class Fleet:
         # (acquirer, site) -> active conditions of its terminals, only sites with at least one: what /metrics
         # renders per site, so its size follows problems and not the number of sites.
         self.problem_sites: dict[tuple[str, str], int] = {}
+        # Problem site or terminal -> when what /metrics shows of it (counts; conditions and labels) last changed,
+        # a running number (`changes`): /metrics formats its lines again only when that moved
+        # (collector.http.metrics.SparseLines). Problem sites and terminals only.
+        self.changes = 0
+        self.site_changes: dict[tuple[str, str], int] = {}
+        self.terminal_changes: dict[str, int] = {}
         # Sites whose known, shutdown or offline count changed since the last tick: the only ones (with their
         # acquirers and those mid-hysteresis) whose mass-offline condition the tick evaluates, O(changes).
         self.mass_dirty: set[tuple[str, str]] = set()
@@ -415,9 +421,12 @@ class Fleet:
             self.acquirer_counts[(acq, cond)] += n
             if not cond.startswith("_") and n:
                 self.problem_sites[(acq, site)] = self.problem_sites.get((acq, site), 0) + n
+        self.changes += 1  # every count made again, terminals perhaps relabelled
+        self.site_changes = dict.fromkeys(self.problem_sites, self.changes)
         # A relabel can move terminals between sites: every site, and every one with a mass state, is judged again.
         self.mass_dirty = {(acq, site) for acq, site, _ in self.counts} | {(a, s) for _, a, s in self.mass if s}
         self.problem = again.problem
+        self.terminal_changes = dict.fromkeys(self.problem, self.changes)
         self.versions = Counter(again.versions)
         self.unregistered_seen = sum(1 for t in self.terminals.values() if t.acquirer == UNKNOWN)
 
@@ -467,6 +476,8 @@ class Fleet:
             else:
                 self.versions_uncounted.add(t.tid)
                 self.refused["versions"] += 1
+        if t.conds and model != t.model:
+            self._shown_changed(t)
         t.model, t.app_version = model, version
 
     def feed_allowed(self, acquirer: str) -> bool:
@@ -489,13 +500,18 @@ class Fleet:
         self.acquirer_counts[(acq, cond)] += delta
         if cond in _MASS_INPUTS:
             self.mass_dirty.add((acq, site))
+        key = (acq, site)
         if not cond.startswith("_"):
-            key = (acq, site)
             left = self.problem_sites.get(key, 0) + delta
             if left > 0:
                 self.problem_sites[key] = left
             else:
                 self.problem_sites.pop(key, None)
+        if key in self.problem_sites:
+            self.changes += 1
+            self.site_changes[key] = self.changes
+        elif self.site_changes:
+            self.site_changes.pop(key, None)
 
     # ---- conditions -----------------------------------------------------------------------------------
     def _raise(self, t: Terminal, cond: str, severity: str, detail: str, now: float, out: list[Transition]) -> None:
@@ -503,6 +519,7 @@ class Fleet:
             t.conds = {}
             self.problem.add(t.tid)
         t.conds[cond] = Active(now, severity, detail)
+        self._shown_changed(t)
         self._count(t.acquirer, t.site, cond, 1)
         out.append(Transition(t.tid, cond, True, now, severity, detail))
 
@@ -512,6 +529,9 @@ class Fleet:
         if not t.conds:
             t.conds = None
             self.problem.discard(t.tid)
+            self.terminal_changes.pop(t.tid, None)
+        else:
+            self._shown_changed(t)
         self._count(t.acquirer, t.site, cond, -1)
         out.append(Transition(t.tid, cond, False, now, active.severity, active.detail))
 
@@ -519,6 +539,12 @@ class Fleet:
         """Severity or detail changed while active: keep `since`."""
         assert t.conds is not None
         t.conds[cond] = Active(t.conds[cond].since, hit[0], hit[1])
+        self._shown_changed(t)
+
+    def _shown_changed(self, t: Terminal) -> None:
+        """What /metrics shows of a problem terminal (its conditions or labels) changed."""
+        self.changes += 1
+        self.terminal_changes[t.tid] = self.changes
 
     def _observe(self, t: Terminal, raw: Raw, now: float, out: list[Transition]) -> None:
         """Count-based hysteresis for heartbeat-driven conditions."""
@@ -658,6 +684,8 @@ class Fleet:
             t.mid = sys.intern(hb.mid)  # ids and versions repeat across the fleet: share one string each
             if t.acquirer == UNKNOWN:
                 t.merchant = t.mid
+                if t.conds:
+                    self._shown_changed(t)
         model, version = hb.model or t.model, hb.app_version or t.app_version
         if (model, version) != (t.model, t.app_version):
             self._set_version(

@@ -131,6 +131,7 @@ class FleetView:
     # (on the loop, between yields): one chunk's figures are from one moment, another chunk's a moment later.
     sites: list[tuple[str, str]]
     site_counts: Mapping[tuple[str, str, str], int]
+    site_changes: Mapping[tuple[str, str], int]  # problem site -> when its counts last changed (Fleet.site_changes)
     sites_dropped: int
     mass: list[tuple[str, str, str, float]]  # active mass-offline: (scope, acquirer, site, since)
     versions: list[tuple[tuple[str, str, str], int]]
@@ -142,6 +143,7 @@ class FleetView:
     # cleared meanwhile is left out.
     problem_ids: list[str]
     terminals: Mapping[str, Terminal]
+    terminal_changes: Mapping[str, int]  # problem terminal -> when its lines last changed (Fleet.terminal_changes)
     cap: int
     problems_dropped: int
     baselines: dict[str, int] = field(default_factory=dict)  # activity baselines by state
@@ -169,6 +171,7 @@ def take_view(fleet: Fleet, cap: int, now: float, lines: SparseLines | None = No
         acquirer_counts=acq_counts,
         sites=problem_sites[:cap],
         site_counts=fleet.counts,
+        site_changes=fleet.site_changes,
         sites_dropped=max(0, len(problem_sites) - cap),
         mass=sorted(fleet.mass_offline()),
         versions=[(k, n) for k, n in fleet.versions.items() if n],
@@ -177,6 +180,7 @@ def take_view(fleet: Fleet, cap: int, now: float, lines: SparseLines | None = No
         refused=dict(fleet.refused),
         problem_ids=list(fleet.problem),
         terminals=fleet.terminals,
+        terminal_changes=fleet.terminal_changes,
         cap=cap,
         baselines={**fleet.activity.counts(), "restore_problems": fleet.activity.restore_problems},
         volumes=_every_acquirer(fleet.activity.volume_view(now), with_feed),
@@ -380,42 +384,50 @@ class SparseLines:
     what it shows changed.
 
     At the series cap (5,000 problems on 2,000 sites) formatting took ~22 ms of every scrape: a scraper asking
-    every 0.25 s (the peer benchmark's) spent a tenth of a core on it. A site's lines are kept with the counts
-    they show; a terminal's with its labels and a copy of its conditions (`Active` is frozen: a changed condition
-    is a new object, and the copy compares by identity when nothing changed). Only what the last scrapes showed is
-    kept: at most twice the sites and terminals of one scrape, so the series cap bounds it too.
+    every 0.25 s (the peer benchmark's) spent a tenth of a core on it. Each site's and terminal's lines are kept
+    with when what they show last changed (`Fleet.site_changes` and `Fleet.terminal_changes`: a running number
+    the fleet moves on every count, condition or label change), so a scrape only looks that number up for each.
+    Only what the last scrapes showed is kept: at most twice the sites and terminals of one scrape, so the series
+    cap bounds it too.
     """
 
     def __init__(self) -> None:
-        # (acquirer, site) -> (its count keys, the counts shown, condition lines, known line)
-        self._sites: dict[tuple[str, str], tuple[tuple[tuple[str, str, str], ...], tuple[int | None, ...], bytes,
-                                                 bytes]] = {}
-        # terminal id -> (labels shown, conditions shown, problem lines, since lines)
-        self._terminals: dict[str, tuple[tuple[str, str, str, str | None], dict[str, Active], bytes, bytes]] = {}
+        # (acquirer, site) -> (when its counts last changed, condition lines, known line)
+        self._sites: dict[tuple[str, str], tuple[int, bytes, bytes]] = {}
+        # terminal id -> (when its lines last changed, the terminal object, problem lines, since lines): a restored
+        # or adopted terminal is a new object
+        self._terminals: dict[str, tuple[int, Terminal, bytes, bytes]] = {}
 
-    def site(self, acq: str, site: str, counts: Mapping[tuple[str, str, str], int]) -> tuple[bytes, bytes]:
-        """The site's `posfleet_site_condition_terminals` lines and its `posfleet_site_terminals` line."""
+    def site(self, acq: str, site: str, counts: Mapping[tuple[str, str, str], int], changed: int | None
+             ) -> tuple[bytes, bytes]:
+        """The site's `posfleet_site_condition_terminals` lines and its `posfleet_site_terminals` line; `changed`
+        is when its counts last changed (`Fleet.site_changes`)."""
         kept = self._sites.get((acq, site))
-        keys = kept[0] if kept is not None else tuple((acq, site, c) for c in _SITE_KEYS)
-        values = tuple(map(counts.get, keys))  # None for a count never made (in C: no generator per site)
-        if kept is not None and kept[1] == values:
-            return kept[2], kept[3]
+        if kept is not None and changed is not None and kept[0] == changed:
+            return kept[1], kept[2]
+        values = [counts.get((acq, site, c), 0) for c in _SITE_KEYS]
         head = f'{{acquirer="{_v(acq)}",site="{_v(site)}"'
         conds = "".join(f'posfleet_site_condition_terminals{head},condition="{cond}"}} {n}\n'
-                        for cond, n in zip(CONDITIONS, values, strict=False) if n).encode()
-        known = f"posfleet_site_terminals{head}}} {values[-1] or 0}\n".encode()
-        self._sites[(acq, site)] = (keys, values, conds, known)
+                        for cond, n in zip(CONDITIONS, values, strict=False) if n > 0).encode()
+        known = f"posfleet_site_terminals{head}}} {values[-1]}\n".encode()
+        if changed is not None:
+            self._sites[(acq, site)] = (changed, conds, known)
         return conds, known
 
-    def terminal(self, tid: str, t: Terminal, active: dict[str, Active]) -> tuple[bytes, bytes]:
-        """The terminal's `posfleet_terminal_problem` and `..._since_seconds` lines, one per active condition."""
-        labels = (t.merchant, t.acquirer, t.site, t.model)
+    def terminal(self, tid: str, t: Terminal, changed: int | None) -> tuple[bytes, bytes]:
+        """The terminal's `posfleet_terminal_problem` and `..._since_seconds` lines, one per active condition;
+        `changed` is when they last changed (`Fleet.terminal_changes`)."""
         kept = self._terminals.get(tid)
-        if kept is not None and kept[0] == labels and kept[1] == active:
+        if kept is not None and changed is not None and kept[0] == changed and kept[1] is t:
             return kept[2], kept[3]
-        problem, since = _terminal_lines(tid, t, active.items())
-        self._terminals[tid] = (labels, dict(active), problem, since)
+        problem, since = _terminal_lines(tid, t, (t.conds or {}).items())
+        if changed is not None:
+            self._terminals[tid] = (changed, t, problem, since)
         return problem, since
+
+    def terminals(self) -> set[str]:
+        """The terminals whose text is kept."""
+        return set(self._terminals)
 
     def keep_only(self, sites: list[tuple[str, str]], tids: list[str]) -> None:
         """Forget what this scrape did not show, once more than twice as much is kept."""
@@ -432,13 +444,13 @@ def _terminal_lines(tid: str, t: Terminal, conds: Iterable[tuple[str, Active]]) 
         f'{{terminal_id="{_v(tid)}",merchant_id="{_v(t.merchant)}",acquirer="{_v(t.acquirer)}",'
         f'site="{_v(t.site)}",model="{_v(t.model or "")}",condition="'
     )
-    problem, since = [], []
+    problem = since = ""  # a terminal has one or two conditions: adding strings beats a list and a join
     for cond, a in conds:
-        labels = f'{head}{_v(cond)}",severity="{_v(a.severity)}",detail="{_v(a.detail)}"}}'
-        problem.append(f"posfleet_terminal_problem{labels} 1\n")
-        since.append(f'posfleet_terminal_problem_since_seconds{{terminal_id="{_v(tid)}",condition="{_v(cond)}"}} '
-                     f"{a.since:.3f}\n")
-    return "".join(problem).encode(), "".join(since).encode()
+        problem += (f'posfleet_terminal_problem{head}{_v(cond)}",severity="{_v(a.severity)}",'
+                    f'detail="{_v(a.detail)}"}} 1\n')
+        since += (f'posfleet_terminal_problem_since_seconds{{terminal_id="{_v(tid)}",condition="{_v(cond)}"}} '
+                  f"{a.since:.3f}\n")
+    return problem.encode(), since.encode()
 
 
 def _sparse_chunks(view: FleetView, out: list[bytes]) -> Iterator[None]:
@@ -448,15 +460,15 @@ def _sparse_chunks(view: FleetView, out: list[bytes]) -> Iterator[None]:
     (join it to `posfleet_terminal_problem` for the rest): the full label set twice per problem would put 2,000
     problems alone near the 1 MB budget."""
     conds, known = [_SITE_HEADERS[0].encode()], [_SITE_HEADERS[1].encode()]
-    counts, lines = view.site_counts, view.lines
+    counts, changes, lines = view.site_counts, view.site_changes, view.lines
     for i, (acq, site) in enumerate(view.sites, 1):
-        site_conds, site_known = lines.site(acq, site, counts)
+        site_conds, site_known = lines.site(acq, site, counts, changes.get((acq, site)))
         conds.append(site_conds)
         known.append(site_known)
         if i % CHUNK == 0:
             yield
     problem, since = [_HEADER.encode()], [_SINCE_HEADER.encode()]
-    emitted, cap, terminals = 0, view.cap, view.terminals
+    emitted, cap, terminals, changes_t = 0, view.cap, view.terminals, view.terminal_changes
     shown = []
     for i, tid in enumerate(view.problem_ids, 1):
         t = terminals.get(tid)
@@ -468,7 +480,7 @@ def _sparse_chunks(view: FleetView, out: list[bytes]) -> Iterator[None]:
             problem.append(text)
             since.append(since_text)
             break
-        text, since_text = lines.terminal(tid, t, active)
+        text, since_text = lines.terminal(tid, t, changes_t.get(tid))
         problem.append(text)
         since.append(since_text)
         shown.append(tid)

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import subprocess
 
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.config import Config
+from collector.fleet.protocol import Heartbeat
 from collector.fleet.registry import Registry, RegistryEntry
 from collector.fleet.state import Active, Fleet, Terminal
-from collector.http.metrics import FleetCollector, SelfMetrics, render_problem_series
+from collector.http.metrics import (
+    FleetCollector,
+    SelfMetrics,
+    SparseLines,
+    render_problem_series,
+    render_sparse,
+    take_view,
+)
 from tests.harness.core import require_binary
 
 T0 = 1_764_510_000.0
@@ -76,3 +85,73 @@ def test_prometheus_own_checker_accepts_the_hostile_exposition() -> None:
                             capture_output=True, timeout=30)
     # promtool exits 1 for lint hints (e.g. counter names) as well; only parse errors matter here.
     assert b"error while linting" not in result.stderr and b"parse" not in result.stderr.lower(), result.stderr
+
+
+# ---- text kept between scrapes (collector.http.metrics.SparseLines) ------------------------------------------
+
+
+def _beat(tid: str, seq: int, **over: object) -> Heartbeat:
+    base: dict[str, object] = {
+        "tid": tid, "ts": T0 + seq, "seq": seq, "interval_s": 30, "txn_count": 0, "uploaded_count": 0,
+        "queue_depth": 0, "oldest_queued_ts": None, "mid": "M1", "model": "A920", "app_version": "3.1.0",
+        "hw": {"printer": "ok", "display": "ok", "card_reader": "ok"},
+    }
+    base.update(over)
+    return msgspec.convert(base, Heartbeat)
+
+
+class Scrapes:
+    """A fleet scraped again and again through one SparseLines, as FleetCollector does."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.fleet = Fleet(Config(), started_at=T0, registry=registry)
+        self.kept = SparseLines()
+        self.seq = 0
+
+    def beat(self, tid: str, times: int = 1, **over: object) -> None:
+        for _ in range(times):
+            self.seq += 1
+            self.fleet.on_heartbeat(_beat(tid, self.seq, **over), T0 + self.seq, [])
+
+    def scrape(self) -> str:
+        kept = render_sparse(take_view(self.fleet, 5000, T0 + self.seq, self.kept)).decode()
+        assert kept == render_sparse(take_view(self.fleet, 5000, T0 + self.seq)).decode(), "the kept text is stale"
+        assert self.kept.terminals() == self.fleet.problem, "every problem terminal's text is kept"
+        return kept
+
+
+def test_a_condition_whose_detail_changes_is_shown_with_the_new_detail() -> None:
+    s = Scrapes(Registry({"T1": RegistryEntry.of("T1", "M1", "acq", "A920", "s1", "r")}))
+    s.beat("T1", 5, hw={"printer": "paper_out", "display": "ok", "card_reader": "ok"})
+    assert 'detail="printer_paper_out"' in s.scrape()
+    s.beat("T1", hw={"printer": "fault", "display": "ok", "card_reader": "ok"})
+    assert 'detail="printer_fault"' in s.scrape()
+    s.beat("T1", 3, hw={"printer": "fault", "display": "fault", "card_reader": "ok"}, net={"rssi_dbm": -120})
+    assert 'condition="weak_signal"' in s.scrape()  # a second condition
+    s.beat("T1", 3, hw={"printer": "fault", "display": "fault", "card_reader": "ok"}, net={"rssi_dbm": -60})
+    assert 'condition="weak_signal"' not in s.scrape()  # ... and cleared while the first stays
+
+
+def test_an_unregistered_terminal_that_changes_merchant_or_model_is_shown_with_the_new_labels() -> None:
+    s = Scrapes(Registry({"T1": RegistryEntry.of("T1", "M1", "acq", "A920", "s1", "r")}))
+    s.beat("X1", 2, mid="M5", model="A920")
+    assert 'terminal_id="X1",merchant_id="M5",acquirer="unknown",site="unknown",model="A920"' in s.scrape()
+    s.beat("X1", mid="M6", model="A920")
+    assert 'merchant_id="M6"' in s.scrape()
+    s.beat("X1", mid="M6", model="P400")
+    assert 'model="P400",condition="unregistered"' in s.scrape()
+
+
+def test_a_registry_reload_that_moves_terminals_between_problem_sites_is_shown() -> None:
+    before = Registry({tid: RegistryEntry.of(tid, "M1", "acq", "A920", site, "r")
+                       for tid, site in (("T1", "s1"), ("T2", "s1"), ("T3", "s2"))})
+    after = Registry({tid: RegistryEntry.of(tid, "M1", "acq", "A920", site, "r")
+                      for tid, site in (("T1", "s1"), ("T2", "s2"), ("T3", "s2"))})
+    s = Scrapes(before)
+    for tid in ("T1", "T2", "T3"):
+        s.beat(tid, 5, hw={"printer": "fault", "display": "ok", "card_reader": "ok"})
+    assert 'posfleet_site_terminals{acquirer="acq",site="s1"} 2' in s.scrape()
+    s.fleet.set_registry(after)
+    text = s.scrape()
+    assert 'posfleet_site_terminals{acquirer="acq",site="s1"} 1' in text
+    assert 'terminal_id="T2",merchant_id="M1",acquirer="acq",site="s2"' in text

@@ -108,6 +108,8 @@ def check_invariants(fleet: Fleet, registry: Registry) -> None:
     assert nonzero(fleet.counts) == nonzero(again.counts)
     assert all(v >= 0 for v in fleet.counts.values())
     assert fleet.problem == again.problem
+    # What /metrics keeps text for is numbered for problem terminals and sites only (bounded by problems).
+    assert set(fleet.terminal_changes) == fleet.problem and set(fleet.site_changes) == set(fleet.problem_sites)
     assert dict(fleet.versions) == again.versions and 0 not in fleet.versions.values()
     assert len(fleet.terminals) <= len(registry.entries) + fleet.max_unregistered
     assert len(fleet.versions) <= fleet.max_versions
