@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import BrowserContext, Page, async_playwright, expect
+from playwright.async_api import BrowserContext, Page, Route, async_playwright, expect
 
 from collector.sim.simulator import Simulator, make_fleet
 from tests.harness.core import ROOT, Process, require_binary, wait_until
@@ -137,13 +137,25 @@ async def test_support_page(tmp_path: Path, mosquitto: Process, browser: Browser
             assert "condition=offline" in page.url
             await expect(page.locator("#fleet-table tbody tr")).to_have_count(1)
             await expect(page.locator(f'#fleet-table tr[data-terminal="{OFFLINE}"]')).to_be_visible()
+            # Three filters changed faster than the list reloads (each answer held back 0.4 s, as on a busy
+            # collector): every choice is kept, and no older answer replaces the newest.
+            async def held_back(route: Route) -> None:
+                await asyncio.sleep(0.4)
+                await route.continue_()
+
+            def is_list(u: str) -> bool:
+                return "/api/v1/terminals?" in u
+
+            await page.route(is_list, held_back)
             await page.select_option("#f-condition", "")
             await page.select_option("#f-acquirer", "acq-a")
             site = sorted({s.site for s in specs if s.acquirer == "acq-a"})[1]
             await page.select_option("#f-site", site)
             listed = await asyncio.to_thread(get_json, port, f"/api/v1/terminals?acquirer=acq-a&site={site}")
             expected = {t["terminal_id"] for t in listed["terminals"]}
+            await expect(page).to_have_url(re.compile(rf"#/fleet\?acquirer=acq-a&site={re.escape(site)}$"))
             await expect(page.locator("#fleet-table tbody tr")).to_have_count(len(expected))
+            await page.unroute(is_list, held_back)
             shown = await page.locator("#fleet-table tbody tr").evaluate_all(
                 "rows => rows.map(r => r.dataset.terminal)")
             assert set(shown) == expected

@@ -305,18 +305,28 @@ function terminalTable(terminals, id) {
 }
 
 let facets = null;
+let navigations = 0; // counted by route(): a fleet view still loading for an older one must not replace the newer
 
 async function showFleet(params) {
   const condition = params.get("condition") || "";
   const acquirer = params.get("acquirer") || "";
   const site = params.get("site") || "";
   const offset = Math.max(0, parseInt(params.get("offset") || "0", 10) || 0);
+  const asked = navigations;
   try {
     if (!facets) facets = await api("/api/v1/support/facets");
     const page = await api(`/api/v1/terminals?${q({ condition, acquirer, site, offset, limit: PAGE_SIZE })}`);
+    if (asked !== navigations) return;
     notice("");
     const go = (changes) => {
-      const next = new URLSearchParams({ condition, acquirer, site, offset: "0", ...changes });
+      // What the filters show now, not what this view was built with: a second filter changed before the view of
+      // the first change arrived must not undo the first.
+      const shown = { condition, acquirer, site };
+      for (const name of Object.keys(shown)) {
+        const el = document.getElementById(`f-${name}`);
+        if (el) shown[name] = el.value;
+      }
+      const next = new URLSearchParams({ ...shown, offset: "0", ...changes });
       for (const [k, v] of [...next.entries()]) if (!v || (k === "offset" && v === "0")) next.delete(k);
       location.hash = `#/fleet${next.toString() ? "?" + next.toString() : ""}`;
     };
@@ -342,11 +352,12 @@ async function showFleet(params) {
       h("p", { class: "muted" }, "Terminals with at least one active condition, by terminal id. Paged by the collector.")),
     filters, pager, terminalTable(page.terminals, "fleet-table"));
   } catch (err) {
-    setView(h("p", { class: "error", id: "view-error" }, explain(err)));
+    if (asked === navigations) setView(h("p", { class: "error", id: "view-error" }, explain(err)));
   }
 }
 
 function route() {
+  navigations += 1;
   const hash = location.hash || "#/fleet";
   const [path, query] = hash.slice(1).split("?");
   const parts = path.split("/").filter(Boolean);
