@@ -146,9 +146,9 @@ class FleetView:
     terminal_changes: Mapping[str, int]  # problem terminal -> when its lines last changed (Fleet.terminal_changes)
     cap: int
     problems_dropped: int
+    lines: SparseLines  # the scraper's text of problem sites and terminals, kept between scrapes
     baselines: dict[str, int] = field(default_factory=dict)  # activity baselines by state
     volumes: list[tuple[str, float, bool]] = field(default_factory=list)  # (acquirer, usual per hour, drop)
-    lines: SparseLines = field(default_factory=lambda: SparseLines())  # the scraper's, kept between scrapes
 
 
 def take_view(fleet: Fleet, cap: int, now: float, lines: SparseLines | None = None) -> FleetView:

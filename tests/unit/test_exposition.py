@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
+from typing import Any
 
-import msgspec
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.config import Config
-from collector.fleet.protocol import Heartbeat
 from collector.fleet.registry import Registry, RegistryEntry
 from collector.fleet.state import Active, Fleet, Terminal
 from collector.http.metrics import (
@@ -22,6 +21,7 @@ from collector.http.metrics import (
     take_view,
 )
 from tests.harness.core import require_binary
+from tests.unit.test_state import beat
 
 T0 = 1_764_510_000.0
 HOSTILE = [
@@ -90,16 +90,6 @@ def test_prometheus_own_checker_accepts_the_hostile_exposition() -> None:
 # ---- text kept between scrapes (collector.http.metrics.SparseLines) ------------------------------------------
 
 
-def _beat(tid: str, seq: int, **over: object) -> Heartbeat:
-    base: dict[str, object] = {
-        "tid": tid, "ts": T0 + seq, "seq": seq, "interval_s": 30, "txn_count": 0, "uploaded_count": 0,
-        "queue_depth": 0, "oldest_queued_ts": None, "mid": "M1", "model": "A920", "app_version": "3.1.0",
-        "hw": {"printer": "ok", "display": "ok", "card_reader": "ok"},
-    }
-    base.update(over)
-    return msgspec.convert(base, Heartbeat)
-
-
 class Scrapes:
     """A fleet scraped again and again through one SparseLines, as FleetCollector does."""
 
@@ -108,10 +98,11 @@ class Scrapes:
         self.kept = SparseLines()
         self.seq = 0
 
-    def beat(self, tid: str, times: int = 1, **over: object) -> None:
+    def beat(self, tid: str, times: int = 1, **over: Any) -> None:
+        over = {"mid": "M1", "model": "A920", **over}
         for _ in range(times):
             self.seq += 1
-            self.fleet.on_heartbeat(_beat(tid, self.seq, **over), T0 + self.seq, [])
+            self.fleet.on_heartbeat(beat(tid, self.seq, T0 + self.seq, **over), T0 + self.seq, [])
 
     def scrape(self) -> str:
         kept = render_sparse(take_view(self.fleet, 5000, T0 + self.seq, self.kept)).decode()
