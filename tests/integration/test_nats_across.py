@@ -25,6 +25,9 @@ from tests.integration.test_nats_collectors import conditions, nats_collector
 pytestmark = pytest.mark.integration
 
 INTERVAL = 0.5
+# The kill -9 step needs c1's leases to outlive c0's list, which waits GATHER_TIMEOUT_S for the dead c1: with a 6 s
+# TTL (4-6 s left at the kill) c0 sometimes took a partition over before the 503 was asked for (CI, 2026-12-02).
+LEASE_TTL_S = 18
 
 
 def get(port: int, path: str) -> tuple[int, Any, str]:
@@ -75,7 +78,7 @@ async def test_every_terminal_through_both_collectors(tmp_path: Path, nats_clust
     n = nats_cluster.partitions
     collectors: list[Process] = [
         nats_collector(tmp_path / f"c{i}", nats_cluster, registry, f"c{i}", ownership="lease", shard=f"{i}/2",
-                       lease_ttl_s=6) for i in (0, 1)]
+                       lease_ttl_s=LEASE_TTL_S) for i in (0, 1)]
     tids = {s.tid for s in specs}
     try:
         async with sim:
@@ -149,7 +152,8 @@ async def test_every_terminal_through_both_collectors(tmp_path: Path, nats_clust
             collectors[1].stop(signal.SIGKILL)
             body = merged(collectors[0].port)
             gone = body["unheld_partitions"]
-            # Asked at once: c1's leases live 4-6 s more, c0 cannot have taken any of them yet.
+            # Asked at once: c1's leases live 2/3 to 3/3 of LEASE_TTL_S more (12-18 s), longer than the list's wait
+            # for c1 (GATHER_TIMEOUT_S, 5 s): c0 cannot have taken any of them yet.
             assert body["collectors"] == ["c0"] and "c1" in body["missing_collectors"] and not body["complete"], body
             assert {partition_of(t, n) for t in tids if owner[t] == 1} <= set(gone), body
             assert not {partition_of(t, n) for t in tids if owner[t] == 0} & set(gone), body
@@ -159,8 +163,8 @@ async def test_every_terminal_through_both_collectors(tmp_path: Path, nats_clust
             # Once c0 took them over, it answers for every terminal again.
             tid1 = next(t for t in sorted(tids) if owner[t] == 1)
             await asyncio.to_thread(
-                wait_until, lambda: get(collectors[0].port, f"/api/v1/terminals/{tid1}")[0] == 200, 30,
-                "c1's terminal answered by c0 after the takeover", 0.5)
+                wait_until, lambda: get(collectors[0].port, f"/api/v1/terminals/{tid1}")[0] == 200,
+                2 * LEASE_TTL_S + 10, "c1's terminal answered by c0 after the takeover", 0.5)
     finally:
         for c in collectors:
             c.stop()
@@ -225,7 +229,7 @@ async def test_mass_offline_of_a_site_spread_over_collectors_raised_once_by_the_
     sim.write_registry(registry)
     collectors: list[Process] = [
         nats_collector(tmp_path / f"c{i}", nats_cluster, registry, f"c{i}", ownership="lease", shard=f"{i}/2",
-                       lease_ttl_s=6) for i in (0, 1)]
+                       lease_ttl_s=LEASE_TTL_S) for i in (0, 1)]
     tids = {s.tid for s in specs}
     try:
         async with sim:
