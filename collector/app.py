@@ -409,7 +409,6 @@ class Collector:
             if batch:
                 self.metrics.mqtt_last_message.set(batch[-1].rx)
             self.supervisor.progress("consume")
-            await asyncio.sleep(0)
 
     def _count_accepted(self) -> None:
         """Add the heartbeats accepted since the last call to posfleet_messages_total (once per batch)."""

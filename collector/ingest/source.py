@@ -82,7 +82,11 @@ def ack_step(window: int) -> int:
 
 async def take_batch(queue: deque[T], ready: asyncio.Event, max_batch: int) -> list[T]:
     """Wait until `queue` holds something (`ready` is set by whoever appends), then take up to `max_batch` from
-    its front: the consumer side every source shares."""
+    its front: the consumer side every source shares. Yields to the loop once either way: others run between two
+    batches (a consumer that waited has yielded already; one more pass of the loop per batch was ~2 % of the
+    collector's time in a steady stream of small batches)."""
+    if queue:
+        await asyncio.sleep(0)
     while not queue:
         ready.clear()
         await ready.wait()

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from collector.app import Collector
 from collector.config import Config, MqttConfig
 from collector.http.metrics import SelfMetrics
-from collector.ingest.mqtt import MqttIngest
+from collector.ingest.mqtt import Inbound, MqttIngest
 from collector.ingest.source import ack_step
 from tests.harness.core import Process, free_port, port_open, require_binary, wait_until
 
@@ -226,3 +226,43 @@ async def test_a_broker_that_ignores_the_window_cannot_overfill_the_queue(tmp_pa
             ingest.ack(batch)
     assert most <= capacity
     assert sorted(got) == sorted(f"pos/v1/T{i:05d}/heartbeat" for i in range(BACKLOG))
+
+
+@pytest.fixture
+def wide_window(tmp_path: Path) -> Iterator[Process]:
+    """Mosquitto with the peer benchmark's window (1000 unacknowledged messages per client)."""
+    yield from _mosquitto(tmp_path, 1000)
+
+
+async def test_acks_fewer_than_a_group_go_out_together_and_on_their_own(tmp_path: Path, wide_window: Process) -> None:
+    """Behind a wide window, acknowledgements short of a group are held (ACK_LINGER_S) to go out in one write with
+    the next ones; with nothing more to come they still go out (the timer), and so do those held when the
+    collector disconnects. The tap counts what the broker received; nothing is timed."""
+    tap = PubackTap(wide_window.port)
+    cfg = msgspec.convert({"url": f"mqtt://127.0.0.1:{tap.port}", "client_id": "posfleet-linger"}, MqttConfig)
+    loop = asyncio.get_running_loop()
+    try:
+        async with MqttIngest(cfg, SelfMetrics(CollectorRegistry()), loop) as ingest:  # the persistent session
+            await asyncio.to_thread(wait_until, lambda: ingest.subscribed, 10, "subscribed")
+        await asyncio.to_thread(publish_backlog, wide_window.port)
+        before = tap.count()
+        got: list[Inbound] = []
+        async with MqttIngest(cfg, SelfMetrics(CollectorRegistry()), loop) as ingest:
+            while len(got) < BACKLOG:
+                got += await asyncio.wait_for(ingest.batches(), 10)
+            step = ack_step(ingest.window)
+            assert step > 3, ingest.window  # the broker let the backlog through at once: a window of groups
+            writes: list[int] = []
+            send = ingest.client.ack_many
+            ingest.client.ack_many = lambda mids: (writes.append(len(mids)), send(mids))[1]  # type: ignore[method-assign]
+            for item in got[:3]:  # applied one at a time, fewer than a group: held, then written together
+                ingest.ack([item])
+            await asyncio.to_thread(wait_until, lambda: tap.count() - before >= 3, 10, "the held acks written")
+            assert writes == [3] and tap.count() - before == 3
+            ingest.ack(got[3:BACKLOG - 2])  # whole groups: at once
+            assert writes == [3, BACKLOG - 5]
+            ingest.ack(got[BACKLOG - 2:])  # held when the ingest closes: written before the DISCONNECT
+        assert writes == [3, BACKLOG - 5, 2]
+        await asyncio.to_thread(wait_until, lambda: tap.count() - before == BACKLOG, 10, "every message acknowledged")
+    finally:
+        tap.close()
