@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import inspect
+import logging
+import select
 import socket
 import struct
 from collections.abc import Iterator
@@ -296,8 +298,9 @@ def test_the_fast_path_takes_whole_publishes_and_leaves_the_rest_to_paho() -> No
     stream = b"".join([*good[:3], bad, *good[3:]])
     got, paths, clock = _receive(stream, [len(stream) - 3], fast=True)
     assert [g[3] for g in got] == [1, 2, 3, 99, 4, 5]
-    # The first packet of each read goes through paho (it fills the buffer); the cut splits the last packet.
-    assert paths == ["paho", "fast", "fast", "paho", "fast", "paho"]
+    # The buffer is filled before anything parses it: the first packet of a read goes the fast way too. paho
+    # finishes the packet the cut splits (it is inside it when the rest arrives).
+    assert paths == ["fast", "fast", "fast", "paho", "fast", "paho"]
     assert clock > 0.0
 
 
@@ -315,3 +318,46 @@ def test_the_fast_path_stops_when_the_consumer_is_full(linked: tuple[BufferedCli
     client.keep_reading = lambda: True
     assert client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
     assert got == list(range(1, 51))
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Both ends of a loopback TCP connection (a socket pair cannot be reset)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        ours = socket.create_connection(server.getsockname())
+        broker, _ = server.accept()
+    ours.setblocking(False)
+    return ours, broker
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("end", ["closed", "reset"])
+def test_the_end_of_a_connection_is_paho_s_to_report(end: str, fast: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """The fast path reads the socket before paho does (`_prefetch`): a closed or reset connection met there must
+    still reach paho's read, which reports it (the reset's cause in its log, as a TLS alert's) and ends the
+    connection, exactly as without the fast path."""
+    ours, broker = _tcp_pair()
+    client = BufferedClient(CallbackAPIVersion.VERSION2, client_id="end", protocol=paho.MQTTv311, manual_ack=True)
+    client._sock = ours
+    client.enable_logger(logging.getLogger("paho-end"))
+    got: list[int] = []
+    client.on_message = lambda _c, _u, m: got.append(m.mid)
+    if fast:
+        client.on_buffered_publish = lambda _t, _p, _r, mid, _q: got.append(mid)
+    try:
+        broker.sendall(_publish("pos/v1/T1/heartbeat", b"{}", 1))
+        _wait_readable(ours)
+        assert client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS and got == [1]
+        if end == "reset":
+            broker.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        broker.close()
+        _wait_readable(ours)
+        with caplog.at_level(logging.ERROR, "paho-end"):
+            assert client.loop_read() == MQTTErrorCode.MQTT_ERR_CONN_LOST
+        assert ("Connection reset" in caplog.text) == (end == "reset"), caplog.text
+    finally:
+        client._sock = None
+        ours.close()
+
+
+def _wait_readable(sock: socket.socket) -> None:
+    assert select.select([sock], [], [], 10)[0], "nothing to read within 10 s"
