@@ -114,9 +114,14 @@ class BufferedClient(paho.Client):
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         """Read packets while whole or partial packets sit in the buffer (select() cannot see them)."""
         keep_reading = self.keep_reading
-        self._prefetch()
-        if self._publishes() and not keep_reading():
-            return MQTTErrorCode.MQTT_ERR_SUCCESS  # the fast path filled the consumer: the rest waits
+        fresh = self._prefetch()
+        if self._publishes():
+            if not keep_reading():
+                return MQTTErrorCode.MQTT_ERR_SUCCESS  # the fast path filled the consumer: the rest waits
+            if fresh and not self._buffered():
+                # All of this read taken: paho's read would only meet an empty socket (one more recv()). The
+                # loop's selector is level-triggered: whatever arrives next wakes it again.
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
         rc = super().loop_read(max_packets)
         while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._buffered() and keep_reading():
             self._publishes()
@@ -125,26 +130,28 @@ class BufferedClient(paho.Client):
             rc = super().loop_read(1)  # a packet the fast path left to paho, or the rest of a partial one
         return rc
 
-    def _prefetch(self) -> None:
+    def _prefetch(self) -> bool:
         """Read the socket into an empty buffer before anything parses it, so the first packet of each read takes
         the fast path too: left to paho, it went through paho's own (~15 µs), and a steady stream wakes the loop
-        for a few messages at a time. Nothing there, an error or the end of the stream is left to paho's read."""
+        for a few messages at a time. Nothing there, an error or the end of the stream is left to paho's read.
+        Whether it read something."""
         if self.on_buffered_publish is None or self._sock is None or self._in_packet["command"]:
-            return
+            return False
         self._this_connection()
         if self._rpos < len(self._rbuf) or self._eof or self._error is not None:
-            return
+            return False
         try:
             data = super()._sock_recv(_CHUNK)
         except BlockingIOError:  # nothing yet
-            return
+            return False
         except OSError as err:  # paho's own read raises it again and reports it (a TLS alert names its cause)
             self._error = err
-            return
-        if data:
-            self._rbuf, self._rpos = data, 0
-        else:
+            return False
+        if not data:
             self._eof = True
+            return False
+        self._rbuf, self._rpos = data, 0
+        return True
 
     def _publishes(self) -> bool:
         """Hand every whole MQTT 3.1.1 QoS 0/1 PUBLISH at the head of the buffer to `on_buffered_publish`, asking
