@@ -123,12 +123,16 @@ class BufferedClient(paho.Client):
                 # loop's selector is level-triggered: whatever arrives next wakes it again.
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
         rc = super().loop_read(max_packets)
-        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._buffered() and keep_reading():
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._more(keep_reading):
             self._publishes()
-            if not (self._sock is not None and self._buffered() and keep_reading()):
+            if not self._more(keep_reading):
                 break
             rc = super().loop_read(1)  # a packet the fast path left to paho, or the rest of a partial one
         return rc
+
+    def _more(self, keep_reading: Callable[[], bool]) -> bool:
+        """Whether to go on reading: bytes are held here and the consumer has room."""
+        return self._sock is not None and self._buffered() and keep_reading()
 
     def _prefetch(self) -> bool:
         """Read the socket into an empty buffer before anything parses it, so the first packet of each read takes
