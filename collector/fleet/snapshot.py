@@ -39,6 +39,7 @@ __all__ = [
     "corrupt_files",
     "decode_terminals",
     "encode_terminals",
+    "fsync_dir",
     "load_snapshot",
     "save_snapshot",
 ]
@@ -113,7 +114,8 @@ def _prev(target: Path) -> Path:
     return target.with_name(target.name + ".prev")
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in `directory` survive a power cut (the snapshot's and the history spool's)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -173,7 +175,7 @@ def save_snapshot(fleet: Fleet, path: str | os.PathLike[str]) -> int:
         if target.exists():
             _keep_previous(target)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as err:
         # Disk full or read-only: the half-written tmp file must not eat the space the next try needs.
         tmp.unlink(missing_ok=True)

@@ -21,6 +21,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from collector.fleet.snapshot import fsync_dir
+
 __all__ = ["AppendResult", "OpenReport", "Record", "Spool"]
 
 log = logging.getLogger(__name__)
@@ -243,7 +245,7 @@ class Spool:
         self._wfd = fd
         self._wfd_ident = ident
         if self.fsync:
-            _fsync_dir(self.directory)  # the new name must survive a crash, not only its contents
+            fsync_dir(self.directory)  # the new name must survive a crash, not only its contents
         seg = _Segment(ident, 0, 0)
         self._segs.append(seg)
         if len(self._segs) == 1:
@@ -316,7 +318,7 @@ class Spool:
             os.close(fd)
         os.replace(tmp, self.directory / "cursor")
         if self.fsync:
-            _fsync_dir(self.directory)  # the rename itself must survive a power cut, or acked data is replayed
+            fsync_dir(self.directory)  # the rename itself must survive a power cut, or acked data is replayed
 
 
 def _scan(path: Path) -> tuple[dict[int, int], int, int]:
@@ -347,11 +349,3 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
