@@ -143,11 +143,17 @@ ready() {  # ready SERVICE: the service answers its health endpoint
   esac
 }
 
-pid_of() {  # pid_of SERVICE: its PID if the PID file names a live process of that binary
+live_pid() {  # live_pid SERVICE: the PID its PID file names, if that process is alive (whatever it runs)
   local file="$RUN/$1.pid" pid
   [[ -f "$file" ]] || return 1
   pid="$(<"$file")"
   [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  echo "$pid"
+}
+
+pid_of() {  # pid_of SERVICE: its PID if the PID file names a live process of that binary
+  local pid
+  pid="$(live_pid "$1")" || return 1
   # A PID file can outlive its process and the PID be reused: require this stack's prefix in its command line.
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$PREFIX/" || return 1
   echo "$pid"
@@ -407,9 +413,7 @@ started() {  # started SERVICE: the process just started is alive. Not `running`
     running "$1"
     return
   fi
-  local pid
-  pid="$(cat "$RUN/$1.pid" 2>/dev/null)" || return 1
-  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+  live_pid "$1" >/dev/null
 }
 
 wait_ready() {
