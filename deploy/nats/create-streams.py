@@ -6,7 +6,9 @@ creates the same definition (collector/cluster/streams.py, which tests/unit/test
 these files); running this first makes the order explicit:
 
 1. the MQTT gateway's own stream `$MQTT_msgs` must exist: it is created by the first MQTT connection, so this
-   script makes one (a bare MQTT 3.1.1 CONNECT/DISCONNECT to --mqtt) when it is missing;
+   script makes one (a bare MQTT 3.1.1 CONNECT/DISCONNECT to --mqtt) when it is missing, asking again until
+   --timeout while the gateway is not listening yet or closes the connection before its CONNACK (right after the
+   cluster forms it cannot persist a session yet);
 2. POSP and FEED are created from the JSON files (an existing stream is left as it is: the partition count and
    the sources are fixed for its life);
 3. it waits until `$MQTT_msgs` has a consumer for each of them. `$MQTT_msgs` has interest retention: a message
@@ -55,8 +57,14 @@ def _remaining_length(n: int) -> bytes:
             return bytes(out)
 
 
+class GatewayNotReady(Exception):
+    """The MQTT gateway closed the connection before its CONNACK: right after the cluster forms, it cannot persist
+    the session yet ("unable to persist session ... timeout" in nats-server's log). Worth asking again."""
+
+
 def mqtt_touch(host: str, port: int, user: str | None, password: str | None, timeout: float) -> None:
-    """One MQTT 3.1.1 CONNECT (clean session), wait for CONNACK, DISCONNECT: the gateway creates its streams."""
+    """One MQTT 3.1.1 CONNECT (clean session), wait for CONNACK, DISCONNECT: the gateway creates its streams.
+    Raises GatewayNotReady (worth another try) or SystemExit (a refusal: wrong user or password)."""
     flags = 0x02 | (0x80 if user else 0) | (0x40 if password else 0)
     body = _mqtt_str("MQTT") + bytes([4, flags]) + struct.pack("!H", 30) + _mqtt_str("posfleet-create-streams")
     if user:
@@ -69,7 +77,7 @@ def mqtt_touch(host: str, port: int, user: str | None, password: str | None, tim
         while len(connack) < 4:
             chunk = sock.recv(4 - len(connack))
             if not chunk:
-                raise SystemExit(f"create-streams: MQTT {host}:{port} closed the connection before CONNACK")
+                raise GatewayNotReady(f"MQTT {host}:{port} closed the connection before CONNACK")
             connack += chunk
         if connack[0] != 0x20 or connack[3] != 0:
             raise SystemExit(f"create-streams: MQTT {host}:{port} refused the connection (CONNACK {connack.hex()})")
@@ -125,16 +133,24 @@ async def create(args: argparse.Namespace) -> int:
             host, _, port = args.mqtt.rpartition(":")
             print(f"create-streams: {MQTT_MESSAGES_STREAM} missing: one MQTT connection to {args.mqtt}")
             mqtt_password = _secret(args.mqtt_password_file, "POSFLEET_NATS_MQTT_PASSWORD")
-            await asyncio.to_thread(mqtt_touch, host or "127.0.0.1", int(port), args.mqtt_user, mqtt_password,
-                                    args.timeout)
+            touched = False
             while True:
+                if not touched:
+                    try:
+                        await asyncio.to_thread(mqtt_touch, host or "127.0.0.1", int(port), args.mqtt_user,
+                                                mqtt_password, args.timeout)
+                        touched = True
+                    except (GatewayNotReady, OSError) as err:  # not listening yet, or not able to hold a session
+                        if time.monotonic() > deadline:
+                            raise SystemExit(f"create-streams: {err}; gave up after {args.timeout:g} s") from None
+                        print(f"create-streams: {err}; trying again")
                 try:
-                    await js.stream_info(MQTT_MESSAGES_STREAM)
+                    await js.stream_info(MQTT_MESSAGES_STREAM)  # a failed connection may have created it anyway
                     break
                 except NotFoundError:
                     if time.monotonic() > deadline:
                         raise SystemExit(f"create-streams: {MQTT_MESSAGES_STREAM} not created in time") from None
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(0.2 if touched else 1.0)
         configs = load_configs(Path(args.streams))
         for cfg in configs:
             assert cfg.name is not None
