@@ -229,7 +229,7 @@ async def test_mass_offline_of_a_site_spread_over_collectors_raised_once_by_the_
     sim.write_registry(registry)
     collectors: list[Process] = [
         nats_collector(tmp_path / f"c{i}", nats_cluster, registry, f"c{i}", ownership="lease", shard=f"{i}/2",
-                       lease_ttl_s=LEASE_TTL_S) for i in (0, 1)]
+                       lease_ttl_s=6) for i in (0, 1)]
     tids = {s.tid for s in specs}
     try:
         async with sim:
